@@ -1,0 +1,42 @@
+# datadiet: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test demo style quality bench
+
+install: $(STAMP)
+
+# The venv is rebuilt only when pyproject.toml changes. torch and torchvision are pinned to the wheels on this disk.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[test,quality,hostcp]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/datadiet demo --output_dir outputs/demo
+
+style: install
+	$(BIN)/ruff format src tests recipes
+	$(BIN)/ruff check --fix src tests recipes
+
+quality: install
+	$(BIN)/ruff format --check src tests recipes
+	$(BIN)/ruff check src tests recipes
+
+bench: install
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python recipes/bench/prune.py
+	$(BIN)/python recipes/bench/el2n.py
+	$(BIN)/python recipes/bench/grand.py
+	$(BIN)/python recipes/bench/scale.py

@@ -1,0 +1,77 @@
+"""Calling classifiers the same way whatever their library: timm / plain `nn.Module` (logits from a tensor) and
+transformers models (keyword inputs, `ModelOutput.logits`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ClassifierWrapper", "forward_logits", "unwrap_logits", "num_labels_of"]
+
+
+def unwrap_logits(output) -> torch.Tensor:
+    """The logits tensor of a model output: a tensor, a `ModelOutput` with `.logits`, or a tuple whose first item is
+    the logits."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(
+        f"Cannot find logits in a model output of type {type(output).__name__}: the model should return a tensor of "
+        "logits, an object with a `.logits` attribute, or a tuple whose first item is the logits."
+    )
+
+
+def forward_logits(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run `model` on `inputs` (a tensor, passed positionally, or a dict of tensors, passed as keywords) and return
+    its logits."""
+    output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return unwrap_logits(output)
+
+
+def num_labels_of(model: nn.Module) -> int | None:
+    """The number of classes a classifier predicts, when the model says so (transformers `config.num_labels`, timm
+    `num_classes`)."""
+    model = getattr(model, "model", model) if isinstance(model, ClassifierWrapper) else model
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "num_labels", None) is not None:
+        return int(config.num_labels)
+    if getattr(model, "num_classes", None) is not None:
+        return int(model.num_classes)
+    return None
+
+
+class ClassifierWrapper(nn.Module):
+    """Gives a logits-returning module (timm, torchvision, your own) the interface `transformers.Trainer` expects:
+    `forward(pixel_values, labels=None) -> {"loss", "logits"}`.
+
+    Args:
+        model: a module mapping an input tensor to logits.
+        input_name: the keyword the batch carries the input under (`"pixel_values"` for images).
+
+    Example:
+    ```python
+    >>> import timm, torch
+    >>> from datadiet.models import ClassifierWrapper
+    >>> wrapped = ClassifierWrapper(timm.create_model("test_resnet", num_classes=3))
+    >>> out = wrapped(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))
+    >>> sorted(out)
+    ['logits', 'loss']
+    ```
+    """
+
+    def __init__(self, model: nn.Module, input_name: str = "pixel_values"):
+        super().__init__()
+        self.model = model
+        self.input_name = input_name
+
+    def forward(self, labels: torch.Tensor | None = None, **inputs) -> dict[str, torch.Tensor]:
+        if self.input_name not in inputs:
+            raise ValueError(f"The batch has no {self.input_name!r} input; it has {sorted(inputs)}.")
+        logits = unwrap_logits(self.model(inputs[self.input_name]))
+        output = {"logits": logits}
+        if labels is not None:
+            output["loss"] = nn.functional.cross_entropy(logits, labels)
+        return output

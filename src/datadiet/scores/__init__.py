@@ -1,0 +1,18 @@
+"""Per-example scores in pure PyTorch (no Hugging Face import): forward-pass scores, exact per-example gradient norms,
+and a registry mapping config and column names to implementations."""
+
+from .functional import el2n, entropy, input_norm, loss, margin
+from .registry import ScoreSpec, get_score, get_score_spec, list_scores, register_score
+
+__all__ = [
+    "ScoreSpec",
+    "el2n",
+    "entropy",
+    "get_score",
+    "get_score_spec",
+    "input_norm",
+    "list_scores",
+    "loss",
+    "margin",
+    "register_score",
+]
