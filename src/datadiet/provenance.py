@@ -37,7 +37,8 @@ def record_provenance(dataset: Dataset, **entries: Any) -> Dataset:
     info = copy.deepcopy(dataset.info)
     kept = [line for line in (info.description or "").splitlines() if not line.startswith(_MARKER)]
     info.description = "\n".join([*kept, _MARKER + json.dumps(provenance, default=str, sort_keys=True)])
-    new = Dataset(dataset.data, info=info, split=dataset.split, indices_table=dataset._indices,
-                  fingerprint=dataset._fingerprint)
+    new = Dataset(
+        dataset.data, info=info, split=dataset.split, indices_table=dataset._indices, fingerprint=dataset._fingerprint
+    )
     new.set_format(**dataset.format)
     return new

@@ -57,7 +57,11 @@ def plot_score_histogram(
 
 
 def plot_image_grid(
-    images: Sequence, path: str | Path, *, captions: Sequence[str] | None = None, columns: int = 8,
+    images: Sequence,
+    path: str | Path,
+    *,
+    captions: Sequence[str] | None = None,
+    columns: int = 8,
     title: str | None = None,
 ) -> Path:
     """Write a PNG grid of images (PIL images or HWC/CHW arrays), e.g. the 16 hardest examples, and return its path."""

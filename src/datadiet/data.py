@@ -1,0 +1,383 @@
+"""`datasets` integration: finding the input and label columns, turning raw rows into model inputs (timm /
+torchvision transforms, transformers image processors, tokenizers), and `ScoreTransform` for `Dataset.map`."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, Image, Value
+from torch import nn
+
+from .models import forward_logits, num_labels_of
+from .scores import get_score_spec
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Preprocessor",
+    "ScoreTransform",
+    "compute_scores",
+    "detect_columns",
+    "detect_label_column",
+    "validate_methods",
+]
+
+
+def detect_columns(
+    dataset: Dataset,
+    *,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> tuple[str, str, str]:
+    """Find the input column (an `Image` column, else a string column) and the label column (a `ClassLabel`, else a
+    column called `label`/`labels`) of `dataset`. Returns `(input_column, kind, label_column)` with `kind` one of
+    `"image"`, `"text"`, `"array"`.
+
+    Example:
+    ```python
+    >>> from datasets import ClassLabel, Dataset, Features, Value
+    >>> ds = Dataset.from_dict({"text": ["a", "b"], "y": [0, 1]},
+    ...                        features=Features({"text": Value("string"), "y": ClassLabel(names=["n", "p"])}))
+    >>> detect_columns(ds)
+    ('text', 'text', 'y')
+    ```
+    """
+    features = dataset.features
+    for name in (image_column, text_column, label_column):
+        if name is not None and name not in features:
+            raise ValueError(f"Column {name!r} is not in the dataset; its columns are {list(features)}.")
+    label_column = detect_label_column(dataset, label_column)
+    if image_column is not None:
+        return image_column, "image" if isinstance(features[image_column], Image) else "array", label_column
+    if text_column is not None:
+        return text_column, "text", label_column
+    images = [name for name, feature in features.items() if isinstance(feature, Image)]
+    if images:
+        return images[0], "image", label_column
+    texts = [
+        name
+        for name, feature in features.items()
+        if isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+    ]
+    if texts:
+        return texts[0], "text", label_column
+    raise ValueError(
+        f"No input column found among {list(features)}: there is no Image column nor a string column. Pass "
+        "image_column=... (an Image or array column) or text_column=... ."
+    )
+
+
+def detect_label_column(dataset: Dataset, label_column: str | None = None) -> str:
+    """The label column: `label_column` if given (checked), else the first `ClassLabel` column, else one named
+    `label` or `labels`."""
+    features = dataset.features
+    if label_column is not None:
+        if label_column not in features:
+            raise ValueError(f"Column {label_column!r} is not in the dataset; its columns are {list(features)}.")
+        return label_column
+    candidates = [name for name, feature in features.items() if isinstance(feature, ClassLabel)]
+    candidates = candidates or [name for name in ("label", "labels") if name in features]
+    if not candidates:
+        raise ValueError(
+            f"No label column found among {list(features)}: there is no ClassLabel column nor one named "
+            "'label'/'labels'. Pass label_column=... ."
+        )
+    return candidates[0]
+
+
+def _is_tokenizer(transform: Any) -> bool:
+    return hasattr(transform, "pad_token_id") and hasattr(transform, "batch_decode")
+
+
+def _is_image_processor(transform: Any) -> bool:
+    return hasattr(transform, "model_input_names") and hasattr(transform, "preprocess")
+
+
+def _default_image_to_tensor(image: Any) -> torch.Tensor:
+    # uint8 HWC (or HW) -> float CHW in [0, 1]; what torchvision's ToTensor does, without the PIL round trip.
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return tensor.float().div_(255.0) if tensor.dtype == torch.uint8 else tensor.float()
+
+
+class Preprocessor:
+    """Turns a batch of raw rows (`dict` of column lists, as `Dataset.__getitem__` / `map(batched=True)` give them)
+    into `(inputs, labels)`: `inputs` is a float tensor for images and arrays, or a dict of tensors from a tokenizer
+    or an image processor.
+
+    Args:
+        transform: `None` (images scaled to [0, 1], CHW), a callable applied to each image (a timm
+            `create_transform` or torchvision transform), a transformers image processor, or a tokenizer.
+        input_column / kind / label_column: as returned by `detect_columns`.
+        max_length: truncation length for tokenizers.
+    """
+
+    def __init__(
+        self,
+        transform: Callable | None,
+        *,
+        input_column: str,
+        kind: str,
+        label_column: str,
+        max_length: int | None = None,
+    ):
+        self.transform = transform
+        self.input_column = input_column
+        self.kind = kind
+        self.label_column = label_column
+        self.max_length = max_length
+        if kind == "text" and not _is_tokenizer(transform):
+            raise ValueError(
+                f"Column {input_column!r} holds text: pass the model's tokenizer as transform= "
+                "(e.g. AutoTokenizer.from_pretrained(...))."
+            )
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.input_column, self.label_column]
+
+    def inputs(self, values: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.kind == "text":
+            return dict(
+                self.transform(
+                    list(values), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                )
+            )
+        if self.transform is not None and _is_image_processor(self.transform):
+            return self.transform(images=list(values), return_tensors="pt")["pixel_values"]
+        if self.kind == "image":
+            transform = self.transform or _default_image_to_tensor
+            return torch.stack([transform(image) for image in values])
+        if self.transform is not None:
+            return torch.stack([self.transform(value) for value in values])
+        return torch.as_tensor(np.asarray(values), dtype=torch.float32)
+
+    def labels(self, values: Sequence) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values), dtype=torch.long)
+
+    def __call__(self, batch: dict[str, list]) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
+        return self.inputs(batch[self.input_column]), self.labels(batch[self.label_column])
+
+    def fingerprint(self) -> str:
+        """A stable description of the preprocessing, for caches and resumable runs."""
+        return f"{self.kind}:{self.input_column}:{self.label_column}:{self.max_length}:{_describe(self.transform)}"
+
+
+def _describe(transform: Any) -> str:
+    if transform is None:
+        return "none"
+    if hasattr(transform, "to_json_string"):  # transformers image processors and tokenizers' configs
+        return type(transform).__name__ + ":" + transform.to_json_string()
+    if hasattr(transform, "name_or_path"):
+        return f"{type(transform).__name__}:{transform.name_or_path}:{len(transform)}"
+    return repr(transform)
+
+
+def model_accepts_keyword(model: nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes `name` (e.g. `pixel_values` for transformers image models)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def as_model_inputs(model: nn.Module, inputs: torch.Tensor | dict) -> torch.Tensor | dict:
+    """transformers image models take `pixel_values=`; timm and plain modules take the tensor positionally."""
+    if isinstance(inputs, torch.Tensor) and model_accepts_keyword(model, "pixel_values"):
+        return {"pixel_values": inputs}
+    return inputs
+
+
+def validate_methods(methods: Sequence[str] | str) -> list[str]:
+    """Check every method is a registered score; return them as a list (a single string is one method)."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    if not methods:
+        raise ValueError("methods is empty: name at least one score, e.g. methods=('el2n',).")
+    for method in methods:
+        get_score_spec(method)  # raises a ValueError listing the valid names
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods {methods} names a score more than once.")
+    return methods
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, row_ids: Sequence[int]) -> None:
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()
+    if len(bad):
+        rows = [int(row_ids[i]) for i in bad[:5]]
+        raise ValueError(
+            f"Labels outside the model's {num_classes} classes at rows {rows} (label {int(labels[bad[0]])}). Build "
+            "the model with as many outputs as the dataset has classes, or fix the label column."
+        )
+
+
+def _check_finite(logits: torch.Tensor, row_ids: Sequence[int]) -> None:
+    bad = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten()
+    if len(bad):
+        rows = [int(row_ids[i]) for i in bad[:5]]
+        raise ValueError(
+            f"The model produced NaN or infinite logits for rows {rows}{' ...' if len(bad) > 5 else ''}. Check "
+            "those inputs and the model's weights (a diverged training run, or inputs not normalised)."
+        )
+
+
+def compute_scores(
+    model: nn.Module,
+    methods: Sequence[str],
+    inputs: torch.Tensor | dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    row_ids: Sequence[int] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, np.ndarray]:
+    """Score one batch with `model` (already in eval mode) for each method; returns float32 arrays of shape `[B]`.
+
+    Logit scores share one no-grad forward pass; gradient scores (`grand`) run their own forward and backward.
+    """
+    row_ids = range(len(labels)) if row_ids is None else row_ids
+    specs = [get_score_spec(method) for method in methods]
+    model_inputs = as_model_inputs(model, inputs)
+    results: dict[str, torch.Tensor] = {}
+    if any(spec.needs == "logits" for spec in specs) or not any(spec.needs == "gradients" for spec in specs):
+        with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = forward_logits(model, model_inputs).float()
+        _check_finite(logits, row_ids)
+        _check_labels(labels, logits.shape[-1], row_ids)
+    else:
+        num_classes = num_labels_of(model)
+        if num_classes is not None:
+            _check_labels(labels, num_classes, row_ids)
+    for spec in specs:
+        if spec.needs == "logits":
+            results[spec.name] = spec.fn(logits, labels)
+        elif spec.needs == "inputs":
+            results[spec.name] = spec.fn(inputs)
+        else:
+            values = spec.fn(model, model_inputs, labels)
+            if not torch.isfinite(values).all():
+                _check_finite(values[:, None], row_ids)
+            results[spec.name] = values
+    return {name: value.detach().float().cpu().numpy() for name, value in results.items()}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes and values): equal weights, equal digest."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ScoreTransform:
+    """Score a dataset with `dataset.map(ScoreTransform(model, "el2n", ...), batched=True)`.
+
+    The transform adds one float32 column per method. Its fingerprint (what `datasets` caches `map` results under)
+    depends on the model's weights, the methods and the preprocessing only, so running it again with the same
+    weights hits the cache and different weights do not.
+
+    Args:
+        model: a classifier returning logits (timm, transformers, any `nn.Module`); run in eval mode.
+        methods: one score name or several (see `datadiet.scores.list_scores()`).
+        transform: per-image callable, transformers image processor, or tokenizer (see `Preprocessor`).
+        image_column / text_column / label_column: detected from the features on the first call when not given.
+
+    Example:
+    ```python
+    >>> import timm
+    >>> from datasets import ClassLabel, Dataset, Features, Image
+    >>> from PIL import Image as PILImage
+    >>> images = [PILImage.new("RGB", (32, 32), color=(i * 40, 0, 0)) for i in range(4)]
+    >>> ds = Dataset.from_dict({"img": images, "label": [0, 1, 0, 1]},
+    ...                        features=Features({"img": Image(), "label": ClassLabel(names=["a", "b"])}))
+    >>> model = timm.create_model("test_resnet", num_classes=2)
+    >>> scored = ds.map(ScoreTransform(model, ["el2n", "loss"]), batched=True, batch_size=2)
+    >>> scored.column_names
+    ['img', 'label', 'el2n', 'loss']
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        methods: str | Sequence[str] = "el2n",
+        *,
+        transform: Callable | None = None,
+        image_column: str | None = None,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.model = model
+        self.methods = validate_methods(methods)
+        self.transform = transform
+        self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
+        self.autocast_dtype = autocast_dtype
+        self._preprocessor: Preprocessor | None = None
+
+    def _preprocess(self, batch: dict[str, list]) -> tuple[Any, torch.Tensor]:
+        if self._preprocessor is None:
+            input_column = self.image_column or self.text_column
+            if input_column is None or self.label_column is None:
+                raise ValueError(
+                    "ScoreTransform needs to know its columns when used outside score_dataset: pass image_column= "
+                    "(or text_column=) and label_column=, or call ScoreTransform.for_dataset(dataset, ...)."
+                )
+            kind = "text" if self.text_column else "image"
+            self._preprocessor = Preprocessor(
+                self.transform, input_column=input_column, kind=kind, label_column=self.label_column
+            )
+        return self._preprocessor(batch)
+
+    @classmethod
+    def for_dataset(cls, dataset: Dataset, model: nn.Module, methods: str | Sequence[str] = "el2n", **kwargs):
+        """A `ScoreTransform` whose columns are detected from `dataset`'s features."""
+        input_column, kind, label_column = detect_columns(
+            dataset,
+            image_column=kwargs.pop("image_column", None),
+            text_column=kwargs.pop("text_column", None),
+            label_column=kwargs.pop("label_column", None),
+        )
+        columns = {"text_column" if kind == "text" else "image_column": input_column, "label_column": label_column}
+        return cls(model, methods, **columns, **kwargs)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self._preprocessor is None and (self.label_column is None or not (self.image_column or self.text_column)):
+            # Detect the columns from the batch itself: images are PIL objects, text are strings.
+            self._detect_from_batch(batch)
+        inputs, labels = self._preprocess(batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            scores = compute_scores(self.model, self.methods, inputs, labels, autocast_dtype=self.autocast_dtype)
+        finally:
+            self.model.train(was_training)
+        return {name: values.tolist() for name, values in scores.items()}
+
+    def _detect_from_batch(self, batch: dict[str, list]) -> None:
+        for name, values in batch.items():
+            first = values[0] if len(values) else None
+            if self.label_column is None and name in ("label", "labels"):
+                self.label_column = name
+            elif not (self.image_column or self.text_column):
+                if isinstance(first, str):
+                    self.text_column = name
+                elif hasattr(first, "getpixel") or isinstance(first, np.ndarray):
+                    self.image_column = name
+        if self.label_column is None:
+            raise ValueError(f"No label column among {list(batch)}: pass label_column=... to ScoreTransform.")
+
+    def __getstate__(self) -> dict:
+        # datasets fingerprints `map` by pickling the function (tensors by value): leave out the lazily built
+        # preprocessor so that a used and a fresh transform hash the same.
+        state = self.__dict__.copy()
+        state["_preprocessor"] = None
+        return state

@@ -1,0 +1,241 @@
+"""Pruning strategies on score columns: keep the hardest or easiest, a window past the very hardest, a seeded random
+subset, or a stratified coverage-centric coreset (CCS); any of them per class."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from datasets import Dataset
+
+from .provenance import record_provenance
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["prune", "select_indices", "register_strategy", "list_strategies", "hardness"]
+
+_STRATEGIES: dict[str, Callable] = {}
+
+
+def register_strategy(name: str) -> Callable:
+    """Register `fn(hardness, budget, rng, **options) -> indices` as the pruning strategy `name`. `hardness` is
+    oriented so that higher = harder; `budget` is the number of rows to keep."""
+
+    def decorator(fn: Callable) -> Callable:
+        _STRATEGIES[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_strategies() -> list[str]:
+    """The names of all pruning strategies, sorted."""
+    return sorted(_STRATEGIES)
+
+
+def _hardest_first(hardness: np.ndarray) -> np.ndarray:
+    # Descending hardness; ties broken by row position so the result never depends on sort internals.
+    return np.lexsort((np.arange(len(hardness)), -hardness))
+
+
+@register_strategy("hardest")
+def _hardest(hardness: np.ndarray, budget: int, rng: np.random.Generator, **_) -> np.ndarray:
+    return _hardest_first(hardness)[:budget]
+
+
+@register_strategy("easiest")
+def _easiest(hardness: np.ndarray, budget: int, rng: np.random.Generator, **_) -> np.ndarray:
+    return np.lexsort((np.arange(len(hardness)), hardness))[:budget]
+
+
+@register_strategy("random")
+def _random(hardness: np.ndarray, budget: int, rng: np.random.Generator, **_) -> np.ndarray:
+    return rng.permutation(len(hardness))[:budget]
+
+
+@register_strategy("window")
+def _window(hardness: np.ndarray, budget: int, rng: np.random.Generator, *, offset: float = 0.0, **_) -> np.ndarray:
+    # Skip the `offset` fraction of hardest rows (often mislabelled, Paul et al. 2021 sec. 5) and keep the next ones.
+    skip = int(round(offset * len(hardness)))
+    skip = min(skip, len(hardness) - budget)
+    return _hardest_first(hardness)[skip : skip + budget]
+
+
+@register_strategy("stratified")
+def _stratified(
+    hardness: np.ndarray, budget: int, rng: np.random.Generator, *, hard_cutoff: float = 0.0, num_bins: int = 50, **_
+) -> np.ndarray:
+    """Coverage-centric coreset selection (Zheng et al. 2023, Algorithm 1): drop the `hard_cutoff` fraction of the
+    hardest rows, split the remaining score range into `num_bins` equal-width bins, and share the budget across bins
+    from the smallest up, sampling at random within each bin."""
+    order = _hardest_first(hardness)
+    cut = min(int(round(hard_cutoff * len(hardness))), len(hardness) - budget)
+    pool = np.sort(order[cut:])
+    values = hardness[pool]
+    low, high = float(values.min()), float(values.max())
+    if high == low:
+        return rng.choice(pool, size=budget, replace=False)
+    bin_of = np.minimum(((values - low) / (high - low) * num_bins).astype(np.int64), num_bins - 1)
+    members = [pool[bin_of == b] for b in range(num_bins)]
+    members = [m for m in members if len(m)]
+    members.sort(key=len)  # stable: equal-sized bins stay in score order
+    chosen, remaining = [], budget
+    for i, rows in enumerate(members):
+        take = min(len(rows), remaining // (len(members) - i))
+        chosen.append(rng.choice(rows, size=take, replace=False))
+        remaining -= take
+    return np.concatenate(chosen)
+
+
+def hardness(dataset: Dataset, by: str) -> np.ndarray:
+    """The column `by` as float64, oriented so that higher = harder (a registered score whose low values are hard,
+    such as `margin`, is negated)."""
+    from .scores.registry import _REGISTRY
+
+    if by not in dataset.column_names:
+        raise ValueError(
+            f"Column {by!r} is not in the dataset; its columns are {dataset.column_names}. Score it first."
+        )
+    values = np.asarray(dataset.with_format("numpy")[by], dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"Column {by!r} must hold one number per row, not shape {values.shape[1:]}.")
+    if not np.isfinite(values).all():
+        rows = np.flatnonzero(~np.isfinite(values))[:5].tolist()
+        raise ValueError(f"Column {by!r} has NaN or infinite values at rows {rows}: rescore or drop those rows.")
+    spec = _REGISTRY.get(by[: -len("_std")] if by.endswith("_std") else by)
+    return values if spec is None or spec.higher_is_harder or by.endswith("_std") else -values
+
+
+def _budget(keep: float | int, num_rows: int) -> int:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):
+        raise ValueError(f"keep must be a fraction in (0, 1] or a row count, got {keep!r}.")
+    if isinstance(keep, (int, np.integer)):
+        if not 1 <= keep <= num_rows:
+            raise ValueError(f"keep={keep} rows is outside [1, {num_rows}] (the dataset has {num_rows} rows).")
+        return int(keep)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep={keep} is outside (0, 1]: give a fraction such as 0.5, or an integer row count.")
+    return max(1, int(round(keep * num_rows)))
+
+
+def select_indices(
+    hardness_values: np.ndarray,
+    keep: float | int,
+    *,
+    strategy: str = "hardest",
+    labels: np.ndarray | None = None,
+    seed: int = 0,
+    **options,
+) -> np.ndarray:
+    """Sorted positions of the rows to keep, given hardness values (higher = harder). With `labels`, the strategy
+    runs per class with each class's budget in proportion to its size (largest remainders get the leftover rows)."""
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"Unknown pruning strategy {strategy!r}. Valid strategies: {', '.join(list_strategies())}.")
+    num_rows = len(hardness_values)
+    budget = _budget(keep, num_rows)
+    rng = np.random.default_rng(seed)
+    fn = _STRATEGIES[strategy]
+    if labels is None:
+        return np.sort(fn(hardness_values, budget, rng, **options))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * budget / num_rows
+    shares = np.floor(exact).astype(np.int64)
+    leftover = budget - shares.sum()
+    shares[np.lexsort((classes, -(exact - shares)))[:leftover]] += 1
+    kept = []
+    for label, share in zip(classes, shares):
+        if share == 0:
+            continue
+        rows = np.flatnonzero(labels == label)
+        kept.append(rows[fn(hardness_values[rows], int(share), rng, **options)])
+    return np.sort(np.concatenate(kept))
+
+
+def prune(
+    dataset: Dataset,
+    by: str | None,
+    keep: float | int,
+    *,
+    strategy: str = "hardest",
+    offset: float = 0.0,
+    class_balanced: bool = False,
+    seed: int = 0,
+    label_column: str | None = None,
+    hard_cutoff: float = 0.0,
+    num_bins: int = 50,
+) -> Dataset:
+    """Keep a subset of `dataset` chosen by the score column `by`; rows stay in their original order.
+
+    Strategies: `hardest` keeps the hardest rows (highest scores; for scores where low means hard, such as
+    `margin`, the lowest), `easiest` the opposite, `random` a seeded random subset (`by` may be None), `window`
+    skips the `offset` fraction of hardest rows and keeps the next `keep`, `stratified` is coverage-centric coreset
+    selection (CCS, Zheng et al. 2023) with `hard_cutoff` and `num_bins`. Ties are broken by row position.
+
+    Args:
+        dataset: a dataset with the score column `by`.
+        by: the score column, e.g. `"el2n"`.
+        keep: a fraction in (0, 1] or an integer number of rows.
+        strategy: one of `datadiet.selection.list_strategies()`.
+        offset: for `window`, the fraction of all rows skipped at the hard end.
+        class_balanced: apply the strategy per class, each class keeping its share of the budget.
+        seed: for the random draws of `random` and `stratified`.
+        label_column: the class column for `class_balanced` (detected from the features when not given).
+        hard_cutoff / num_bins: for `stratified`.
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from datadiet import prune
+    >>> ds = Dataset.from_dict({"x": [0, 1, 2, 3], "el2n": [0.1, 0.9, 0.5, 0.7]})
+    >>> prune(ds, "el2n", keep=0.5)["x"]
+    [1, 3]
+    ```
+    """
+    num_rows = len(dataset)
+    if num_rows == 0:
+        raise ValueError("The dataset is empty: there is nothing to prune.")
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"Unknown pruning strategy {strategy!r}. Valid strategies: {', '.join(list_strategies())}.")
+    if not 0.0 <= offset < 1.0:
+        raise ValueError(f"offset={offset} is outside [0, 1).")
+    if not 0.0 <= hard_cutoff < 1.0:
+        raise ValueError(f"hard_cutoff={hard_cutoff} is outside [0, 1).")
+    if by is None:
+        if strategy != "random":
+            raise ValueError(f"strategy={strategy!r} needs a score column: pass by='el2n' (or another column).")
+        values = np.zeros(num_rows)
+    else:
+        values = hardness(dataset, by)
+    labels = None
+    if class_balanced:
+        from .data import detect_label_column
+
+        labels = np.asarray(dataset.with_format("numpy")[detect_label_column(dataset, label_column)])
+    indices = select_indices(
+        values,
+        keep,
+        strategy=strategy,
+        labels=labels,
+        seed=seed,
+        offset=offset,
+        hard_cutoff=hard_cutoff,
+        num_bins=num_bins,
+    )
+    pruned = dataset.select(indices)
+    logger.info("Pruned %d -> %d rows (%s by %s).", num_rows, len(pruned), strategy, by)
+    return record_provenance(
+        pruned,
+        pruning={
+            "by": by,
+            "keep": keep,
+            "strategy": strategy,
+            "offset": offset,
+            "class_balanced": class_balanced,
+            "seed": seed,
+            "hard_cutoff": hard_cutoff,
+            "num_bins": num_bins,
+            "rows_before": num_rows,
+            "rows_after": len(pruned),
+        },
+    )
