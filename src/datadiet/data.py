@@ -381,3 +381,102 @@ class ScoreTransform:
         state = self.__dict__.copy()
         state["_preprocessor"] = None
         return state
+
+
+def build_image_transform(
+    image_size: int | None = None,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    augment: bool = False,
+    crop_padding: int = 4,
+) -> Callable:
+    """A per-image transform (PIL -> float CHW tensor): optional resize to `image_size`, optional augmentation
+    (random crop with `crop_padding` and horizontal flip, for training only), scaling to [0, 1] and optional
+    normalisation. Scoring uses the un-augmented form, as EL2N and GraNd are defined.
+
+    Example:
+    ```python
+    >>> from PIL import Image
+    >>> build_image_transform(32, mean=[0.5], std=[0.5])(Image.new("L", (8, 8))).shape
+    torch.Size([1, 32, 32])
+    ```
+    """
+    from torchvision.transforms import v2
+
+    steps: list = [v2.ToImage()]
+    if image_size is not None:
+        steps.append(v2.Resize((image_size, image_size), antialias=True))
+    if augment:
+        steps += [
+            v2.RandomCrop(image_size or 32, padding=crop_padding, padding_mode="reflect"),
+            v2.RandomHorizontalFlip(),
+        ]
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise ValueError("Give both mean and std to normalise, or neither.")
+        steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    return v2.Compose(steps)
+
+
+def load_data(
+    name_or_path: str,
+    *,
+    split: str = "train",
+    data_files: str | Sequence[str] | None = None,
+    max_rows: int | None = None,
+) -> Dataset:
+    """Load a split from a `save_to_disk` folder, data files (Parquet, CSV, JSON), a dataset folder such as one
+    written by `save_pruned`, or a Hub id; optionally only its first `max_rows` rows.
+
+    Example:
+    ```python
+    >>> import tempfile
+    >>> from datasets import Dataset
+    >>> folder = tempfile.mkdtemp()
+    >>> Dataset.from_dict({"x": [1, 2, 3]}).save_to_disk(folder)
+    >>> load_data(folder, max_rows=2)["x"]
+    [1, 2]
+    ```
+    """
+    from pathlib import Path
+
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    path = Path(name_or_path)
+    if data_files is not None:
+        files = [data_files] if isinstance(data_files, str) else list(data_files)
+        suffix = Path(files[0]).suffix.lstrip(".")
+        builder = {"parquet": "parquet", "csv": "csv", "json": "json", "jsonl": "json", "arrow": "arrow"}.get(suffix)
+        if builder is None:
+            raise ValueError(f"Cannot tell the format of data file {files[0]!r}: use .parquet, .csv, .json or .arrow.")
+        missing = [f for f in files if "*" not in f and not Path(f).exists()]
+        if missing:
+            raise ValueError(f"Data file(s) not found: {missing}.")
+        dataset = load_dataset(builder, data_files={split: files}, split=split)
+    elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        dataset = load_from_disk(str(path))
+        if isinstance(dataset, DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{name_or_path!r} has splits {list(dataset)}, not {split!r}: pass split=... .")
+            dataset = dataset[split]
+    else:
+        dataset = load_dataset(name_or_path, split=split)
+    if max_rows is not None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}.")
+        dataset = dataset.select(range(min(max_rows, len(dataset))))
+    return dataset
+
+
+def training_view(dataset: Dataset, preprocessor: Preprocessor) -> Dataset:
+    """`dataset` formatted for `transformers.Trainer`: each fetched batch becomes `pixel_values` (or the tokenizer's
+    outputs) and `labels`, through `preprocessor`. The input dataset is unchanged."""
+
+    def to_features(batch: dict[str, list]) -> dict[str, Any]:
+        inputs, labels = preprocessor(batch)
+        features = dict(inputs) if isinstance(inputs, dict) else {"pixel_values": inputs}
+        return {**features, "labels": labels}
+
+    return dataset.select_columns(preprocessor.columns).with_transform(to_features)

@@ -75,3 +75,49 @@ class ClassifierWrapper(nn.Module):
         if labels is not None:
             output["loss"] = nn.functional.cross_entropy(logits, labels)
         return output
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    library: str = "timm",
+    in_chans: int = 3,
+    image_size: int | None = None,
+    model_kwargs: dict | None = None,
+    seed: int | None = None,
+) -> nn.Module:
+    """A randomly initialised classifier: a timm architecture (`library="timm"`, e.g. `"resnet18"`) or a
+    transformers model built from its config (`library="transformers"`, `name` a model type such as `"vit"` or a
+    local config folder, with `model_kwargs` overriding config fields). Never downloads weights.
+
+    Example:
+    ```python
+    >>> model = build_model("test_resnet", num_classes=3, seed=0)
+    >>> model.num_classes
+    3
+    ```
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if seed is not None:
+        torch.manual_seed(seed)
+    if library == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+    if library == "transformers":
+        from pathlib import Path
+
+        from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+        if Path(name).is_dir():
+            config = AutoConfig.from_pretrained(name, num_labels=num_classes, **model_kwargs)
+        else:
+            config = AutoConfig.for_model(name, num_labels=num_classes, **model_kwargs)
+        if hasattr(config, "num_channels"):
+            config.num_channels = in_chans
+        if image_size is not None and hasattr(config, "image_size"):
+            config.image_size = image_size
+        auto = AutoModelForSequenceClassification if hasattr(config, "vocab_size") else AutoModelForImageClassification
+        return auto.from_config(config)
+    raise ValueError(f"library must be 'timm' or 'transformers', got {library!r}.")

@@ -1,0 +1,207 @@
+"""Training and evaluating a classifier on a (pruned) dataset: the step behind `datadiet train`, the demo and the
+pruning curves. Models are trained by `DataDietTrainer` at a budget of steps or epochs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Preprocessor, build_image_transform, detect_columns, load_data, training_view
+from .models import build_model, forward_logits
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainArguments", "evaluate_accuracy", "fit", "run_train"]
+
+
+def fit(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    transform: Callable | None = None,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 128,
+    learning_rate: float = 0.05,
+    output_dir: str | None = None,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    **training_kwargs,
+) -> nn.Module:
+    """Train `model` on `dataset` with `DataDietTrainer` for `max_steps` optimiser steps (a fixed budget, fair
+    across subsets of different sizes) or `epochs`, and return it in eval mode.
+
+    `transform` is the training-time per-image transform (with augmentation if wanted), a transformers image
+    processor, or a tokenizer.
+    """
+    from .trainer import train_proxy_model
+
+    if (epochs is None) == (max_steps is None):
+        raise ValueError("Give exactly one training budget: epochs=... or max_steps=... .")
+    input_column, kind, label_column = detect_columns(
+        dataset, image_column=image_column, text_column=text_column, label_column=label_column
+    )
+    preprocessor = Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
+    if max_steps is not None:
+        training_kwargs["max_steps"] = int(max_steps)
+    return train_proxy_model(
+        model,
+        training_view(dataset, preprocessor),
+        epochs=epochs if epochs is not None else 1,
+        seed=seed,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        output_dir=output_dir,
+        **training_kwargs,
+    )
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    transform: Callable | None = None,
+    batch_size: int = 256,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> float:
+    """Top-1 accuracy of `model` on `dataset` (eval mode, un-augmented `transform`), through the packaged
+    `evaluate` accuracy metric."""
+    from .data import as_model_inputs
+    from .metrics import load_metric
+
+    input_column, kind, label_column = detect_columns(
+        dataset, image_column=image_column, text_column=text_column, label_column=label_column
+    )
+    preprocessor = Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
+    source = dataset.select_columns(preprocessor.columns).with_format(None)
+    metric = load_metric("accuracy")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(source), batch_size):
+            inputs, labels = preprocessor(source[start : start + batch_size])
+            inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+            logits = forward_logits(model, as_model_inputs(model, inputs))
+            metric.add_batch(predictions=logits.argmax(-1).cpu().numpy(), references=labels.numpy())
+    finally:
+        model.train(was_training)
+    return float(metric.compute()["accuracy"])
+
+
+@dataclass
+class TrainArguments:
+    """Arguments of `datadiet train`: train a freshly initialised model on a dataset (a `save_to_disk` folder, data
+    files, a folder written by `save_pruned`, or a Hub id) and report its test accuracy over several seeds."""
+
+    dataset_name: str = field(
+        metadata={"help": "Training data: a save_to_disk folder, a dataset folder, or a Hub id."}
+    )
+    data_files: str | None = field(default=None, metadata={"help": "Data file(s) for the training split."})
+    split: str = field(default="train", metadata={"help": "Training split name."})
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Test data (default: dataset_name)."})
+    eval_data_files: str | None = field(default=None, metadata={"help": "Data file(s) for the test split."})
+    eval_split: str = field(default="test", metadata={"help": "Test split name."})
+    max_rows: int | None = field(default=None, metadata={"help": "Use only the first rows of the training split."})
+    max_eval_rows: int | None = field(default=None, metadata={"help": "Use only the first rows of the test split."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (detected when not given)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (detected when not given)."})
+    model_name: str = field(default="resnet18", metadata={"help": "timm architecture or transformers model type."})
+    model_library: str = field(default="timm", metadata={"help": "'timm' or 'transformers'."})
+    model_kwargs: str | None = field(default=None, metadata={"help": "JSON (or YAML mapping) of model options."})
+    in_chans: int = field(default=3, metadata={"help": "Input channels (1 for MNIST / digits)."})
+    image_size: int | None = field(default=None, metadata={"help": "Resize images to this size."})
+    mean: list[float] | None = field(default=None, metadata={"help": "Normalisation mean per channel."})
+    std: list[float] | None = field(default=None, metadata={"help": "Normalisation std per channel."})
+    augment: bool = field(default=False, metadata={"help": "Random crop + flip while training."})
+    max_steps: int | None = field(default=None, metadata={"help": "Training budget in optimiser steps."})
+    epochs: float | None = field(default=None, metadata={"help": "Training budget in epochs (if no max_steps)."})
+    batch_size: int = field(default=128, metadata={"help": "Per-device training batch size."})
+    learning_rate: float = field(default=0.05, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds."})
+    output_dir: str = field(default="outputs/train", metadata={"help": "Where results.json is written."})
+
+    def __post_init__(self):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("Give exactly one training budget: max_steps (fixed steps) or epochs.")
+        if self.model_library not in ("timm", "transformers"):
+            raise ValueError(f"model_library must be 'timm' or 'transformers', got {self.model_library!r}.")
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one training seed.")
+
+
+def run_train(args: TrainArguments) -> dict:
+    """Train one model per seed and write `results.json` (accuracy per seed, mean, std) to `args.output_dir`."""
+    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files, max_rows=args.max_rows)
+    test = load_data(
+        args.eval_dataset_name or args.dataset_name,
+        split=args.eval_split,
+        data_files=args.eval_data_files,
+        max_rows=args.max_eval_rows,
+    )
+    _, _, label_column = detect_columns(train, image_column=args.image_column, label_column=args.label_column)
+    num_classes = (
+        train.features[label_column].num_classes
+        if hasattr(train.features[label_column], "num_classes")
+        else int(np.max(train[label_column])) + 1
+    )
+    eval_transform = build_image_transform(args.image_size, mean=args.mean, std=args.std)
+    train_transform = build_image_transform(args.image_size, mean=args.mean, std=args.std, augment=args.augment)
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    accuracies = []
+    for seed in tqdm(args.seeds, desc="Training seeds"):
+        model = build_model(
+            args.model_name,
+            num_classes=num_classes,
+            library=args.model_library,
+            in_chans=args.in_chans,
+            image_size=args.image_size,
+            model_kwargs=model_kwargs,
+            seed=seed,
+        )
+        model = fit(
+            model,
+            train,
+            transform=train_transform,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            seed=seed,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            output_dir=str(Path(args.output_dir) / f"seed-{seed}"),
+        )
+        accuracies.append(
+            evaluate_accuracy(
+                model, test, transform=eval_transform, image_column=args.image_column, label_column=args.label_column
+            )
+        )
+        logger.info("seed %d: test accuracy %.4f", seed, accuracies[-1])
+    results = {
+        "accuracy": accuracies,
+        "accuracy_mean": float(np.mean(accuracies)),
+        "accuracy_std": float(np.std(accuracies)),
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "arguments": asdict(args),
+    }
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
+    return results

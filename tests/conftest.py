@@ -1,0 +1,56 @@
+"""Shared fixtures: real data (the shared CIFAR-10 / MNIST Parquet files when present, scikit-learn's digits always)
+and tiny random-init models. No network, ever."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DATADIET_SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR10_TRAIN = SHARED_DATA / "cifar10" / "train-00000-of-00001.parquet"
+CIFAR10_TEST = SHARED_DATA / "cifar10" / "test-00000-of-00001.parquet"
+MNIST_TRAIN = SHARED_DATA / "mnist" / "train-00000-of-00001.parquet"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _require(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"shared data file {path} is absent (tests on real CIFAR-10/MNIST need ../shared/data)")
+
+
+@pytest.fixture(scope="session")
+def cifar10_train():
+    """The first 2,000 rows of the real CIFAR-10 training split (Image column `img`, ClassLabel `label`)."""
+    _require(CIFAR10_TRAIN)
+    from datasets import load_dataset
+
+    return load_dataset("parquet", data_files={"train": str(CIFAR10_TRAIN)}, split="train").select(range(2000))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's bundled digits as a DatasetDict (Image `image`, ClassLabel `label`)."""
+    from datadiet.demo import load_digits_dataset
+
+    return load_digits_dataset()
+
+
+@pytest.fixture
+def tiny_timm():
+    """A factory of tiny random-init timm classifiers."""
+    import timm
+
+    def make(num_classes: int = 10, in_chans: int = 3, seed: int = 0, name: str = "test_resnet"):
+        torch.manual_seed(seed)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans).eval()
+
+    return make
