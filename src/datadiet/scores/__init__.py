@@ -3,8 +3,24 @@ and a registry mapping config and column names to implementations."""
 
 from .functional import el2n, entropy, input_norm, loss, margin
 from .registry import ScoreSpec, get_score, get_score_spec, list_scores, register_score
+from .trackers import (
+    TrainingDynamics,
+    area_under_margin,
+    confidence,
+    correctness,
+    forgetting_events,
+    training_quantities,
+    variability,
+)
 
 __all__ = [
+    "TrainingDynamics",
+    "area_under_margin",
+    "confidence",
+    "correctness",
+    "forgetting_events",
+    "training_quantities",
+    "variability",
     "ScoreSpec",
     "el2n",
     "entropy",
