@@ -335,3 +335,30 @@ def test_card_metadata_matches_datasets_push_to_hub(cifar_slice, tmp_path):
     mine = DatasetCard.load(folder / "README.md").data.to_dict()
     assert mine["configs"] == reference.data.to_dict()["configs"]
     assert mine["dataset_info"] == reference.data.to_dict()["dataset_info"]
+
+
+def test_real_score_and_prune_provenance_reaches_the_card(digits_on_disk, tmp_path):
+    """The provenance written by the real score_dataset and prune is rendered in the card."""
+    import timm
+
+    from datadiet.engine import score_dataset
+    from datadiet.selection import prune
+
+    def model_init(seed: int):
+        return timm.create_model("test_resnet", pretrained=False, num_classes=10, in_chans=1)
+
+    scored = score_dataset(digits_on_disk, methods=["el2n"], model_init=model_init, seeds=[0], batch_size=32)
+    pruned = prune(scored, "el2n", 0.5, strategy="hardest")
+    folder = save_pruned(pruned, tmp_path / "out", source="sklearn/digits")
+
+    card = DatasetCard.load(folder / "README.md")
+    block = card.data["datadiet"]
+    assert block["scoring"]["methods"] == ["el2n"] and block["scoring"]["seeds"] == [0]
+    assert block["pruning"]["by"] == "el2n" and (block["rows_before"], block["rows_after"]) == (30, 15)
+    assert block["score_statistics"]["train"]["el2n"]["min"] == pytest.approx(min(pruned["el2n"]), rel=1e-5)
+    assert (
+        "sklearn/digits" in card.text
+        and "datadiet.prune(dataset, by='el2n', keep=0.5, strategy='hardest'" in card.text
+    )
+    back = load_dataset(str(folder), split="train")
+    np.testing.assert_array_equal(back["el2n"], pruned["el2n"])

@@ -503,6 +503,13 @@ def _commands(command: str | Sequence[str] | None, provenance: Mapping) -> list[
     return commands
 
 
+def _settings(settings: Mapping[str, Any]) -> str:
+    """`key = value` pairs for the card body; nested configs (a transformers `model_config`) stay in the YAML block."""
+    shown = [f"{k} = `{v}`" for k, v in settings.items() if v is not None and not isinstance(v, Mapping)]
+    hidden = [k for k, v in settings.items() if isinstance(v, Mapping) and v]
+    return "; ".join(shown + ([f"{', '.join(hidden)} in the YAML header"] if hidden else []))
+
+
 def _size_category(rows: int) -> str:
     for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
         if rows < limit:
@@ -598,12 +605,17 @@ def _card_body(
     source = block.get("source") or {}
     scoring = block.get("scoring") or {}
     pruning = block.get("pruning") or {}
-    source_name = source.get("path") or source.get("name") or "an unrecorded source dataset"
+    source_name = source.get("path") or source.get("name") or source.get("data_files") or "an unrecorded source"
     revision = source.get("revision") or source.get("fingerprint")
     title = pretty_name or (f"Scores of {source_name}" if scores_only else f"{source_name}, pruned with datadiet")
     lines = [f"# {title}", ""]
 
     rows_after, rows_before = block["rows_after"], block.get("rows_before")
+    # Provenance is stored with sorted keys; show prune()'s own argument order first.
+    order = ["by", "keep", "strategy", "offset", "class_balanced", "seed"]
+    names = [k for k in order if k in pruning] + [k for k in pruning if k not in order]
+    prune_args = {k: pruning[k] for k in names if k not in ("rows_before", "rows_after") and pruning[k] is not None}
+    prune_call = "dataset = datadiet.prune(dataset, " + ", ".join(f"{k}={v!r}" for k, v in prune_args.items()) + ")"
     if scores_only:
         columns = [c for c in splits[main_split].column_names if c != row_id_column]
         lines += [
@@ -617,9 +629,9 @@ def _card_body(
             if rows_before
             else (f"{rows_after:,} rows")
         )
-        how = ", ".join(f"{k} = `{v}`" for k, v in pruning.items() if k not in ("rows_before", "rows_after"))
         lines += [
-            f"A subset of **{source_name}** made by datadiet: it keeps {kept}, chosen by per-example scores ({how})."
+            f"A subset of **{source_name}** made by datadiet: it keeps {kept}, chosen by per-example scores "
+            f"({_settings(prune_args)})."
         ]
     else:
         lines += [f"**{source_name}** with per-example scores added by datadiet (not pruned)."]
@@ -630,12 +642,9 @@ def _card_body(
         + (f", revision/fingerprint `{revision}`" if revision else "")
     )
     if scoring:
-        lines.append("- **Scoring**: " + "; ".join(f"{k} = `{v}`" for k, v in scoring.items()))
+        lines.append(f"- **Scoring**: {_settings(scoring)}")
     if pruning:
-        lines.append(
-            "- **Pruning**: "
-            + "; ".join(f"{k} = `{v}`" for k, v in pruning.items() if k not in ("rows_before", "rows_after"))
-        )
+        lines.append(f"- **Pruning**: {_settings(prune_args)}")
     lines.append(
         "- **Rows**: "
         + ", ".join(f"{name}: {n:,}" for name, n in block["splits"].items())
@@ -693,6 +702,9 @@ def _card_body(
     lines += ["", "## Reproduce it", ""]
     if commands:
         lines += ["```bash", *commands, "```"]
+        if pruning and not any(" prune" in c for c in commands):
+            # The pruning step was not recorded as a command: give its equivalent call from the provenance.
+            lines += ["", "then, on the scored dataset:", "", "```python", "import datadiet", "", prune_call, "```"]
     else:
         lines += [
             "The exact command was not recorded. In Python, with the settings above:",
@@ -705,8 +717,7 @@ def _card_body(
             f"dataset = datadiet.score_dataset(dataset, model, methods={list(methods) or ['el2n']})",
         ]
         if pruning:
-            args = ", ".join(f"{k}={v!r}" for k, v in pruning.items() if k in ("by", "keep", "strategy", "offset"))
-            lines.append(f"dataset = datadiet.prune(dataset, {args})")
+            lines.append(prune_call)
         lines.append("```")
     lines += ["", "The full provenance is the `datadiet:` block of this card's YAML header.", ""]
     return "\n".join(lines)
