@@ -8,6 +8,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -226,6 +227,7 @@ def _record_hub(monkeypatch, hub_root: Path) -> list[tuple]:
         shutil.copytree(folder_path, destination, dirs_exist_ok=True)
         return "commit-info"
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the recorder stands in for the network
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
@@ -273,7 +275,7 @@ def test_overwrite_replaces_stale_shards(digits_on_disk, tmp_path):
     assert load_dataset(str(folder), split="train")["label"] == digits_on_disk["label"][:5]
 
 
-def test_clear_errors(digits_on_disk, tmp_path):
+def test_clear_errors(digits_on_disk, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no rows"):
         save_pruned(digits_on_disk.select([]), tmp_path / "empty")
     with pytest.raises(ValueError, match="no score column"):
@@ -284,6 +286,9 @@ def test_clear_errors(digits_on_disk, tmp_path):
         save_pruned({"label": [1]}, tmp_path / "dict")
     with pytest.raises(ValueError, match="not a Hub repository id"):
         push_to_hub(digits_on_disk, "not a repo id")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set.*save_pruned"):
+        push_to_hub(digits_on_disk, "me/digits")
     with pytest.raises(ValueError, match="repo_id.*output_dir"):
         PushArguments(dataset_path=str(tmp_path))
 

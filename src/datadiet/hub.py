@@ -245,6 +245,14 @@ def push_to_hub(
 
     if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
         raise ValueError(f"repo_id={repo_id!r} is not a Hub repository id; use 'user/name' (letters, digits, -_.).")
+    from huggingface_hub import constants
+
+    # Fail before building the files: with offline mode on, every HfApi call would raise after that work.
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            "HF_HUB_OFFLINE is set, so nothing can be pushed. Unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to push, "
+            "or write the same files locally with save_pruned(dataset, folder) / `datadiet push --output_dir`."
+        )
     for reserved in ("folder", "overwrite"):
         if reserved in kwargs:
             raise ValueError(
