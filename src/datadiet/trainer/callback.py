@@ -1,0 +1,324 @@
+"""`ScoreCallback`: per-example training dynamics (loss, EL2N, margin, correctness at every epoch, and the forgetting,
+AUM and data-map scores derived from them) recorded from the training forward passes of a `transformers.Trainer`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from ..models import unwrap_logits
+from ..provenance import record_provenance
+from ..scores.trackers import (
+    TRACKED_QUANTITIES,
+    TRACKED_SCORES,
+    TRACKED_SCORES_HIGHER_IS_HARDER,
+    TrainingDynamics,
+    training_quantities,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RowIdDataset", "ScoreCallback", "with_row_ids"]
+
+DEFAULT_ROW_ID_COLUMN = "datadiet_row_id"
+
+
+class RowIdDataset(torch.utils.data.Dataset):
+    """A map-style view of `dataset` whose items carry their position under `column`, so that every example of a
+    batch can be traced back to its row whatever the sampler, the number of processes or the preprocessing (a
+    `set_transform` that returns only model inputs keeps it too). See [`with_row_ids`]."""
+
+    def __init__(self, dataset, column: str = DEFAULT_ROW_ID_COLUMN):
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError(
+                f"Row ids need a map-style dataset (with __len__ and __getitem__); got {type(dataset).__name__}. "
+                "For a streaming dataset, materialise it first (e.g. `Dataset.from_generator`)."
+            )
+        self.dataset = dataset
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _with_id(self, item, index) -> dict:
+        if not isinstance(item, dict):
+            item = dict(item)  # BatchEncoding and other mappings
+        return {**item, self.column: int(index)}
+
+    def __getitem__(self, index: int) -> dict:
+        return self._with_id(self.dataset[index], index)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        # `datasets.Dataset.__getitems__` reads and transforms the whole batch at once (much faster than row by row).
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(list(indices)) if getitems is not None else [self.dataset[i] for i in indices]
+        return [self._with_id(item, index) for item, index in zip(items, indices)]
+
+
+def with_row_ids(dataset, column: str = DEFAULT_ROW_ID_COLUMN) -> RowIdDataset:
+    """`dataset` (a `datasets.Dataset`, formatted or with a `set_transform`, or any map-style dataset of dicts) with
+    each item's position added under `column`: what a stock `transformers.Trainer` needs to feed [`ScoreCallback`].
+    [`DataDietTrainer`] does this itself.
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from datadiet.trainer import with_row_ids
+    >>> with_row_ids(Dataset.from_dict({"x": [5, 6]}))[1]
+    {'x': 6, 'datadiet_row_id': 1}
+    ```
+    """
+    return RowIdDataset(dataset, column)
+
+
+def _logits_of(output) -> torch.Tensor:
+    """The logits of a model output, including the plain `{"loss", "logits"}` dict of `ClassifierWrapper`."""
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    return unwrap_logits(output)
+
+
+def _all_gather(obj) -> list:
+    """`obj` from every process (a list of one item outside distributed training)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world_size = torch.distributed.get_world_size()
+        if world_size > 1:
+            gathered = [None] * world_size
+            torch.distributed.all_gather_object(gathered, obj)
+            return gathered
+    return [obj]
+
+
+class ScoreCallback(TrainerCallback):
+    """Records per-example training dynamics from the training forward passes of a stock `transformers.Trainer`, at
+    no extra forward pass: at every epoch each example's cross-entropy loss, EL2N, margin, probability of the true
+    class and correctness, from which it derives forgetting events (Toneva et al. 2019; examples never learned rank
+    as the most forgotten, see [`~datadiet.scores.forgetting_events`]), AUM (Pleiss et al. 2020) and the data-map
+    confidence, variability and correctness (Swayamdipta et al. 2020).
+
+    The values come from the model in training mode, on the augmented inputs it is trained on, at the step where the
+    example is seen (as in those papers), not from a separate eval-mode pass.
+
+    The model is hooked at the start of training: each training forward must receive the row id of every example
+    under `row_id_column` (the hook removes it before the model sees it) and the labels under `label_name`. Wrap the
+    training set with [`with_row_ids`] and set `remove_unused_columns=False` (or use [`DataDietTrainer`], which does
+    both and needs no hook). Under distributed training the records of all processes are gathered at the end of
+    every epoch and the sampler's wrap-around duplicates dropped by row id.
+
+    Args:
+        track_scores: the summary scores `scores` returns (see [`DataDietConfig`]); all by default.
+        row_id_column: the batch key holding each example's position in the training set.
+        label_name: the batch key holding the labels.
+
+    Example:
+    ```python
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from datadiet.trainer import ScoreCallback, with_row_ids
+    >>> callback = ScoreCallback()
+    >>> trainer = Trainer(model, TrainingArguments("out", remove_unused_columns=False, label_names=["labels"]),
+    ...                   train_dataset=with_row_ids(train_dataset), callbacks=[callback])  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    >>> train_dataset = callback.add_scores(train_dataset)  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(
+        self,
+        track_scores: Sequence[str] = TRACKED_SCORES,
+        *,
+        row_id_column: str = DEFAULT_ROW_ID_COLUMN,
+        label_name: str = "labels",
+    ):
+        unknown = [name for name in track_scores if name not in TRACKED_SCORES]
+        if unknown:
+            raise ValueError(f"Unknown track_scores {unknown}; choose among {list(TRACKED_SCORES)}.")
+        self.track_scores = list(track_scores)
+        self.row_id_column = row_id_column
+        self.label_name = label_name
+        self.dynamics: TrainingDynamics | None = None
+        self.epoch = -1
+        # DataDietTrainer feeds `record` from its `compute_loss` and turns the forward hooks off.
+        self._record_from_hooks = True
+        # DataDietTrainer turns recording on even without tracked scores when dynamic pruning needs the losses.
+        self._always_record = False
+        self._hooks: list = []
+        self._pending = None
+        self._in_training = False
+        self._reset_buffer()
+
+    # ---- recording -------------------------------------------------------------------------------------------------
+
+    @property
+    def recording(self) -> bool:
+        return self._in_training and (bool(self.track_scores) or self._always_record)
+
+    def _reset_buffer(self) -> None:
+        self._buffer_ids: list[torch.Tensor] = []
+        self._buffer_values: list[dict[str, torch.Tensor]] = []
+
+    def record(self, row_ids: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Record one training micro-batch: `row_ids` `[B]`, `logits` `[B, C]`, integer `labels` `[B]`. Values stay
+        on the device until the end of the epoch (no synchronisation per step)."""
+        if not self.recording:
+            return
+        if not torch.is_tensor(row_ids):
+            row_ids = torch.as_tensor(row_ids)
+        self._buffer_ids.append(row_ids.detach().reshape(-1))
+        self._buffer_values.append(training_quantities(logits, labels))
+
+    def _commit_epoch(self) -> None:
+        """Gather this epoch's records from every process into `self.dynamics` (one new epoch of history)."""
+        if self.dynamics is None or not self.recording:
+            self._reset_buffer()
+            return
+        if self._buffer_ids:
+            ids = torch.cat(self._buffer_ids).cpu().numpy()
+            values = {
+                name: torch.cat([batch[name] for batch in self._buffer_values]).cpu().numpy()
+                for name in TRACKED_QUANTITIES
+            }
+        else:
+            ids, values = np.zeros(0, dtype=np.int64), {name: np.zeros(0, np.float32) for name in TRACKED_QUANTITIES}
+        self._reset_buffer()
+        gathered = _all_gather((ids, values))
+        all_ids = np.concatenate([part[0] for part in gathered])
+        if all_ids.size == 0:
+            return
+        all_values = {name: np.concatenate([part[1][name] for part in gathered]) for name in TRACKED_QUANTITIES}
+        self.dynamics.add_epoch(all_ids, all_values)
+
+    # ---- forward hooks (stock Trainer) -----------------------------------------------------------------------------
+
+    def _pre_hook(self, module, args, kwargs):
+        # The row id is never a model input: remove it whether training or evaluating.
+        row_ids = kwargs.pop(self.row_id_column, None)
+        if not (module.training and self.recording):
+            return args, kwargs
+        if row_ids is None:
+            raise ValueError(
+                f"ScoreCallback found no {self.row_id_column!r} in the training batch (inputs: {sorted(kwargs)}). Wrap "
+                "the training set with `datadiet.trainer.with_row_ids(train_dataset)` and set "
+                "`remove_unused_columns=False`, or train with `DataDietTrainer`, which does both."
+            )
+        labels = kwargs.get(self.label_name)
+        if labels is None:
+            raise ValueError(
+                f"ScoreCallback needs the labels in the model's forward call under {self.label_name!r}; the batch has "
+                f"{sorted(kwargs)}. (A stock Trainer removes them when label_smoothing_factor > 0 or compute_loss_func "
+                "is set: use DataDietTrainer then.)"
+            )
+        self._pending = (row_ids, labels)
+        return args, kwargs
+
+    def _post_hook(self, module, args, kwargs, output):
+        if self._pending is not None:
+            row_ids, labels = self._pending
+            self._pending = None
+            self.record(row_ids, _logits_of(output), labels)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ---- Trainer events --------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        num_rows = None
+        dataset = getattr(train_dataloader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__"):
+            num_rows = len(dataset)
+        if num_rows is None:
+            raise ValueError("ScoreCallback needs a training set with a length (a map-style dataset).")
+        self.dynamics = TrainingDynamics(num_rows)
+        self.epoch = -1
+        self._in_training = True
+        self._reset_buffer()
+        self._remove_hooks()
+        if self._record_from_hooks and model is not None:
+            self._hooks = [
+                model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+                model.register_forward_hook(self._post_hook, with_kwargs=True),
+            ]
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch += 1
+        self._reset_buffer()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._commit_epoch()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Records of an epoch cut short (max_steps reached mid-epoch) are committed by on_epoch_end already; anything
+        # left was recorded outside an epoch.
+        if self._buffer_ids:
+            self._commit_epoch()
+        self._in_training = False
+        self._remove_hooks()
+
+    # ---- results ---------------------------------------------------------------------------------------------------
+
+    def _check_trained(self) -> TrainingDynamics:
+        if self.dynamics is None:
+            raise ValueError("No training dynamics yet: train first (the callback fills them during `train()`).")
+        return self.dynamics
+
+    @property
+    def score_history(self) -> dict[str, np.ndarray]:
+        """Per-epoch histories, `{quantity: [num_rows, num_epochs] array}` for `loss`, `el2n`, `margin`,
+        `probability` (of the true class) and `correct`; NaN where an example was not seen that epoch."""
+        dynamics = self._check_trained()
+        return {name: dynamics.history(name) for name in TRACKED_QUANTITIES}
+
+    @property
+    def scores(self) -> Dataset:
+        """A `datasets.Dataset` with one float32 column per tracked score, row `i` for training example `i`."""
+        dynamics = self._check_trained()
+        summary = dynamics.summary(self.track_scores)
+        return Dataset.from_dict({name: values.astype(np.float32) for name, values in summary.items()})
+
+    def add_scores(self, dataset: Dataset, *, history: bool = False) -> Dataset:
+        """`dataset` (the training set, same rows in the same order) with the tracked score columns added (replacing
+        columns of the same names) and, when `history=True`, one `<quantity>_history` list column per tracked
+        quantity. The columns' orientation (whether higher is harder) is recorded in the provenance."""
+        return _add_columns(dataset, self.scores, self.score_history if history else None, self.dynamics)
+
+
+def _add_columns(
+    dataset: Dataset,
+    scores: Dataset,
+    history: dict[str, np.ndarray] | None,
+    dynamics: TrainingDynamics | None,
+    extra_provenance: dict | None = None,
+) -> Dataset:
+    if len(dataset) != len(scores):
+        raise ValueError(
+            f"The dataset has {len(dataset)} rows but the scores cover {len(scores)} training rows: pass the training "
+            "set itself (same rows, same order)."
+        )
+    columns = {name: scores[name] for name in scores.column_names}
+    if history is not None:
+        columns.update({f"{name}_history": [row.tolist() for row in values] for name, values in history.items()})
+    clashing = [name for name in columns if name in dataset.column_names]
+    if clashing:
+        logger.warning("Replacing the existing columns %s with the training scores.", clashing)
+        dataset = dataset.remove_columns(clashing)
+    for name, values in columns.items():
+        dataset = dataset.add_column(name, values)
+    orientation = {
+        name: TRACKED_SCORES_HIGHER_IS_HARDER[name] for name in scores.column_names if name in TRACKED_SCORES
+    }
+    return record_provenance(
+        dataset,
+        training_dynamics={
+            "columns": list(columns),
+            "epochs": dynamics.num_epochs if dynamics is not None else 0,
+            "higher_is_harder": orientation,
+            **(extra_provenance or {}),
+        },
+    )

@@ -1,0 +1,621 @@
+"""`DataDietTrainer`: a drop-in `transformers.Trainer` that records every training example's scores as it trains,
+runs eval-mode scoring passes at chosen epochs, and can prune the data dynamically (InfoBatch); and
+`train_proxy_model`, which `score_dataset(..., train_epochs=t)` uses to train its scoring models."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import has_length
+
+from ..models import ClassifierWrapper
+from ..scores import get_score_spec
+from .callback import RowIdDataset, ScoreCallback, _add_columns, _all_gather, _logits_of
+from .config import DataDietConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DataDietTrainer", "train_proxy_model"]
+
+
+def _has_transform(dataset) -> bool:
+    """Whether `dataset` is a `datasets.Dataset` preprocessed on the fly by `set_transform` / `with_transform`."""
+    format_kwargs = (getattr(dataset, "format", None) or {}).get("format_kwargs") or {}
+    return format_kwargs.get("transform") is not None
+
+
+def _is_timm_model(model) -> bool:
+    return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
+
+
+class _TransformedView(torch.utils.data.Dataset):
+    """A `datasets.Dataset` with a `set_transform`, hidden from the Trainer's dataset-level column removal (which
+    would drop the raw columns the transform reads, e.g. the images); unused keys are removed after the transform
+    by the Trainer's collator instead."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getitems__(self, indices):
+        return self.dataset.__getitems__(list(indices))
+
+
+class _DynamicPruningSampler(torch.utils.data.Sampler):
+    """Yields the rows kept for the current epoch (set by the trainer at the start of each epoch) in a random order
+    seeded by (seed, epoch), identical on every process so that accelerate can shard it."""
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows = num_rows
+        self.seed = seed
+        self.epoch = 0
+        self.kept = np.arange(num_rows)
+
+    def set_plan(self, epoch: int, kept: np.ndarray) -> None:
+        self.epoch = epoch
+        self.kept = np.asarray(kept, dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        # The epoch comes with the plan; the Trainer's call is a no-op here.
+        pass
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.kept), generator=generator).numpy()
+        yield from self.kept[order].tolist()
+
+
+class _EpochProgressScheduler:
+    """Drives a learning-rate schedule by the fraction of epochs completed rather than by optimizer steps, so that
+    epochs shortened by dynamic pruning move through the schedule as fast as full epochs and the schedule ends on
+    time (it was built for the full-data number of steps)."""
+
+    def __init__(self, scheduler, steps_per_epoch: int):
+        self.scheduler = scheduler
+        self.steps_per_epoch = steps_per_epoch
+        self.progress = 0.0
+        self.inner_steps = 0
+        self.advance = 1.0
+
+    def _catch_up(self, target: float) -> None:
+        while self.inner_steps < math.floor(target + 1e-6):
+            self.scheduler.step()
+            self.inner_steps += 1
+
+    def start_epoch(self, epoch: int, steps_this_epoch: int) -> None:
+        self.progress = float(epoch * self.steps_per_epoch)
+        self._catch_up(self.progress)
+        self.advance = self.steps_per_epoch / max(steps_this_epoch, 1)
+
+    def step(self) -> None:
+        self.progress += self.advance
+        self._catch_up(self.progress)
+
+    def get_last_lr(self):
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "progress": self.progress, "inner_steps": self.inner_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress, self.inner_steps = state["progress"], state["inner_steps"]
+
+    def __getattr__(self, name):
+        if name == "scheduler":
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+
+class _EpochHooks(TrainerCallback):
+    """Calls back into the trainer at epoch boundaries (after its `ScoreCallback`, which is registered first)."""
+
+    def __init__(self, trainer: DataDietTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.trainer._on_train_begin(train_dataloader)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer._on_epoch_begin()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer._on_epoch_end()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._on_train_end()
+
+
+class DataDietTrainer(Trainer):
+    """A drop-in [`~transformers.Trainer`] for classifiers that tracks every training example's scores as it trains,
+    from the training forward passes (no extra pass): per epoch the loss, EL2N, margin and correctness, and from
+    them forgetting events, AUM and data-map confidence / variability / correctness. It can also run eval-mode
+    scoring passes at chosen epochs (EL2N or GraNd at epoch 20, say) and prune the data dynamically (InfoBatch).
+
+    Same constructor as `Trainer` (a plain `TrainingArguments` is upcast to [`DataDietConfig`]) plus
+    `scoring_dataset`. Differences from a stock `Trainer`:
+
+    - the training loss is the cross-entropy computed here from the logits (with `label_smoothing_factor`), summed
+      and divided by the number of examples in the whole accumulated batch, so that gradient accumulation gives the
+      same losses and gradients as one large batch whatever the model's forward signature (the stock Trainer
+      inflates them for models whose forward takes `**kwargs`, transformers #47688);
+    - each batch carries its rows' positions under `row_id_column`; a training set preprocessed with `set_transform`
+      works with `remove_unused_columns=True`, unused keys being dropped after the transform;
+    - a timm model is wrapped in [`~datadiet.models.ClassifierWrapper`] (`pixel_values` / `labels` in, loss and
+      logits out).
+
+    After `train()`, `trainer.scores` is a `datasets.Dataset` aligned with `train_dataset` (one column per score),
+    `trainer.score_history` holds the per-epoch histories, and `trainer.add_scores(train_dataset)` returns the
+    dataset with the columns added.
+
+    Args:
+        scoring_dataset (`datasets.Dataset`, *optional*): the rows of `train_dataset`, in the same order, preprocessed
+            without augmentation, for the eval-mode scoring passes of `score_epochs` (defaults to `train_dataset`).
+
+    Example:
+    ```python
+    >>> import timm
+    >>> from datadiet import DataDietConfig, DataDietTrainer
+    >>> config = DataDietConfig("out", num_train_epochs=20, score_epochs=[10], score_methods=["el2n"])
+    >>> trainer = DataDietTrainer(timm.create_model("resnet18", num_classes=10), config,
+    ...                           train_dataset=train_dataset)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    >>> train_dataset = trainer.add_scores(train_dataset)  # columns forgetting, aum, ..., el2n_epoch10  # doctest: +SKIP
+    ```
+    """
+
+    _tag_names = ["datadiet"]
+    # `compute_loss` divides by the number of examples of the whole accumulated batch (`num_items_in_batch`).
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: DataDietConfig | Any | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        model_init=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        *,
+        scoring_dataset=None,
+    ):
+        if args is None:
+            args = DataDietConfig(output_dir="tmp_trainer")
+        elif not isinstance(args, DataDietConfig):
+            args = DataDietConfig.from_training_arguments(args)
+        if args.dynamic_pruning and compute_loss_func is not None:
+            raise ValueError(
+                "Dynamic pruning reweights each example's loss, which a custom compute_loss_func cannot receive: "
+                "drop compute_loss_func or set dynamic_pruning=False."
+            )
+        if model is not None and _is_timm_model(model):
+            logger.info("Wrapping the timm model %s in ClassifierWrapper.", type(model).__name__)
+            model = ClassifierWrapper(model)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        # The loss is computed here from the logits; the model is never asked to normalise it.
+        self.model_accepts_loss_kwargs = False
+        self.scoring_dataset = scoring_dataset
+        self.score_callback = ScoreCallback(
+            args.track_scores, row_id_column=args.row_id_column, label_name=args.label_names[0]
+        )
+        self.score_callback._record_from_hooks = False
+        self.score_callback._always_record = args.dynamic_pruning
+        self.add_callback(self.score_callback)
+        self.add_callback(_EpochHooks(self))
+        self.scoring_columns: dict[str, np.ndarray] = {}
+        self.pruning_history: list[dict[str, float]] = []
+        self._pruning_sampler: _DynamicPruningSampler | None = None
+        self._pruning_weights: torch.Tensor | None = None
+        self._steps_per_epoch = 1
+
+    # ---- data --------------------------------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        keep = [self.args.row_id_column]
+        if isinstance(self.model, ClassifierWrapper):
+            keep.append(self.model.input_name)
+        self._signature_columns += [name for name in keep if name not in self._signature_columns]
+
+    def _row_id_view(self, dataset, description: str) -> RowIdDataset:
+        if not has_length(dataset):
+            raise ValueError(
+                "DataDietTrainer needs a map-style training set with a length (each example is tracked by its "
+                f"position); got {type(dataset).__name__}."
+            )
+        if hasattr(dataset, "column_names") and hasattr(dataset, "remove_columns") and not _has_transform(dataset):
+            # No transform: unused columns can go before reading (cheaper than after, in the collator).
+            dataset = self._remove_unused_columns(dataset, description=description)
+        return RowIdDataset(dataset, self.args.row_id_column)
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        if _has_transform(dataset) and self.args.remove_unused_columns:
+            dataset = _TransformedView(dataset)
+        return super()._get_dataloader(
+            dataset=dataset,
+            description=description,
+            batch_size=batch_size,
+            sampler_fn=sampler_fn,
+            is_training=is_training,
+            **kwargs,
+        )
+
+    def get_train_dataloader(self):
+        if self.train_dataset is None:
+            raise ValueError("DataDietTrainer: training requires a train_dataset.")
+        return self._get_dataloader(
+            dataset=self._row_id_view(self.train_dataset, "Training"),
+            description="Training",
+            batch_size=self._train_batch_size,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.args.dynamic_pruning:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self._pruning_sampler = _DynamicPruningSampler(len(dataset), seed)
+        return self._pruning_sampler
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        label_name = self.args.label_names[0]
+        if num_items_in_batch is None and batch_samples and label_name in batch_samples[0]:
+            # The examples of the whole accumulated batch (all processes), so that `compute_loss` can divide the
+            # summed loss by it: gradient accumulation then equals one large batch.
+            num_items_in_batch = sum(int(batch[label_name].ne(-100).sum()) for batch in batch_samples)
+            num_items_in_batch = torch.tensor(num_items_in_batch, device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
+        return batch_samples, num_items_in_batch
+
+    # ---- loss and tracking -------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        row_ids = inputs.pop(self.args.row_id_column, None)
+        label_name = self.args.label_names[0]
+        labels = inputs.pop(label_name, None)
+        if labels is None:
+            raise ValueError(
+                f"DataDietTrainer found no {label_name!r} in the batch (keys: {sorted(inputs)}). Name the label column "
+                f"{label_name!r} (or 'label', which the default collator renames) or set label_names."
+            )
+        outputs = model(**inputs)
+        logits = _logits_of(outputs)
+        if logits.ndim != 2 or labels.ndim != 1 or labels.is_floating_point():
+            raise ValueError(
+                "DataDietTrainer tracks single-label classifiers: logits of shape [batch, classes] and integer labels "
+                f"of shape [batch]; got logits {tuple(logits.shape)} and labels {tuple(labels.shape)} ({labels.dtype})."
+            )
+        training = model.training
+        if training and row_ids is not None:
+            self.score_callback.record(row_ids, logits, labels)
+
+        if self.compute_loss_func is not None:
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        else:
+            per_example = F.cross_entropy(
+                logits.float(), labels.long(), reduction="none", label_smoothing=self.args.label_smoothing_factor
+            )
+            if training and self._pruning_weights is not None and row_ids is not None:
+                # InfoBatch (Qin et al. 2024, eq. 3): kept easy examples count 1 / (1 - ratio) times, so that the
+                # expected gradient over the random skipping equals the full-data gradient.
+                per_example = per_example * self._pruning_weights[row_ids.to(self._pruning_weights.device)]
+            if num_items_in_batch is None:
+                loss = per_example.mean()
+            else:
+                loss = per_example.sum() / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    # DDP averages the gradients over processes; the count already covers all of them.
+                    loss = loss * self.accelerator.num_processes
+        if training and self.compute_loss_func is None and num_items_in_batch is None:
+            raise ValueError("Internal error: training without num_items_in_batch; please report it.")
+        if not return_outputs:
+            return loss
+        return loss, _with_loss(outputs, loss, logits)
+
+    # ---- epoch events (called by _EpochHooks) ------------------------------------------------------------------------
+
+    def _on_train_begin(self, train_dataloader) -> None:
+        self.scoring_columns = {}
+        self.pruning_history = []
+        self._pruning_weights = None
+        num_batches = len(train_dataloader) if train_dataloader is not None and has_length(train_dataloader) else 1
+        accumulation = self.args.gradient_accumulation_steps
+        self._steps_per_epoch = max(num_batches // accumulation + int(num_batches % accumulation > 0), 1)
+        if isinstance(self.lr_scheduler, _EpochProgressScheduler):
+            self.lr_scheduler.steps_per_epoch = self._steps_per_epoch
+        if 0 in self.args.score_epochs:
+            self._scoring_pass(0)
+
+    def _on_epoch_begin(self) -> None:
+        if self.args.dynamic_pruning:
+            self._plan_epoch(self.score_callback.epoch)
+
+    def _on_epoch_end(self) -> None:
+        completed = self.score_callback.epoch + 1
+        if completed in self.args.score_epochs:
+            self._scoring_pass(completed)
+
+    def _on_train_end(self) -> None:
+        missing = sorted(
+            set(self.args.score_epochs) - {int(name.rsplit("_epoch", 1)[1]) for name in self.scoring_columns}
+        )
+        if missing:
+            logger.warning("Training ended before the scoring passes of epochs %s: they were not run.", missing)
+        if self.pruning_history:
+            skipped = float(np.mean([entry["skipped_fraction"] for entry in self.pruning_history]))
+            logger.info("Dynamic pruning skipped %.1f%% of the example presentations overall.", 100 * skipped)
+        self._pruning_weights = None
+
+    # ---- dynamic pruning ---------------------------------------------------------------------------------------------
+
+    def _plan_epoch(self, epoch: int) -> None:
+        """Choose the rows of `epoch` and their loss weights (InfoBatch, Qin et al. 2024, sec. 3.1-3.2)."""
+        sampler = self._pruning_sampler
+        if sampler is None:
+            return
+        num_rows = sampler.num_rows
+        ratio = self.args.dynamic_pruning_ratio
+        weights = np.ones(num_rows, dtype=np.float32)
+        dynamics = self.score_callback.dynamics
+        scores = dynamics.latest(self.args.dynamic_pruning_score) if dynamics and dynamics.num_epochs else None
+        # InfoBatch's annealing: the final (1 - until) of the epochs train on the full data.
+        pruning_epochs = int(self.args.dynamic_pruning_until * self.args.num_train_epochs)
+        kept = np.arange(num_rows)
+        if scores is not None and epoch < pruning_epochs and ratio > 0 and np.isfinite(scores).any():
+            seen = np.isfinite(scores)
+            # Easy = below the mean score; rows never scored yet are kept.
+            easy = seen & (scores < scores[seen].mean())
+            rng = np.random.default_rng([self.args.seed, epoch])
+            skip = easy & (rng.random(num_rows) < ratio)
+            # Whole optimizer steps on every process: top the kept rows up to a multiple of the global batch by
+            # restoring a few skipped ones (otherwise the epoch's last accumulation would spill into the next).
+            unit = self._train_batch_size * self.args.gradient_accumulation_steps * max(self.args.world_size, 1)
+            target = min(num_rows, math.ceil((num_rows - skip.sum()) / unit) * unit)
+            restore = target - (num_rows - int(skip.sum()))
+            if restore > 0:
+                skip[rng.choice(np.flatnonzero(skip), size=restore, replace=False)] = False
+            weights[easy & ~skip] = 1.0 / (1.0 - ratio)
+            kept = np.flatnonzero(~skip)
+        sampler.set_plan(epoch, kept)
+        self._pruning_weights = torch.as_tensor(weights, device=self.args.device)
+        skipped_fraction = 1.0 - len(kept) / max(num_rows, 1)
+        self.pruning_history.append({"epoch": epoch, "kept": len(kept), "skipped_fraction": skipped_fraction})
+        if isinstance(self.lr_scheduler, _EpochProgressScheduler):
+            unit = self._train_batch_size * self.args.gradient_accumulation_steps * max(self.args.world_size, 1)
+            steps = self._steps_per_epoch if len(kept) == num_rows else len(kept) // unit
+            self.lr_scheduler.start_epoch(epoch, steps)
+        logger.info("Epoch %d: dynamic pruning skips %.1f%% of the rows.", epoch, 100 * skipped_fraction)
+        self.log({"dynamic_pruning_skipped_fraction": skipped_fraction})
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.args.dynamic_pruning and not isinstance(scheduler, _EpochProgressScheduler):
+            self.lr_scheduler = _EpochProgressScheduler(scheduler, self._steps_per_epoch)
+        return self.lr_scheduler
+
+    # ---- eval-mode scoring passes ------------------------------------------------------------------------------------
+
+    def _scoring_pass(self, epoch: int) -> None:
+        """Score every row of the scoring set with `score_methods`, model in eval mode; columns `<method>_epoch<e>`."""
+        dataset = self.scoring_dataset if self.scoring_dataset is not None else self.train_dataset
+        if len(dataset) != len(self.train_dataset):
+            raise ValueError(
+                f"scoring_dataset has {len(dataset)} rows but train_dataset {len(self.train_dataset)}: it must hold "
+                "the same rows in the same order."
+            )
+        specs = [get_score_spec(method) for method in self.args.score_methods]
+        loader = self._get_dataloader(
+            dataset=self._row_id_view(dataset, "Scoring"),
+            description="Scoring",
+            batch_size=self.args.eval_batch_size,
+            sampler_fn=self._get_eval_sampler,
+        )
+        model = self.model
+        was_training = model.training
+        model.eval()
+        label_name = self.args.label_names[0]
+        ids, values = [], {spec.name: [] for spec in specs}
+        for batch in loader:
+            batch = self._prepare_inputs(batch)
+            row_ids = batch.pop(self.args.row_id_column)
+            labels = batch.pop(label_name)
+            logits = None
+            for spec in specs:
+                if spec.needs == "gradients":
+                    value = spec.fn(model, batch, labels)
+                elif spec.needs == "inputs":
+                    value = spec.fn(_main_input(batch))
+                else:
+                    if logits is None:
+                        with torch.no_grad():
+                            logits = _logits_of(model(**batch))
+                    value = spec.fn(logits, labels)
+                values[spec.name].append(value.detach().float().cpu())
+            ids.append(row_ids.cpu())
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        local = (
+            torch.cat(ids).numpy() if ids else np.zeros(0, np.int64),
+            {name: torch.cat(parts).numpy() if parts else np.zeros(0, np.float32) for name, parts in values.items()},
+        )
+        gathered = _all_gather(local)
+        all_ids = np.concatenate([part[0] for part in gathered])
+        # Keep the first value of each row: distributed samplers pad with wrap-around duplicates.
+        unique_ids, first = np.unique(all_ids, return_index=True)
+        for name in values:
+            column = np.full(len(dataset), np.nan, dtype=np.float32)
+            column[unique_ids] = np.concatenate([part[1][name] for part in gathered])[first]
+            self.scoring_columns[f"{name}_epoch{epoch}"] = column
+        logger.info("Scored %d rows with %s after epoch %d.", len(unique_ids), self.args.score_methods, epoch)
+
+    # ---- results -----------------------------------------------------------------------------------------------------
+
+    @property
+    def score_history(self) -> dict[str, np.ndarray]:
+        """Per-epoch histories `{quantity: [num_rows, num_epochs]}` of `loss`, `el2n`, `margin`, `probability` (of the
+        true class) and `correct`, NaN where an example was not seen (skipped by dynamic pruning)."""
+        return self.score_callback.score_history
+
+    @property
+    def scores(self):
+        """A `datasets.Dataset` aligned with `train_dataset`: one float32 column per tracked score (`track_scores`)
+        and per scoring-pass column (`<method>_epoch<e>`)."""
+        from datasets import Dataset
+
+        columns = {}
+        if self.score_callback.track_scores:
+            scores = self.score_callback.scores
+            columns = {name: scores[name] for name in scores.column_names}
+        columns.update(self.scoring_columns)
+        if not columns:
+            raise ValueError(
+                "No scores: train first, with track_scores (online scores) or score_epochs (scoring passes) set."
+            )
+        return Dataset.from_dict(columns)
+
+    def add_scores(self, dataset, *, history: bool = False):
+        """`dataset` (the training set: same rows, same order) with the columns of `scores` added, replacing columns of
+        the same names, and with `history=True` one `<quantity>_history` list column per tracked quantity.
+
+        Example:
+        ```python
+        >>> train_dataset = trainer.add_scores(train_dataset)  # doctest: +SKIP
+        >>> datadiet.prune(train_dataset, by="forgetting", keep=0.7)  # doctest: +SKIP
+        ```
+        """
+        provenance = {
+            "trainer": "DataDietTrainer",
+            "seed": self.args.seed,
+            "num_train_epochs": self.args.num_train_epochs,
+            "score_epochs": self.args.score_epochs,
+            "score_methods": self.args.score_methods,
+            "dynamic_pruning": self.args.dynamic_pruning,
+        }
+        history_arrays = self.score_history if history else None
+        return _add_columns(dataset, self.scores, history_arrays, self.score_callback.dynamics, provenance)
+
+
+def _main_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    for name in ("pixel_values", "input_values", "inputs"):
+        if name in inputs:
+            return inputs[name]
+    tensors = [value for value in inputs.values() if torch.is_tensor(value) and value.is_floating_point()]
+    if len(tensors) != 1:
+        raise ValueError(f"Cannot tell which of the inputs {sorted(inputs)} an input-based score should use.")
+    return tensors[0]
+
+
+def _with_loss(outputs, loss: torch.Tensor, logits: torch.Tensor):
+    """The model outputs with `loss` first, the shape `Trainer.prediction_step` expects."""
+    if isinstance(outputs, dict):
+        outputs["loss"] = loss
+        return outputs
+    if isinstance(outputs, (tuple, list)):
+        return (loss, *outputs)
+    return {"loss": loss, "logits": logits}
+
+
+def train_proxy_model(
+    model: nn.Module,
+    train_dataset,
+    *,
+    epochs: float,
+    seed: int,
+    batch_size: int,
+    learning_rate: float = 1e-3,
+    output_dir: str | None = None,
+    data_collator=None,
+    **config_overrides,
+) -> nn.Module:
+    """Train `model` on `train_dataset` with [`DataDietTrainer`] and return it in eval mode: the proxy models that
+    `score_dataset(..., train_epochs=t)` scores with. Quiet (no progress bar, no logging integrations), saves no
+    checkpoint unless `config_overrides` asks for one, runs on the CPU when there is no GPU.
+
+    Args:
+        model: a transformers classifier, or any module mapping an input tensor to logits (timm, torchvision, your
+            own), which is trained through [`~datadiet.models.ClassifierWrapper`]. Trained in place and returned.
+        train_dataset: a `datasets.Dataset` (or map-style dataset) whose items hold `pixel_values` (or tokenizer
+            outputs) and `labels`, e.g. through `set_transform`.
+        epochs: training epochs (fractions allowed).
+        seed: the training seed (data order; the model is already initialised).
+        batch_size: per-device batch size.
+        learning_rate: peak learning rate (AdamW and a linear decay unless `config_overrides` says otherwise).
+        output_dir: where the Trainer may write (a temporary folder when `None`).
+        data_collator: the collator (default: `transformers.default_data_collator`).
+        config_overrides: any other [`DataDietConfig`] field, e.g. `optim="sgd"`, `weight_decay=5e-4`.
+
+    Example:
+    ```python
+    >>> import timm
+    >>> from datadiet.trainer import train_proxy_model
+    >>> model = train_proxy_model(timm.create_model("test_resnet", num_classes=10), train_dataset, epochs=1,
+    ...                           seed=0, batch_size=64)  # doctest: +SKIP
+    ```
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be > 0 to train a proxy model; got {epochs}.")
+    trainable = model if isinstance(model, (PreTrainedModel, ClassifierWrapper)) else ClassifierWrapper(model)
+    settings = {
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": not torch.cuda.is_available(),
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "track_scores": [],
+        **config_overrides,
+    }
+    with tempfile.TemporaryDirectory(prefix="datadiet-proxy-") as scratch:
+        config = DataDietConfig(output_dir=output_dir or scratch, **settings)
+        trainer = DataDietTrainer(trainable, config, train_dataset=train_dataset, data_collator=data_collator)
+        # With the progress bar off, the Trainer prints its logs; a proxy model is trained quietly.
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    model.eval()
+    return model
