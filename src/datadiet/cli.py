@@ -74,7 +74,7 @@ class ScoreArguments:
     std: list[float] | None = field(default=None, metadata={"help": "Normalisation std per channel."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "One independently trained model each."})
     train_epochs: float = field(default=0, metadata={"help": "Epochs each model trains before scoring (0: at init)."})
-    learning_rate: float = field(default=0.05, metadata={"help": "Learning rate of the scoring models' training."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the scoring models."})
     batch_size: int = field(default=128, metadata={"help": "Rows per forward pass."})
     mixed_precision: str | None = field(default=None, metadata={"help": "'bf16' for bfloat16 autocast."})
     output_dir: str = field(default="outputs/scores", metadata={"help": "The scored dataset (save_to_disk)."})
@@ -103,7 +103,7 @@ def run_score(args: ScoreArguments):
     from .models import build_model
     from .provenance import record_provenance
 
-    dataset = load_data(args.dataset_name, split=args.split, data_files=args.data_files, max_rows=args.max_rows)
+    dataset = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
     _, _, label_column = detect_columns(dataset, image_column=args.image_column, label_column=args.label_column)
     feature = dataset.features[label_column]
     num_classes = feature.num_classes if hasattr(feature, "num_classes") else int(np.max(dataset[label_column])) + 1
@@ -156,7 +156,7 @@ def run_score(args: ScoreArguments):
             "fingerprint": dataset._fingerprint,
         },
         scoring={"model": args.model_name, "model_library": args.model_library, "model_kwargs": model_kwargs},
-        command="datadiet " + shlex.join(sys.argv[1:]),
+        steps=[{"command": _command_line()}],
     )
     from accelerate import PartialState
 
@@ -169,6 +169,7 @@ def run_score(args: ScoreArguments):
 def run_prune(args: PruneArguments):
     """Load a scored dataset, prune it and save it; returns the pruned dataset."""
     from .data import load_data
+    from .provenance import record_provenance
     from .selection import prune
 
     dataset = load_data(args.dataset_name)
@@ -186,6 +187,10 @@ def run_prune(args: PruneArguments):
     pruned.save_to_disk(args.output_dir)
     logger.info("Kept %d of %d rows; saved to %s", len(pruned), len(dataset), args.output_dir)
     return pruned
+
+
+def _command_line() -> str:
+    return "datadiet " + shlex.join(sys.argv[1:])
 
 
 def _dataset_folder(path: str) -> str:

@@ -105,7 +105,7 @@ def _default_image_to_tensor(image: Any) -> torch.Tensor:
     array = np.asarray(image)
     if array.ndim == 2:
         array = array[:, :, None]
-    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    tensor = torch.from_numpy(np.array(array.transpose(2, 0, 1)))  # a writable copy in CHW order
     return tensor.float().div_(255.0) if tensor.dtype == torch.uint8 else tensor.float()
 
 
@@ -428,7 +428,8 @@ def load_data(
     max_rows: int | None = None,
 ) -> Dataset:
     """Load a split from a `save_to_disk` folder, data files (Parquet, CSV, JSON), a dataset folder such as one
-    written by `save_pruned`, or a Hub id; optionally only its first `max_rows` rows.
+    written by `save_pruned`, a Hub id, or `"sklearn-digits"` (scikit-learn's bundled digits, no download);
+    optionally only its first `max_rows` rows.
 
     Example:
     ```python
@@ -445,7 +446,11 @@ def load_data(
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     path = Path(name_or_path)
-    if data_files is not None:
+    if name_or_path == "sklearn-digits" and data_files is None and not path.exists():
+        from .demo import load_digits_dataset
+
+        dataset = load_digits_dataset()[split]
+    elif data_files is not None:
         files = [data_files] if isinstance(data_files, str) else list(data_files)
         suffix = Path(files[0]).suffix.lstrip(".")
         builder = {"parquet": "parquet", "csv": "csv", "json": "json", "jsonl": "json", "arrow": "arrow"}.get(suffix)

@@ -32,7 +32,7 @@ def fit(
     max_steps: int | None = None,
     seed: int = 0,
     batch_size: int = 128,
-    learning_rate: float = 0.05,
+    learning_rate: float = 1e-3,
     output_dir: str | None = None,
     image_column: str | None = None,
     text_column: str | None = None,
@@ -55,6 +55,7 @@ def fit(
     preprocessor = Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
     if max_steps is not None:
         training_kwargs["max_steps"] = int(max_steps)
+    training_kwargs.setdefault("disable_tqdm", False)
     return train_proxy_model(
         model,
         training_view(dataset, preprocessor),
@@ -131,7 +132,7 @@ class TrainArguments:
     max_steps: int | None = field(default=None, metadata={"help": "Training budget in optimiser steps."})
     epochs: float | None = field(default=None, metadata={"help": "Training budget in epochs (if no max_steps)."})
     batch_size: int = field(default=128, metadata={"help": "Per-device training batch size."})
-    learning_rate: float = field(default=0.05, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds."})
     output_dir: str = field(default="outputs/train", metadata={"help": "Where results.json is written."})
@@ -147,11 +148,11 @@ class TrainArguments:
 
 def run_train(args: TrainArguments) -> dict:
     """Train one model per seed and write `results.json` (accuracy per seed, mean, std) to `args.output_dir`."""
-    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files, max_rows=args.max_rows)
+    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
     test = load_data(
         args.eval_dataset_name or args.dataset_name,
         split=args.eval_split,
-        data_files=args.eval_data_files,
+        data_files=args.eval_data_files or None,
         max_rows=args.max_eval_rows,
     )
     _, _, label_column = detect_columns(train, image_column=args.image_column, label_column=args.label_column)

@@ -1,0 +1,194 @@
+"""Scale benchmark of streaming scoring: a synthetic stream of 1,000,000 rows (64 floats, a label, a stored row id)
+scored with EL2N by a tiny MLP through `datadiet.score_dataset`, writing Parquet shards keyed by row id.
+
+Reports the peak resident memory (RSS) of one process at 100k and at 1M rows, each in a fresh subprocess (goal: at
+most 1.2x growth, i.e. memory independent of the number of rows), and rows/s with 1 and with 2 processes (a real
+`accelerate launch` of two CPU processes). Every run checks that each row was scored exactly once.
+
+    python recipes/bench/scale.py                       # 100k and 1M rows, 1 and 2 processes (a few minutes)
+    python recipes/bench/scale.py --rows 20000 200000   # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FEATURES_DIM = 64
+NUM_CLASSES = 10
+BLOCK = 10_000  # rows generated per block (one numpy draw), and per stream shard
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _blocks(rows: int) -> list[tuple[int, int]]:
+    return [(start, min(start + BLOCK, rows)) for start in range(0, rows, BLOCK)]
+
+
+def _generate(blocks: list[tuple[int, int]]):
+    import numpy as np
+
+    for start, stop in blocks:
+        rng = np.random.default_rng(start)  # the rows depend on their id only, not on who generates them
+        features = rng.standard_normal((stop - start, FEATURES_DIM), dtype=np.float32)
+        for offset in range(stop - start):
+            row_id = start + offset
+            yield {"row_id": row_id, "x": features[offset], "label": (row_id * 7) % NUM_CLASSES}
+
+
+def worker(rows: int, output_dir: str, batch_size: int, methods: list[str]) -> None:
+    """Score `rows` synthetic rows and print one JSON line of measurements (per process)."""
+    import numpy as np
+    import torch
+    from datasets import ClassLabel, Features, IterableDataset, List, Value
+    from torch import nn
+
+    from datadiet.engine import get_process_state, score_dataset
+
+    torch.set_num_threads(1)  # one thread per process: 1 and 2 processes compare on the same footing
+    state = get_process_state()
+    features = Features(
+        {
+            "row_id": Value("int64"),
+            "x": List(Value("float32"), length=FEATURES_DIM),
+            "label": ClassLabel(num_classes=NUM_CLASSES),
+        }
+    )
+    # One generator shard per block, so that each process reads only its own blocks.
+    stream = IterableDataset.from_generator(_generate, features=features, gen_kwargs={"blocks": _blocks(rows)})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(FEATURES_DIM, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
+    baseline = _peak_rss_mb()
+    state.wait_for_everyone()
+    start = time.perf_counter()
+    scores = score_dataset(
+        stream,
+        model,
+        methods,
+        image_column="x",
+        row_id_column="row_id",
+        batch_size=batch_size,
+        output_dir=output_dir,
+        save_every=10,
+    )
+    seconds = time.perf_counter() - start
+    ids = np.asarray(scores.with_format("numpy")["row_id"])
+    if len(ids) != rows or not np.array_equal(ids, np.arange(rows)):
+        raise RuntimeError(f"expected every one of {rows} rows scored once, got {len(ids)} scores")
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "rows": rows,
+                "process": state.process_index,
+                "num_processes": state.num_processes,
+                "seconds": seconds,
+                "rss_before_scoring_mb": baseline,
+                "peak_rss_mb": _peak_rss_mb(),
+            }
+        ),
+        flush=True,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(rows: int, num_processes: int, args: argparse.Namespace, scratch: Path) -> list[dict]:
+    output_dir = scratch / f"rows{rows}-proc{num_processes}"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    worker_args = [__file__, "--worker", "--rows", str(rows), "--output_dir", str(output_dir)]
+    worker_args += ["--batch_size", str(args.batch_size), "--methods", *args.methods]
+    if num_processes == 1:
+        command = [sys.executable, *worker_args]
+    else:
+        accelerate = str(Path(sys.executable).parent / "accelerate")
+        command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+        command += worker_args
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env["OMP_NUM_THREADS"] = "1"
+    started = time.perf_counter()
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{run.stderr[-3000:]}")
+    results = [json.loads(line[len("RESULT ") :]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    print(f"  {rows:>9,} rows, {num_processes} process(es): {time.perf_counter() - started:.0f} s wall", flush=True)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch_size", type=int, default=1024)
+    parser.add_argument("--methods", nargs="+", default=["el2n"])
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts timed at most rows")
+    parser.add_argument("--json", default="outputs/bench/scale.json", help="where the measurements are saved")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.rows[0], args.output_dir, args.batch_size, args.methods)
+        return
+
+    scratch = Path(tempfile.mkdtemp(prefix="datadiet-scale-"))
+    try:
+        memory = {rows: _run(rows, 1, args, scratch)[0] for rows in args.rows}
+        largest = max(args.rows)
+        speed = {1: [memory[largest]]}
+        for num_processes in args.processes:
+            if num_processes > 1:
+                speed[num_processes] = _run(largest, num_processes, args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    smallest = min(args.rows)
+    growth = memory[largest]["peak_rss_mb"] / memory[smallest]["peak_rss_mb"]
+    print(f"\nStreaming scoring ({'+'.join(args.methods)}, tiny MLP, batch {args.batch_size}, 1 thread per process)")
+    print("| rows | processes | peak RSS per process (MB) | RSS before scoring (MB) | seconds | rows/s |")
+    print("|---|---|---|---|---|---|")
+    table = []
+    for rows, result in sorted(memory.items()):
+        table.append((rows, 1, [result]))
+    for num_processes, results in sorted(speed.items()):
+        if num_processes > 1:
+            table.append((largest, num_processes, results))
+    summary = []
+    for rows, num_processes, results in table:
+        seconds = max(result["seconds"] for result in results)
+        peak = max(result["peak_rss_mb"] for result in results)
+        before = max(result["rss_before_scoring_mb"] for result in results)
+        print(f"| {rows:,} | {num_processes} | {peak:.0f} | {before:.0f} | {seconds:.1f} | {rows / seconds:,.0f} |")
+        summary.append(
+            {
+                "rows": rows,
+                "processes": num_processes,
+                "peak_rss_mb": peak,
+                "seconds": seconds,
+                "rows_per_s": rows / seconds,
+            }
+        )
+    goal = "met" if growth <= 1.2 else "NOT met"
+    print(f"\nPeak RSS growth from {smallest:,} to {largest:,} rows: {growth:.3f}x (goal <= 1.2x: {goal})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"runs": summary, "rss_growth": growth}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
