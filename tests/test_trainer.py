@@ -441,3 +441,25 @@ def test_train_proxy_model_returns_the_trained_model_in_eval_mode(tmp_path, cifa
     assert any(name.endswith("weight") for name in changed)
     assert not (tmp_path / "proxy").exists() or not any((tmp_path / "proxy").glob("checkpoint-*"))
     assert all(torch.isfinite(value).all() for value in model.state_dict().values())
+
+
+def test_data_map_plot_from_trainer_scores(tmp_path):
+    from PIL import Image
+
+    from datadiet.report import plot_data_map
+
+    data = _digits(64)
+    trainer = DataDietTrainer(ClassifierWrapper(_MLP()), _config(tmp_path, num_train_epochs=4), train_dataset=data)
+    trainer.train()
+    scores = trainer.scores
+    assert np.ptp(scores["variability"]) > 0 and np.ptp(scores["confidence"]) > 0
+    path = plot_data_map(
+        scores["confidence"], scores["variability"], tmp_path / "map.png", correctness=scores["correctness"]
+    )
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 500
+        # Coloured points were drawn (not only the white background and grey axes).
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+        assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).sum() > 100
+    with pytest.raises(ValueError, match="same length"):
+        plot_data_map([0.1, 0.2], [0.1], tmp_path / "bad.png")

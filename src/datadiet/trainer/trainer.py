@@ -215,6 +215,10 @@ class DataDietTrainer(Trainer):
         if model is not None and _is_timm_model(model):
             logger.info("Wrapping the timm model %s in ClassifierWrapper.", type(model).__name__)
             model = ClassifierWrapper(model)
+        # Label smoothing is applied in `compute_loss`; the stock constructor's LabelSmoother setup reads
+        # `model.config`, which a wrapped timm / torchvision model does not have.
+        label_smoothing = args.label_smoothing_factor
+        args.label_smoothing_factor = 0.0
         super().__init__(
             model=model,
             args=args,
@@ -230,6 +234,7 @@ class DataDietTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        self.args.label_smoothing_factor = label_smoothing
         # The loss is computed here from the logits; the model is never asked to normalise it.
         self.model_accepts_loss_kwargs = False
         self.scoring_dataset = scoring_dataset
