@@ -239,7 +239,7 @@ def _naive_grad_norms(model, inputs, labels):
     norms = []
     for i in range(len(labels)):
         model.zero_grad()
-        logits = model(**{name: value[i : i + 1] for name, value in inputs.items()})["logits"]
+        logits = model(inputs[i : i + 1])
         nn.functional.cross_entropy(logits, labels[i : i + 1]).backward()
         norms.append(torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None)))
     return torch.stack(norms)
@@ -267,11 +267,13 @@ def test_timm_model_with_set_transform_and_scoring_passes(tmp_path, cifar10_trai
     np.testing.assert_allclose(scored["input_norm_epoch2"], expected_norms, rtol=1e-5)
     # Gradient scores see the model in eval mode after the last epoch, on the un-augmented rows, and leave no
     # gradient behind.
-    model = trainer.model.eval()
+    model = trainer.model.model.eval()
     batch = plain[:]
-    inputs = {"pixel_values": torch.stack(batch["pixel_values"])}
-    expected = _naive_grad_norms(model, inputs, torch.as_tensor(batch["labels"]))
+    expected = _naive_grad_norms(model, torch.stack(batch["pixel_values"]), torch.as_tensor(batch["labels"]))
     np.testing.assert_allclose(scored["naive_grad_norm_epoch2"], expected.detach().numpy(), rtol=1e-4)
+    if "grand" in methods:
+        # The exact per-example gradient norms of `grand` agree with the loop.
+        np.testing.assert_allclose(scored["grand_epoch2"], scored["naive_grad_norm_epoch2"], rtol=1e-3)
     # Training changed the model between the two passes.
     assert not np.allclose(scored["el2n_epoch0"], scored["el2n_epoch2"])
     provenance = read_provenance(scored)["training_dynamics"]
@@ -409,6 +411,25 @@ def test_dynamic_pruning_rescales_kept_easy_examples(tmp_path):
     assert float(loss) > float(per_example.mean()) * (1 + 1e-3)
 
 
+def test_label_smoothing_applies_to_the_training_loss_not_the_tracked_loss(tmp_path):
+    data = _digits(16)
+    config = _config(tmp_path, label_smoothing_factor=0.2)
+    # A wrapped model has no `.config`, which the stock Trainer's label-smoothing setup reads.
+    trainer = DataDietTrainer(ClassifierWrapper(_MLP()), config, train_dataset=data)
+    assert trainer.args.label_smoothing_factor == 0.2
+    model = trainer.model.train()
+    batch = {**data[:8], "datadiet_row_id": torch.arange(8)}
+    trainer.score_callback._in_training = True  # as during train(): record this batch
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(8)).detach()
+    logits = model(pixel_values=batch["pixel_values"])["logits"].detach()
+    smoothed = nn.functional.cross_entropy(logits, batch["labels"], label_smoothing=0.2)
+    plain = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    assert float(loss) == pytest.approx(float(smoothed), rel=1e-6)
+    assert abs(float(smoothed) - float(plain.mean())) > 1e-3
+    recorded = trainer.score_callback._buffer_values[0]["loss"]
+    np.testing.assert_allclose(recorded.numpy(), plain.numpy(), rtol=1e-6)
+
+
 # ---- configuration and proxy training -------------------------------------------------------------------------------
 
 
@@ -463,3 +484,96 @@ def test_data_map_plot_from_trainer_scores(tmp_path):
         assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).sum() > 100
     with pytest.raises(ValueError, match="same length"):
         plot_data_map([0.1, 0.2], [0.1], tmp_path / "bad.png")
+
+
+# ---- distributed ----------------------------------------------------------------------------------------------------
+
+_DISTRIBUTED_SCRIPT = """
+import sys
+
+import numpy as np
+import torch
+from datasets import Dataset
+from sklearn.datasets import load_digits
+from torch import nn
+
+from datadiet.models import ClassifierWrapper
+from datadiet.trainer import DataDietConfig, DataDietTrainer
+
+torch.set_num_threads(1)
+output, batch_size = sys.argv[1], int(sys.argv[2])
+digits = load_digits()
+_, first = np.unique(digits.data, axis=0, return_index=True)
+rows = np.sort(first)[:50]
+data = Dataset.from_dict(
+    {"pixel_values": (digits.data[rows] / 16.0).astype(np.float32), "labels": digits.target[rows]}
+).with_format("torch")
+torch.manual_seed(0)
+model = ClassifierWrapper(nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)))
+seen = []
+model.register_forward_hook(lambda module, args, kwargs, out: seen.append(len(out["logits"])) if module.training else None, with_kwargs=True)
+config = DataDietConfig(
+    output_dir=output + ".out", num_train_epochs=2, per_device_train_batch_size=batch_size, learning_rate=0.05,
+    optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, save_strategy="no",
+    disable_tqdm=True, logging_strategy="no", seed=0, score_epochs=[2], score_methods=["el2n"],
+)
+trainer = DataDietTrainer(model, config, train_dataset=data)
+trainer.train()
+total = torch.tensor(sum(seen))
+if torch.distributed.is_initialized():
+    torch.distributed.all_reduce(total)
+if trainer.is_world_process_zero():
+    scores = trainer.scores
+    np.savez(
+        output,
+        world_size=trainer.args.world_size,
+        forward_rows=int(total),
+        **{"history_" + name: values for name, values in trainer.score_history.items()},
+        **{name: np.asarray(scores[name]) for name in scores.column_names},
+    )
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_gather_every_row_once(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train_digits.py"
+    script.write_text(_DISTRIBUTED_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
+    one = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one.npz"), "8"], env=env, capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    flags += ["--dynamo_backend", "no", "--main_process_port", str(port)]
+    two = subprocess.run(
+        [accelerate, "launch", *flags, str(script), str(tmp_path / "two.npz"), "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, double = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert int(single["world_size"]) == 1 and int(double["world_size"]) == 2
+    # 50 rows over 2 processes x 4 per batch: the sampler pads each epoch with wrap-around duplicates...
+    assert int(single["forward_rows"]) == 100 and int(double["forward_rows"]) > 100
+    # ...which are dropped: every row exactly once per epoch, and the scoring pass covers every row.
+    for name in ("loss", "el2n", "margin", "probability", "correct"):
+        assert double[f"history_{name}"].shape == (50, 2) and not np.isnan(double[f"history_{name}"]).any()
+        # Epoch 0 sees the same weights at each global step of 8 rows in both runs (the padding only changes the
+        # last step's gradient, after its rows were recorded).
+        np.testing.assert_allclose(
+            double[f"history_{name}"][:, 0], single[f"history_{name}"][:, 0], rtol=1e-4, atol=1e-5, err_msg=name
+        )
+    assert not np.isnan(double["el2n_epoch2"]).any() and double["el2n_epoch2"].shape == (50,)

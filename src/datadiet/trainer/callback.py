@@ -178,19 +178,25 @@ class ScoreCallback(TrainerCallback):
             return
         if self._buffer_ids:
             ids = torch.cat(self._buffer_ids).cpu().numpy()
+            # The position of each record's micro-batch in this process's epoch.
+            order = np.concatenate([np.full(len(batch), i) for i, batch in enumerate(self._buffer_ids)])
             values = {
                 name: torch.cat([batch[name] for batch in self._buffer_values]).cpu().numpy()
                 for name in TRACKED_QUANTITIES
             }
         else:
-            ids, values = np.zeros(0, dtype=np.int64), {name: np.zeros(0, np.float32) for name in TRACKED_QUANTITIES}
+            ids, order = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+            values = {name: np.zeros(0, np.float32) for name in TRACKED_QUANTITIES}
         self._reset_buffer()
-        gathered = _all_gather((ids, values))
+        gathered = _all_gather((ids, order, values))
         all_ids = np.concatenate([part[0] for part in gathered])
         if all_ids.size == 0:
             return
-        all_values = {name: np.concatenate([part[1][name] for part in gathered]) for name in TRACKED_QUANTITIES}
-        self.dynamics.add_epoch(all_ids, all_values)
+        # A row recorded twice in an epoch is a distributed sampler's wrap-around padding, which comes after the
+        # genuine record on whichever process: order by micro-batch position so that the earliest record is kept.
+        first_in_time = np.argsort(np.concatenate([part[1] for part in gathered]), kind="stable")
+        all_values = {name: np.concatenate([part[2][name] for part in gathered]) for name in TRACKED_QUANTITIES}
+        self.dynamics.add_epoch(all_ids[first_in_time], {k: v[first_in_time] for k, v in all_values.items()})
 
     # ---- forward hooks (stock Trainer) -----------------------------------------------------------------------------
 

@@ -28,8 +28,8 @@ class DataDietConfig(TrainingArguments):
     """[`~transformers.TrainingArguments`] for [`DataDietTrainer`]: every field of `TrainingArguments`, plus the
     per-example scores to track during training, eval-mode scoring passes at chosen epochs, and dynamic pruning.
 
-    Two defaults differ from `TrainingArguments`: `label_names` is `["labels"]` (so that models whose forward takes
-    `**kwargs`, such as timm models behind `ClassifierWrapper`, are evaluated with a loss), and `report_to` is `[]`.
+    One default differs from `TrainingArguments`: `label_names` is `["labels"]`, so that models whose forward takes
+    `**kwargs` (a timm model behind `ClassifierWrapper`, say) are evaluated with a loss.
 
     Args:
         track_scores (`list[str]`, defaults to all): online scores recorded from the training forward passes at no
@@ -87,8 +87,6 @@ class DataDietConfig(TrainingArguments):
     def __post_init__(self):
         if self.label_names is None:
             self.label_names = ["labels"]
-        if self.report_to is None:
-            self.report_to = []
         super().__post_init__()
         self.track_scores = _as_list(self.track_scores)
         self.score_methods = _as_list(self.score_methods)

@@ -219,22 +219,24 @@ class DataDietTrainer(Trainer):
         # `model.config`, which a wrapped timm / torchvision model does not have.
         label_smoothing = args.label_smoothing_factor
         args.label_smoothing_factor = 0.0
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            model_init=model_init,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
-        self.args.label_smoothing_factor = label_smoothing
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                model_init=model_init,
+                compute_loss_func=compute_loss_func,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            )
+        finally:
+            args.label_smoothing_factor = label_smoothing
         # The loss is computed here from the logits; the model is never asked to normalise it.
         self.model_accepts_loss_kwargs = False
         self.scoring_dataset = scoring_dataset
@@ -470,7 +472,11 @@ class DataDietTrainer(Trainer):
             logits = None
             for spec in specs:
                 if spec.needs == "gradients":
-                    value = spec.fn(model, batch, labels)
+                    # Gradient scores get the network itself (a wrapped timm model takes its input tensor).
+                    if isinstance(model, ClassifierWrapper):
+                        value = spec.fn(model.model, batch[model.input_name], labels)
+                    else:
+                        value = spec.fn(model, batch, labels)
                 elif spec.needs == "inputs":
                     value = spec.fn(_main_input(batch))
                 else:
