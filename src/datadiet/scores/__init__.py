@@ -2,6 +2,7 @@
 and a registry mapping config and column names to implementations."""
 
 from .functional import el2n, entropy, input_norm, loss, margin
+from .grad_norms import grand, per_example_grad_norms
 from .registry import ScoreSpec, get_score, get_score_spec, list_scores, register_score
 from .trackers import (
     TrainingDynamics,
@@ -26,9 +27,11 @@ __all__ = [
     "entropy",
     "get_score",
     "get_score_spec",
+    "grand",
     "input_norm",
     "list_scores",
     "loss",
     "margin",
+    "per_example_grad_norms",
     "register_score",
 ]
