@@ -1,5 +1,6 @@
-"""Scale benchmark of streaming scoring: a synthetic stream of 1,000,000 rows (64 floats, a label, a stored row id)
-scored with EL2N by a tiny MLP through `datadiet.score_dataset`, writing Parquet shards keyed by row id.
+"""Scale benchmark of streaming scoring: 1,000,000 synthetic rows (an 8x8 "image" of 64 floats, a label, a stored
+row id) in Parquet files, streamed with `load_dataset(..., streaming=True)` and scored with EL2N by a tiny MLP
+through `datadiet.score_dataset`, which writes Parquet shards keyed by row id.
 
 Reports the peak resident memory (RSS) of one process at 100k and at 1M rows, each in a fresh subprocess (goal: at
 most 1.2x growth, i.e. memory independent of the number of rows), and rows/s with 1 and with 2 processes (a real
@@ -32,41 +33,44 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _blocks(rows: int) -> list[tuple[int, int]]:
-    return [(start, min(start + BLOCK, rows)) for start in range(0, rows, BLOCK)]
-
-
-def _generate(blocks: list[tuple[int, int]]):
+def write_rows(folder: Path, rows: int) -> list[str]:
+    """Write `rows` synthetic rows as Parquet files of BLOCK rows each; returns the files in row order."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    for start, stop in blocks:
-        rng = np.random.default_rng(start)  # the rows depend on their id only, not on who generates them
-        features = rng.standard_normal((stop - start, FEATURES_DIM), dtype=np.float32)
-        for offset in range(stop - start):
-            row_id = start + offset
-            yield {"row_id": row_id, "x": features[offset], "label": (row_id * 7) % NUM_CLASSES}
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for start in range(0, rows, BLOCK):
+        row_ids = np.arange(start, min(start + BLOCK, rows), dtype=np.int64)
+        pixels = np.random.default_rng(start).standard_normal((len(row_ids), FEATURES_DIM), dtype=np.float32)
+        table = pa.table(
+            {
+                "row_id": row_ids,
+                "x": pa.FixedSizeListArray.from_arrays(pa.array(pixels.ravel()), FEATURES_DIM),
+                "label": (row_ids * 7) % NUM_CLASSES,
+            }
+        )
+        path = folder / f"part-{start // BLOCK:05d}.parquet"
+        pq.write_table(table, path)
+        files.append(str(path))
+    return files
 
 
-def worker(rows: int, output_dir: str, batch_size: int, methods: list[str]) -> None:
-    """Score `rows` synthetic rows and print one JSON line of measurements (per process)."""
+def worker(rows: int, data_dir: str, output_dir: str, batch_size: int, methods: list[str]) -> None:
+    """Score the first `rows` rows of `data_dir` as a stream and print one JSON line of measurements (per process)."""
     import numpy as np
     import torch
-    from datasets import ClassLabel, Features, IterableDataset, List, Value
+    from datasets import load_dataset
     from torch import nn
 
     from datadiet.engine import get_process_state, score_dataset
 
     torch.set_num_threads(1)  # one thread per process: 1 and 2 processes compare on the same footing
     state = get_process_state()
-    features = Features(
-        {
-            "row_id": Value("int64"),
-            "x": List(Value("float32"), length=FEATURES_DIM),
-            "label": ClassLabel(num_classes=NUM_CLASSES),
-        }
-    )
-    # One generator shard per block, so that each process reads only its own blocks.
-    stream = IterableDataset.from_generator(_generate, features=features, gen_kwargs={"blocks": _blocks(rows)})
+    files = sorted(str(path) for path in Path(data_dir).glob("*.parquet"))[: -(-rows // BLOCK)]
+    # One stream shard per file, so that each process reads only its own files.
+    stream = load_dataset("parquet", data_files=files, split="train", streaming=True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(FEATURES_DIM, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
     baseline = _peak_rss_mb()
@@ -83,7 +87,7 @@ def worker(rows: int, output_dir: str, batch_size: int, methods: list[str]) -> N
         save_every=10,
     )
     seconds = time.perf_counter() - start
-    ids = np.asarray(scores.with_format("numpy")["row_id"])
+    ids = scores.with_format("arrow")[:]["row_id"].to_numpy()
     if len(ids) != rows or not np.array_equal(ids, np.arange(rows)):
         raise RuntimeError(f"expected every one of {rows} rows scored once, got {len(ids)} scores")
     print(
@@ -112,6 +116,7 @@ def _run(rows: int, num_processes: int, args: argparse.Namespace, scratch: Path)
     output_dir = scratch / f"rows{rows}-proc{num_processes}"
     shutil.rmtree(output_dir, ignore_errors=True)
     worker_args = [__file__, "--worker", "--rows", str(rows), "--output_dir", str(output_dir)]
+    worker_args += ["--data_dir", str(scratch / "data")]
     worker_args += ["--batch_size", str(args.batch_size), "--methods", *args.methods]
     if num_processes == 1:
         command = [sys.executable, *worker_args]
@@ -137,17 +142,21 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data_dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch_size", type=int, default=1024)
     parser.add_argument("--methods", nargs="+", default=["el2n"])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts timed at most rows")
     parser.add_argument("--json", default="outputs/bench/scale.json", help="where the measurements are saved")
     args = parser.parse_args()
     if args.worker:
-        worker(args.rows[0], args.output_dir, args.batch_size, args.methods)
+        worker(args.rows[0], args.data_dir, args.output_dir, args.batch_size, args.methods)
         return
 
     scratch = Path(tempfile.mkdtemp(prefix="datadiet-scale-"))
     try:
+        started = time.perf_counter()
+        write_rows(scratch / "data", max(args.rows))
+        print(f"  wrote {max(args.rows):,} rows of Parquet in {time.perf_counter() - started:.0f} s", flush=True)
         memory = {rows: _run(rows, 1, args, scratch)[0] for rows in args.rows}
         largest = max(args.rows)
         speed = {1: [memory[largest]]}
