@@ -60,7 +60,7 @@ class DemoArguments:
     keep: float = field(default=0.5, metadata={"help": "Fraction of the training split kept."})
     train_steps: int = field(default=200, metadata={"help": "Steps of every retraining run (fixed budget)."})
     batch_size: int = field(default=64, metadata={"help": "Training batch size."})
-    learning_rate: float = field(default=0.05, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     retrain_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the retraining runs."})
 
 

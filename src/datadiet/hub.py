@@ -20,6 +20,7 @@ from datasets.info import DatasetInfosDict
 from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
+from .data import column_values
 from .provenance import read_provenance
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def save_pruned(
     if histogram and main_columns:
         from .report import plot_score_histogram
 
-        values = {c: splits[main_split].with_format("numpy")[c] for c in main_columns}
+        values = {c: column_values(splits[main_split], c) for c in main_columns}
         histogram_file = plot_score_histogram(
             values, folder / HISTOGRAM_FILENAME, title=f"{main_split}: {len(splits[main_split]):,} rows"
         ).name
@@ -448,7 +449,7 @@ def _write_shards(
 
 
 def _statistics(dataset: Dataset, column: str) -> dict[str, Any]:
-    values = np.asarray(dataset.with_format("numpy")[column], dtype=np.float64)
+    values = np.asarray(column_values(dataset, column), dtype=np.float64)
     finite = values[np.isfinite(values)]
     stats: dict[str, Any] = {"count": int(finite.size)}
     if finite.size < values.size:

@@ -34,51 +34,66 @@ def list_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
 
-def _hardest_first(hardness: np.ndarray) -> np.ndarray:
-    # Descending hardness; ties broken by row position so the result never depends on sort internals.
-    return np.lexsort((np.arange(len(hardness)), -hardness))
+def _hardest(hardness: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the `count` hardest rows (unordered), ties broken by row position (the earlier row wins), in
+    linear time: 1M rows take milliseconds where a full sort takes a tenth of a second."""
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if count >= len(hardness):
+        return np.arange(len(hardness))
+    threshold = hardness[np.argpartition(-hardness, count - 1)[count - 1]]
+    above = np.flatnonzero(hardness > threshold)
+    at = np.flatnonzero(hardness == threshold)[: count - len(above)]
+    return np.concatenate([above, at])
 
 
 @register_strategy("hardest")
-def _hardest(hardness: np.ndarray, budget: int, rng: np.random.Generator, **_) -> np.ndarray:
-    return _hardest_first(hardness)[:budget]
+def _keep_hardest(hardness: np.ndarray, budget: int, rng: np.random.Generator, **_) -> np.ndarray:
+    return _hardest(hardness, budget)
 
 
 @register_strategy("easiest")
-def _easiest(hardness: np.ndarray, budget: int, rng: np.random.Generator, **_) -> np.ndarray:
-    return np.lexsort((np.arange(len(hardness)), hardness))[:budget]
+def _keep_easiest(hardness: np.ndarray, budget: int, rng: np.random.Generator, **_) -> np.ndarray:
+    # Ties between equally easy rows also go to the earlier row.
+    return _hardest(-hardness, budget)
 
 
 @register_strategy("random")
-def _random(hardness: np.ndarray, budget: int, rng: np.random.Generator, **_) -> np.ndarray:
+def _keep_random(hardness: np.ndarray, budget: int, rng: np.random.Generator, **_) -> np.ndarray:
     return rng.permutation(len(hardness))[:budget]
 
 
+def _without_hardest(hardness: np.ndarray, skip: int) -> np.ndarray:
+    mask = np.ones(len(hardness), dtype=bool)
+    mask[_hardest(hardness, skip)] = False
+    return np.flatnonzero(mask)
+
+
 @register_strategy("window")
-def _window(hardness: np.ndarray, budget: int, rng: np.random.Generator, *, offset: float = 0.0, **_) -> np.ndarray:
+def _keep_window(hardness: np.ndarray, budget: int, rng: np.random.Generator, *, offset: float = 0.0, **_):
     # Skip the `offset` fraction of hardest rows (often mislabelled, Paul et al. 2021 sec. 5) and keep the next ones.
-    skip = int(round(offset * len(hardness)))
-    skip = min(skip, len(hardness) - budget)
-    return _hardest_first(hardness)[skip : skip + budget]
+    skip = min(int(round(offset * len(hardness))), len(hardness) - budget)
+    rest = _without_hardest(hardness, skip)
+    return rest[_hardest(hardness[rest], budget)]
 
 
 @register_strategy("stratified")
-def _stratified(
+def _keep_stratified(
     hardness: np.ndarray, budget: int, rng: np.random.Generator, *, hard_cutoff: float = 0.0, num_bins: int = 50, **_
 ) -> np.ndarray:
     """Coverage-centric coreset selection (Zheng et al. 2023, Algorithm 1): drop the `hard_cutoff` fraction of the
     hardest rows, split the remaining score range into `num_bins` equal-width bins, and share the budget across bins
     from the smallest up, sampling at random within each bin."""
-    order = _hardest_first(hardness)
     cut = min(int(round(hard_cutoff * len(hardness))), len(hardness) - budget)
-    pool = np.sort(order[cut:])
+    pool = _without_hardest(hardness, cut)
     values = hardness[pool]
     low, high = float(values.min()), float(values.max())
     if high == low:
         return rng.choice(pool, size=budget, replace=False)
     bin_of = np.minimum(((values - low) / (high - low) * num_bins).astype(np.int64), num_bins - 1)
-    members = [pool[bin_of == b] for b in range(num_bins)]
-    members = [m for m in members if len(m)]
+    by_bin = pool[np.argsort(bin_of, kind="stable")]
+    sizes = np.bincount(bin_of, minlength=num_bins)
+    members = [m for m in np.split(by_bin, np.cumsum(sizes)[:-1]) if len(m)]
     members.sort(key=len)  # stable: equal-sized bins stay in score order
     chosen, remaining = [], budget
     for i, rows in enumerate(members):
@@ -91,13 +106,14 @@ def _stratified(
 def hardness(dataset: Dataset, by: str) -> np.ndarray:
     """The column `by` as float64, oriented so that higher = harder (a registered score whose low values are hard,
     such as `margin`, is negated)."""
+    from .data import column_values
     from .scores.registry import _REGISTRY
 
     if by not in dataset.column_names:
         raise ValueError(
             f"Column {by!r} is not in the dataset; its columns are {dataset.column_names}. Score it first."
         )
-    values = np.asarray(dataset.with_format("numpy")[by], dtype=np.float64)
+    values = np.asarray(column_values(dataset, by), dtype=np.float64)
     if values.ndim != 1:
         raise ValueError(f"Column {by!r} must hold one number per row, not shape {values.shape[1:]}.")
     if not np.isfinite(values).all():
@@ -209,9 +225,9 @@ def prune(
         values = hardness(dataset, by)
     labels = None
     if class_balanced:
-        from .data import detect_label_column
+        from .data import column_values, detect_label_column
 
-        labels = np.asarray(dataset.with_format("numpy")[detect_label_column(dataset, label_column)])
+        labels = column_values(dataset, detect_label_column(dataset, label_column))
     indices = select_indices(
         values,
         keep,
