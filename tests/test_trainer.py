@@ -511,7 +511,14 @@ data = Dataset.from_dict(
 torch.manual_seed(0)
 model = ClassifierWrapper(nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)))
 seen = []
-model.register_forward_hook(lambda module, args, kwargs, out: seen.append(len(out["logits"])) if module.training else None, with_kwargs=True)
+
+
+def count(module, args, kwargs, out):
+    if module.training:
+        seen.append(len(out["logits"]))
+
+
+model.register_forward_hook(count, with_kwargs=True)
 config = DataDietConfig(
     output_dir=output + ".out", num_train_epochs=2, per_device_train_batch_size=batch_size, learning_rate=0.05,
     optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, save_strategy="no",

@@ -238,8 +238,8 @@ class TrainingDynamics:
             raise ValueError(f"Unknown quantities {sorted(unknown)}; tracked quantities are {TRACKED_QUANTITIES}.")
         if row_ids.size and (row_ids.min() < 0 or row_ids.max() >= self.num_rows):
             raise ValueError(
-                f"Row ids must lie in [0, {self.num_rows}); got ids from {row_ids.min()} to {row_ids.max()}. The row-id "
-                "column must hold each example's position in the training dataset."
+                f"Row ids must lie in [0, {self.num_rows}); got ids from {row_ids.min()} to {row_ids.max()}. "
+                "The row-id column must hold each example's position in the training dataset."
             )
         unique_ids, first = np.unique(row_ids, return_index=True)
         epoch = self.num_epochs

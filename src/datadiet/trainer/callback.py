@@ -207,16 +207,16 @@ class ScoreCallback(TrainerCallback):
             return args, kwargs
         if row_ids is None:
             raise ValueError(
-                f"ScoreCallback found no {self.row_id_column!r} in the training batch (inputs: {sorted(kwargs)}). Wrap "
-                "the training set with `datadiet.trainer.with_row_ids(train_dataset)` and set "
+                f"ScoreCallback found no {self.row_id_column!r} in the training batch (inputs: {sorted(kwargs)}). "
+                "Wrap the training set with `datadiet.trainer.with_row_ids(train_dataset)` and set "
                 "`remove_unused_columns=False`, or train with `DataDietTrainer`, which does both."
             )
         labels = kwargs.get(self.label_name)
         if labels is None:
             raise ValueError(
-                f"ScoreCallback needs the labels in the model's forward call under {self.label_name!r}; the batch has "
-                f"{sorted(kwargs)}. (A stock Trainer removes them when label_smoothing_factor > 0 or compute_loss_func "
-                "is set: use DataDietTrainer then.)"
+                f"ScoreCallback needs the labels in the model's forward call under {self.label_name!r}; the batch "
+                f"has {sorted(kwargs)}. (A stock Trainer removes them when label_smoothing_factor > 0 or "
+                "compute_loss_func is set: use DataDietTrainer then.)"
             )
         self._pending = (row_ids, labels)
         return args, kwargs

@@ -177,7 +177,7 @@ class DataDietTrainer(Trainer):
     >>> trainer = DataDietTrainer(timm.create_model("resnet18", num_classes=10), config,
     ...                           train_dataset=train_dataset)  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
-    >>> train_dataset = trainer.add_scores(train_dataset)  # columns forgetting, aum, ..., el2n_epoch10  # doctest: +SKIP
+    >>> train_dataset = trainer.add_scores(train_dataset)  # doctest: +SKIP
     ```
     """
 
@@ -253,7 +253,7 @@ class DataDietTrainer(Trainer):
         self._pruning_weights: torch.Tensor | None = None
         self._steps_per_epoch = 1
 
-    # ---- data --------------------------------------------------------------------------------------------------------
+    # ---- data -------------------------------------------------------------------------------------------------------
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -316,7 +316,7 @@ class DataDietTrainer(Trainer):
                 num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
         return batch_samples, num_items_in_batch
 
-    # ---- loss and tracking -------------------------------------------------------------------------------------------
+    # ---- loss and tracking ------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -325,15 +325,16 @@ class DataDietTrainer(Trainer):
         labels = inputs.pop(label_name, None)
         if labels is None:
             raise ValueError(
-                f"DataDietTrainer found no {label_name!r} in the batch (keys: {sorted(inputs)}). Name the label column "
-                f"{label_name!r} (or 'label', which the default collator renames) or set label_names."
+                f"DataDietTrainer found no {label_name!r} in the batch (keys: {sorted(inputs)}). Name the label "
+                f"column {label_name!r} (or 'label', which the default collator renames) or set label_names."
             )
         outputs = model(**inputs)
         logits = _logits_of(outputs)
         if logits.ndim != 2 or labels.ndim != 1 or labels.is_floating_point():
             raise ValueError(
-                "DataDietTrainer tracks single-label classifiers: logits of shape [batch, classes] and integer labels "
-                f"of shape [batch]; got logits {tuple(logits.shape)} and labels {tuple(labels.shape)} ({labels.dtype})."
+                "DataDietTrainer tracks single-label classifiers: logits of shape [batch, classes] and integer "
+                f"labels of shape [batch]; got logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                f"({labels.dtype})."
             )
         training = model.training
         if training and row_ids is not None:
@@ -362,7 +363,7 @@ class DataDietTrainer(Trainer):
             return loss
         return loss, _with_loss(outputs, loss, logits)
 
-    # ---- epoch events (called by _EpochHooks) ------------------------------------------------------------------------
+    # ---- epoch events (called by _EpochHooks) -----------------------------------------------------------------------
 
     def _on_train_begin(self, train_dataloader) -> None:
         self.scoring_columns = {}
@@ -396,7 +397,7 @@ class DataDietTrainer(Trainer):
             logger.info("Dynamic pruning skipped %.1f%% of the example presentations overall.", 100 * skipped)
         self._pruning_weights = None
 
-    # ---- dynamic pruning ---------------------------------------------------------------------------------------------
+    # ---- dynamic pruning --------------------------------------------------------------------------------------------
 
     def _plan_epoch(self, epoch: int) -> None:
         """Choose the rows of `epoch` and their loss weights (InfoBatch, Qin et al. 2024, sec. 3.1-3.2)."""
@@ -443,7 +444,7 @@ class DataDietTrainer(Trainer):
             self.lr_scheduler = _EpochProgressScheduler(scheduler, self._steps_per_epoch)
         return self.lr_scheduler
 
-    # ---- eval-mode scoring passes ------------------------------------------------------------------------------------
+    # ---- eval-mode scoring passes -----------------------------------------------------------------------------------
 
     def _scoring_pass(self, epoch: int) -> None:
         """Score every row of the scoring set with `score_methods`, model in eval mode; columns `<method>_epoch<e>`."""
@@ -502,7 +503,7 @@ class DataDietTrainer(Trainer):
             self.scoring_columns[f"{name}_epoch{epoch}"] = column
         logger.info("Scored %d rows with %s after epoch %d.", len(unique_ids), self.args.score_methods, epoch)
 
-    # ---- results -----------------------------------------------------------------------------------------------------
+    # ---- results ----------------------------------------------------------------------------------------------------
 
     @property
     def score_history(self) -> dict[str, np.ndarray]:
