@@ -11,7 +11,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_data_map", "plot_score_histogram", "plot_image_grid"]
+__all__ = ["plot_data_map", "plot_image_grid", "plot_pruning_curve", "plot_score_histogram", "report_main"]
 
 
 def _pyplot():
@@ -88,6 +88,120 @@ def plot_image_grid(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---- pruning curves and the `datadiet report` command ----------------------------------------------------------------
+
+_STRATEGY_STYLES = {"hardest": "-", "window": "--", "stratified": ":", "easiest": "-."}
+
+
+def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str | None = None) -> Path:
+    """Write a PNG of test accuracy against the fraction of training data kept: one line per score × strategy (colour
+    = score, line style = strategy), random subsets in black and the full data as a grey band (mean ± std), error
+    bars = std over seeds. `points` are the `summary["points"]` of `datadiet.curve.summarize_runs`.
+
+    Example:
+    ```python
+    >>> import tempfile
+    >>> from datadiet.report import plot_pruning_curve
+    >>> points = [{"score": "full", "strategy": "full", "keep": 1.0, "mean": 0.9, "std": 0.01},
+    ...           {"score": "random", "strategy": "random", "keep": 0.5, "mean": 0.85, "std": 0.01},
+    ...           {"score": "el2n", "strategy": "hardest", "keep": 0.5, "mean": 0.86, "std": 0.02}]
+    >>> plot_pruning_curve(points, tempfile.mkdtemp() + "/curve.png").name
+    'curve.png'
+    ```
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    full = next((p for p in points if p["score"] == "full"), None)
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for point in points:
+        if point["score"] != "full":
+            lines.setdefault((point["score"], point["strategy"]), []).append(point)
+    scores = sorted({score for score, _ in lines if score != "random"})
+    colours = {score: plt.get_cmap("tab10")(i % 10) for i, score in enumerate(scores)}
+    for (score, strategy), group in sorted(lines.items()):
+        group = sorted(group, key=lambda p: p["keep"])
+        keeps = [100 * p["keep"] for p in group]
+        means = [100 * p["mean"] for p in group]
+        stds = [100 * p["std"] for p in group]
+        if score == "random":
+            style = {"color": "black", "linestyle": "-", "linewidth": 2.2, "marker": "s", "label": "random"}
+        else:
+            style = {
+                "color": colours[score],
+                "linestyle": _STRATEGY_STYLES.get(strategy, "-"),
+                "marker": "o",
+                "label": f"{score} / {strategy}",
+            }
+        ax.errorbar(keeps, means, yerr=stds, capsize=3, markersize=4, **style)
+    if full is not None:
+        low, high = 100 * (full["mean"] - full["std"]), 100 * (full["mean"] + full["std"])
+        ax.axhspan(low, high, color="grey", alpha=0.25)
+        ax.axhline(100 * full["mean"], color="grey", linewidth=1.5, label=f"full data {100 * full['mean']:.1f}%")
+    ax.set_xlabel("training data kept (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+_REPORT_USAGE = """usage: datadiet report <curve|hist> [--config recipe.yaml] [--flag value ...]
+
+  curve  pruning curve: test accuracy against fraction kept per score and strategy (runs.jsonl, curve.png, curve.md)
+  hist   histograms of score columns of a scored dataset
+"""
+
+
+def report_main(argv: Sequence[str]) -> int:
+    """`datadiet report curve ...` (see `datadiet.curve.CurveArguments`) and `datadiet report hist --dataset_name
+    scored/ --columns el2n grand --output hist.png`. Returns the exit code."""
+    import sys
+    from dataclasses import dataclass, field
+
+    from .cli import parse_config
+
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_REPORT_USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "curve":
+        from .curve import CurveArguments, run_curve
+
+        (args,) = parse_config((CurveArguments,), rest)
+        run_curve(args)
+        print(f"pruning curve written to {Path(args.output_dir) / 'curve.md'} and curve.png")
+        return 0
+    if command == "hist":
+
+        @dataclass
+        class HistArguments:
+            dataset_name: str = field(metadata={"help": "A scored dataset (save_to_disk folder or dataset folder)."})
+            columns: list[str] = field(default_factory=lambda: ["el2n"], metadata={"help": "Score columns to plot."})
+            output: str = field(default="hist.png", metadata={"help": "Where the PNG goes."})
+            bins: int = field(default=50, metadata={"help": "Histogram bins."})
+
+        from .data import load_data
+
+        (args,) = parse_config((HistArguments,), rest)
+        folder = Path(args.dataset_name)
+        dataset = load_data(str(folder / "dataset") if (folder / "dataset" / "state.json").exists() else str(folder))
+        missing = [c for c in args.columns if c not in dataset.column_names]
+        if missing:
+            raise ValueError(f"Column(s) {missing} not in the dataset; its columns are {dataset.column_names}.")
+        path = plot_score_histogram({c: dataset[c] for c in args.columns}, args.output, bins=args.bins)
+        print(f"histogram written to {path}")
+        return 0
+    print(f"Unknown report {command!r}.\n\n{_REPORT_USAGE}", file=sys.stderr)
+    return 2
 
 
 def plot_data_map(

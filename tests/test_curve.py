@@ -1,0 +1,162 @@
+"""Pruning curves end to end on scikit-learn's digits (no download): runs.jsonl, resumption, the table and the plot."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+
+import pytest
+import torch
+
+from datadiet.curve import CurveArguments, run_curve, summarize_runs, write_curve_report
+
+KEEPS = [0.6, 0.3]
+SEEDS = [0, 1]
+
+
+def _arguments(output_dir, **overrides) -> CurveArguments:
+    values = dict(
+        dataset_name="sklearn-digits",
+        model_name="datadiet_tiny_net",
+        model_kwargs=json.dumps({"stem_width": 8, "widths": [8, 16, 16]}),
+        scores=["el2n", "grand"],
+        strategies=["hardest", "window"],
+        keep_fractions=KEEPS,
+        seeds=SEEDS,
+        scoring_seeds=[0],
+        scoring_epochs=2,
+        max_steps=40,
+        batch_size=32,
+        learning_rate=0.2,
+        crop_padding=1,
+        flip=False,
+        num_threads=1,
+        output_dir=str(output_dir),
+    )
+    values.update(overrides)
+    return CurveArguments(**values)
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def curve(tmp_path_factory):
+    torch.manual_seed(0)
+    output_dir = tmp_path_factory.mktemp("curve")
+    summary = run_curve(_arguments(output_dir))
+    return output_dir, summary
+
+
+def test_every_planned_run_is_recorded_once(curve):
+    output_dir, _ = curve
+    runs = _lines(output_dir / "runs.jsonl")
+    # full data per seed, then per keep fraction: random + 2 scores x 2 strategies, per seed.
+    assert len(runs) == len(SEEDS) * (1 + len(KEEPS) * (1 + 2 * 2))
+    keys = {(r["score"], r["strategy"], r["keep"], r["seed"]) for r in runs}
+    assert len(keys) == len(runs)
+    for run in runs:
+        assert 0.0 <= run["accuracy"] <= 1.0
+        assert run["steps"] == 40
+        # digits has 1,347 training rows; a keep fraction keeps round(keep * 1347) of them.
+        assert run["train_rows"] == round(run["keep"] * 1347)
+    # 40 steps of a small CNN learn something on digits: the full-data runs beat chance (10%) clearly.
+    assert statistics.mean(r["accuracy"] for r in runs if r["score"] == "full") > 0.2
+
+
+def test_scores_are_cached_per_proxy(curve):
+    output_dir, _ = curve
+    import numpy as np
+
+    with np.load(output_dir / "scores" / "proxy-seed0.npz") as cached:
+        assert cached["el2n"].shape == (1347,)
+        assert cached["grand"].shape == (1347,)
+        # EL2N of a 10-class softmax lies in [0, sqrt(2)]; GraNd is a norm.
+        assert 0.0 <= cached["el2n"].min() and cached["el2n"].max() <= 2**0.5 + 1e-6
+        assert (cached["grand"] >= 0).all()
+        # After 2 epochs, forgetting counts are whole numbers of events, at most 2 (never learned = num_epochs).
+        assert set(np.unique(cached["forgetting"]).tolist()) <= {0.0, 1.0, 2.0}
+
+
+def test_rerun_skips_finished_runs_and_resumes_missing_ones(curve):
+    output_dir, _ = curve
+    path = output_dir / "runs.jsonl"
+    before = path.read_text()
+    run_curve(_arguments(output_dir))
+    assert path.read_text() == before  # nothing re-run
+
+    lines = before.splitlines()
+    removed = [json.loads(line) for line in lines[-3:]]
+    path.write_text("\n".join(lines[:-3]) + "\n")
+    run_curve(_arguments(output_dir))
+    after = _lines(path)
+    assert len(after) == len(lines)
+    redone = after[-3:]
+    assert [(r["score"], r["strategy"], r["keep"], r["seed"]) for r in redone] == [
+        (r["score"], r["strategy"], r["keep"], r["seed"]) for r in removed
+    ]
+    # Same seed, same subset, same steps, one thread: the rerun reproduces the accuracy exactly.
+    assert [r["accuracy"] for r in redone] == [r["accuracy"] for r in removed]
+
+
+def test_table_numbers_are_the_runs_mean_and_std(curve):
+    output_dir, _ = curve
+    runs = _lines(output_dir / "runs.jsonl")
+    table = (output_dir / "curve.md").read_text()
+    assert (output_dir / "curve.png").stat().st_size > 10_000
+    assert (output_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cells = {}
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("| score"):
+            parts = [p.strip() for p in line.strip("|").split("|")]
+            for keep, cell in zip(sorted(KEEPS, reverse=True), parts[2:]):
+                cells[(parts[0], parts[1], keep)] = cell
+    assert len(cells) == len(KEEPS) * (1 + 4)
+    for (score, strategy, keep), cell in cells.items():
+        values = [r["accuracy"] for r in runs if (r["score"], r["strategy"], r["keep"]) == (score, strategy, keep)]
+        mean, std = 100 * statistics.mean(values), 100 * statistics.pstdev(values)
+        match = re.fullmatch(r"([\d.]+) ± ([\d.]+) \(n=(\d+)\)", cell)
+        assert match, cell
+        assert float(match[1]) == pytest.approx(mean, abs=0.006)
+        assert float(match[2]) == pytest.approx(std, abs=0.006)
+        assert int(match[3]) == len(SEEDS)
+    full = [100 * r["accuracy"] for r in runs if r["score"] == "full"]
+    assert f"**{statistics.mean(full):.2f} ± {statistics.pstdev(full):.2f}**" in table
+    # One plain verdict per score x strategy.
+    assert table.count("- **") == 4
+
+
+def test_verdicts_say_whether_a_method_beats_random_and_matches_full(tmp_path):
+    runs = [
+        {"score": "full", "strategy": "full", "keep": 1.0, "seed": s, "accuracy": a} for s, a in [(0, 0.90), (1, 0.92)]
+    ]
+    runs += [{"score": "random", "strategy": "random", "keep": 0.5, "seed": s, "accuracy": 0.88} for s in (0, 1)]
+    runs += [{"score": "el2n", "strategy": "hardest", "keep": 0.5, "seed": s, "accuracy": 0.908} for s in (0, 1)]
+    runs += [{"score": "grand", "strategy": "window", "keep": 0.5, "seed": s, "accuracy": 0.86} for s in (0, 1)]
+    summary = summarize_runs(runs)
+    full = next(p for p in summary["points"] if p["score"] == "full")
+    assert full["mean"] == pytest.approx(0.91) and full["std"] == pytest.approx(0.01)
+    markdown, image = write_curve_report(summary, tmp_path)
+    text = markdown.read_text()
+    assert "**el2n / hardest**: at 50% it beats random (+2.8 pt) and within 0.5 pt of full data (-0.2 pt)." in text
+    assert "**grand / window**: at 50% it does not beat random (-2.0 pt) and not within 0.5 pt of full data" in text
+    assert image.exists()
+
+
+def test_arguments_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="exactly one training budget"):
+        _arguments(tmp_path, max_steps=None)
+    with pytest.raises(ValueError, match="Unknown curve score"):
+        _arguments(tmp_path, scores=["el2m"])
+    with pytest.raises(ValueError, match="keep_fractions"):
+        _arguments(tmp_path, keep_fractions=[1.0])
+    with pytest.raises(ValueError, match="random is always included"):
+        _arguments(tmp_path, strategies=["random"])
+
+
+def test_changed_budget_in_the_same_folder_is_refused(curve):
+    output_dir, _ = curve
+    with pytest.raises(ValueError, match="max_steps"):
+        run_curve(_arguments(output_dir, max_steps=7))
