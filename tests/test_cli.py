@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from datadiet.cli import PruneArguments, ScoreArguments, main, parse_config
+from datadiet.curve import CurveArguments
 from datadiet.train import TrainArguments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,9 +18,9 @@ RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate_co
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_every_recipe_parses(recipe):
     kind = recipe.stem.split("_")[0]
-    arguments = {"score": ScoreArguments, "prune": PruneArguments, "train": TrainArguments}
+    arguments = {"score": ScoreArguments, "prune": PruneArguments, "train": TrainArguments, "curve": CurveArguments}
     if kind not in arguments:
-        pytest.fail(f"{recipe} is not a score/prune/train recipe; teach this test how to parse it")
+        pytest.fail(f"{recipe} is not a score/prune/train/curve recipe; teach this test how to parse it")
     (parsed,) = parse_config((arguments[kind],), ["--config", str(recipe)])
     assert parsed.output_dir == yaml.safe_load(recipe.read_text())["output_dir"]
 
