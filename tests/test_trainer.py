@@ -5,6 +5,7 @@ stock Trainer + ScoreCallback equivalence, timm / ViT / text classifiers, scorin
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -380,8 +381,6 @@ def test_dynamic_pruning_skips_only_easy_rows_and_ends_on_full_data(tmp_path):
         skipped = ~seen[:, epoch]
         assert 0 < skipped.sum() < 96
         assert logged[epoch] == pytest.approx(skipped.mean())
-        # Whole batches: the kept rows fill a whole number of batches of 8.
-        assert (96 - skipped.sum()) % 8 == 0
         # Only rows scored easy (last seen loss below the mean) are skipped.
         latest = np.array([row[~np.isnan(row)][-1] for row in loss[:, :epoch]])
         assert (latest[skipped] < latest.mean()).all()
@@ -392,6 +391,32 @@ def test_dynamic_pruning_skips_only_easy_rows_and_ends_on_full_data(tmp_path):
     pruned_lrs = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     assert pruned_lrs[-1] == pytest.approx(full_lrs[-1], abs=1e-9)
     np.testing.assert_allclose(pruned_lrs, full_lrs, rtol=0.1)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_dynamic_pruning_epochs_end_on_whole_optimizer_steps(tmp_path, accumulation):
+    data = _digits(100)
+    config = _config(
+        tmp_path,
+        num_train_epochs=4,
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        dynamic_pruning=True,
+        dynamic_pruning_until=1.0,
+        lr_scheduler_type="linear",
+    )
+    trainer = DataDietTrainer(ClassifierWrapper(_MLP()), config, train_dataset=data)
+    trainer.train()
+    kept = [entry["kept"] for entry in trainer.pruning_history]
+    assert kept[0] == 100 and all(count < 100 for count in kept[1:])
+    if accumulation > 1:
+        # Pruned epochs keep a whole number of accumulated batches of 8, so no gradient spills into the next epoch.
+        assert all(count % 8 == 0 for count in kept[1:])
+    # One optimizer step per (possibly partial) batch of 8 rows, every epoch.
+    assert trainer.state.global_step == sum(math.ceil(count / 8) for count in kept)
+    # The schedule was built for 4 full epochs of 13 steps and still ends at 0.
+    assert trainer.lr_scheduler.inner_steps == 4 * 13
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_dynamic_pruning_rescales_kept_easy_examples(tmp_path):

@@ -418,13 +418,16 @@ class DataDietTrainer(Trainer):
             easy = seen & (scores < scores[seen].mean())
             rng = np.random.default_rng([self.args.seed, epoch])
             skip = easy & (rng.random(num_rows) < ratio)
-            # Whole optimizer steps on every process: top the kept rows up to a multiple of the global batch by
-            # restoring a few skipped ones (otherwise the epoch's last accumulation would spill into the next).
-            unit = self._train_batch_size * self.args.gradient_accumulation_steps * max(self.args.world_size, 1)
-            target = min(num_rows, math.ceil((num_rows - skip.sum()) / unit) * unit)
-            restore = target - (num_rows - int(skip.sum()))
-            if restore > 0:
-                skip[rng.choice(np.flatnonzero(skip), size=restore, replace=False)] = False
+            accumulation = self.args.gradient_accumulation_steps
+            if accumulation > 1:
+                # Whole accumulations on every process: top the kept rows up to a multiple of the global batch by
+                # restoring a few skipped ones (otherwise the epoch's last partial accumulation would never be
+                # stepped, its gradient spilling into the next epoch).
+                unit = self._train_batch_size * accumulation * max(self.args.world_size, 1)
+                target = min(num_rows, math.ceil((num_rows - skip.sum()) / unit) * unit)
+                restore = target - (num_rows - int(skip.sum()))
+                if restore > 0:
+                    skip[rng.choice(np.flatnonzero(skip), size=restore, replace=False)] = False
             weights[easy & ~skip] = 1.0 / (1.0 - ratio)
             kept = np.flatnonzero(~skip)
         sampler.set_plan(epoch, kept)
@@ -432,8 +435,9 @@ class DataDietTrainer(Trainer):
         skipped_fraction = 1.0 - len(kept) / max(num_rows, 1)
         self.pruning_history.append({"epoch": epoch, "kept": len(kept), "skipped_fraction": skipped_fraction})
         if isinstance(self.lr_scheduler, _EpochProgressScheduler):
-            unit = self._train_batch_size * self.args.gradient_accumulation_steps * max(self.args.world_size, 1)
-            steps = self._steps_per_epoch if len(kept) == num_rows else len(kept) // unit
+            # Optimizer steps this epoch, counted like the Trainer counts them for a full epoch.
+            batches = math.ceil(math.ceil(len(kept) / self._train_batch_size) / max(self.args.world_size, 1))
+            steps = math.ceil(batches / self.args.gradient_accumulation_steps)
             self.lr_scheduler.start_epoch(epoch, steps)
         logger.info("Epoch %d: dynamic pruning skips %.1f%% of the rows.", epoch, 100 * skipped_fraction)
         self.log({"dynamic_pruning_skipped_fraction": skipped_fraction})
