@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo style quality bench
+.PHONY: install test demo style quality bench bench-long
 
 install: $(STAMP)
 
@@ -34,9 +34,16 @@ quality: install
 	$(BIN)/ruff format --check src tests recipes
 	$(BIN)/ruff check src tests recipes
 
+# Speed and memory, reported as ratios measured in one run (minutes on 2 idle cores).
 bench: install
-	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python recipes/bench/prune.py
 	$(BIN)/python recipes/bench/el2n.py
 	$(BIN)/python recipes/bench/grand.py
 	$(BIN)/python recipes/bench/scale.py
+
+# Training experiments (tens of minutes each): dynamic pruning, label noise, HOST-CP.
+bench-long: install
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python recipes/bench/dynamic.py --output outputs/bench/dynamic.json
+	$(BIN)/python recipes/bench/noise.py --plot docs/noise_roc.png
+	$(BIN)/python recipes/bench/hostcp.py
