@@ -20,8 +20,8 @@ class SmallConvNet(nn.Module):
         in_chans: input channels (1 for MNIST).
         stem_width: channels of the 3×3 stem.
         widths: channels of the three blocks.
-        logit_scale: the logits are multiplied by it; a small value keeps the initial softmax soft, which helps the
-            high learning rates of a short OneCycle schedule.
+        logit_scale: the logits are multiplied by it (1: plain logits; a scale of 0.125 cost 27 pt of MNIST
+            accuracy after 60 steps, 69% against 96%, so it is off by default).
 
     Example:
     ```python
@@ -37,7 +37,7 @@ class SmallConvNet(nn.Module):
         in_chans: int = 3,
         stem_width: int = 24,
         widths: tuple[int, int, int] = (32, 128, 128),
-        logit_scale: float = 0.125,
+        logit_scale: float = 1.0,
     ):
         super().__init__()
         self.num_classes = num_classes
