@@ -172,7 +172,7 @@ class DataDietTrainer(Trainer):
     Example:
     ```python
     >>> import timm
-    >>> from datadiet import DataDietConfig, DataDietTrainer
+    >>> from datadiet.trainer import DataDietConfig, DataDietTrainer
     >>> config = DataDietConfig("out", num_train_epochs=20, score_epochs=[10], score_methods=["el2n"])
     >>> trainer = DataDietTrainer(timm.create_model("resnet18", num_classes=10), config,
     ...                           train_dataset=train_dataset)  # doctest: +SKIP
