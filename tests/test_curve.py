@@ -160,3 +160,20 @@ def test_changed_budget_in_the_same_folder_is_refused(curve):
     output_dir, _ = curve
     with pytest.raises(ValueError, match="max_steps"):
         run_curve(_arguments(output_dir, max_steps=7))
+
+
+def test_report_hist_command_writes_a_png(tmp_path):
+    from datasets import Dataset
+
+    from datadiet.report import report_main
+
+    Dataset.from_dict({"el2n": [0.1, 0.5, 0.9, 0.3], "grand": [1.0, 2.0, 3.0, 4.0]}).save_to_disk(tmp_path / "scored")
+    output = tmp_path / "hist.png"
+    code = report_main(
+        ["hist", "--dataset_name", str(tmp_path / "scored"), "--columns", "el2n", "grand", "--output", str(output)]
+    )
+    assert code == 0
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="not in the dataset"):
+        report_main(["hist", "--dataset_name", str(tmp_path / "scored"), "--columns", "forgetting"])
+    assert report_main(["nonsense"]) == 2
