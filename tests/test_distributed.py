@@ -105,7 +105,7 @@ def setup(cifar10_train, tmp_path_factory):
     model = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
     save_model(model, str(folder / "weights.safetensors"))
     one_process = score_dataset(dataset, model, METHODS, batch_size=64)
-    reference = {method: np.asarray(one_process[method]) for method in METHODS}
+    reference = {method: np.asarray(one_process[method][:]) for method in METHODS}
     return {
         "folder": folder,
         "data": folder / "data",

@@ -489,7 +489,7 @@ def load_scores(output_dir: str | os.PathLike, *, row_id_column: str = "row_id")
     >>> folder = tempfile.mkdtemp()
     >>> _ = score_dataset(ds, torch.nn.Linear(2, 2), "el2n", image_column="x", output_dir=folder)
     >>> scores = load_scores(folder)
-    >>> scores.column_names, scores["row_id"]
+    >>> scores.column_names, scores["row_id"][:]
     (['row_id', 'el2n'], [0, 1, 2])
     ```
     """
@@ -569,7 +569,7 @@ def join_scores(
     >>> from datadiet.engine import join_scores
     >>> ds = Dataset.from_dict({"row_id": [7, 3], "label": [0, 1]})
     >>> scores = Dataset.from_dict({"row_id": [3, 7], "el2n": [0.25, 0.5]})
-    >>> join_scores(ds, scores, "row_id")["el2n"]
+    >>> join_scores(ds, scores, "row_id")["el2n"][:]
     [0.5, 0.25]
     ```
     """
