@@ -67,7 +67,7 @@ def plot_image_grid(
     """Write a PNG grid of images (PIL images or HWC/CHW arrays), e.g. the 16 hardest examples, and return its path."""
     plt = _pyplot()
     rows = max(1, int(np.ceil(len(images) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 2.1 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(images):
