@@ -264,7 +264,8 @@ def compute_scores(
     model_inputs = as_model_inputs(model, inputs)
     results: dict[str, torch.Tensor] = {}
     if any(spec.needs == "logits" for spec in specs) or not any(spec.needs == "gradients" for spec in specs):
-        with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        device_type = labels.device.type  # autocast on the device the batch is on (cpu, cuda, ...)
+        with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = forward_logits(model, model_inputs).float()
         _check_finite(logits, row_ids)
         _check_labels(labels, logits.shape[-1], row_ids)

@@ -21,7 +21,15 @@ from datasets import Dataset, Features, IterableDataset, Value
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Preprocessor, compute_scores, detect_columns, validate_methods, weights_fingerprint
+from .data import (
+    Preprocessor,
+    column_values,
+    compute_scores,
+    detect_columns,
+    training_view,
+    validate_methods,
+    weights_fingerprint,
+)
 from .provenance import record_provenance
 
 logger = logging.getLogger(__name__)
@@ -140,18 +148,12 @@ def get_process_state():
     return state
 
 
-def _column_array(dataset: Dataset, name: str) -> np.ndarray:
-    """One column as a numpy array. `dataset[name]` is a lazy column in datasets >= 4 that `np.asarray` reads row by
-    row (minutes for 1M rows); one Arrow slice of the single column takes milliseconds."""
-    return dataset.select_columns([name]).with_format("arrow")[:][name].to_numpy()
-
-
 def _dataset_digest(dataset: Dataset, label_column: str) -> str:
     # In-memory datasets get random fingerprints, so describe the data by what resuming must not change: the
     # number of rows, the features, and the labels in order.
     digest = hashlib.sha256()
     digest.update(f"{len(dataset)}:{dataset.features.to_dict()}".encode())
-    digest.update(_column_array(dataset, label_column).astype(np.int64).tobytes())
+    digest.update(column_values(dataset, label_column).astype(np.int64).tobytes())
     return digest.hexdigest()
 
 
@@ -185,7 +187,7 @@ def _row_keys(dataset: Dataset, row_id_column: str | None) -> np.ndarray | None:
     if row_id_column is None:
         return None
     _check_row_id_feature(dataset.features, row_id_column)
-    keys = _column_array(dataset, row_id_column).astype(np.int64)
+    keys = column_values(dataset, row_id_column).astype(np.int64)
     unique, counts = np.unique(keys, return_counts=True)
     if len(unique) != len(keys):
         raise ValueError(
@@ -538,9 +540,9 @@ def load_scores(output_dir: str | os.PathLike, *, row_id_column: str = "row_id")
 def _score_lookup(scores: Dataset, row_id_column: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if row_id_column not in scores.column_names:
         raise ValueError(f"The scores have no {row_id_column!r} column; their columns are {scores.column_names}.")
-    ids = _column_array(scores, row_id_column).astype(np.int64)
+    ids = column_values(scores, row_id_column).astype(np.int64)
     order = np.argsort(ids, kind="stable")
-    values = {name: _column_array(scores, name)[order] for name in scores.column_names if name != row_id_column}
+    values = {name: column_values(scores, name)[order] for name in scores.column_names if name != row_id_column}
     return ids[order], values
 
 
@@ -608,7 +610,7 @@ def join_scores(
         wanted = np.arange(len(dataset), dtype=np.int64)
     else:
         _check_row_id_feature(dataset.features, row_id_column)
-        wanted = _column_array(dataset, row_id_column).astype(np.int64)
+        wanted = column_values(dataset, row_id_column).astype(np.int64)
     joined = dataset.remove_columns(clashing) if clashing else dataset
     for name, column in lookup(wanted).items():
         joined = joined.add_column(name, column)
@@ -646,15 +648,9 @@ def _train(
 ) -> nn.Module:
     from .trainer import train_proxy_model
 
-    def collate_view(batch: dict[str, list]) -> dict[str, Any]:
-        inputs, labels = preprocessor(batch)
-        features = dict(inputs) if isinstance(inputs, dict) else {"pixel_values": inputs}
-        return {**features, "labels": labels}
-
-    view = dataset.select_columns(preprocessor.columns).with_transform(collate_view)
     return train_proxy_model(
         model,
-        view,
+        training_view(dataset, preprocessor),
         epochs=epochs,
         seed=seed,
         batch_size=batch_size,
