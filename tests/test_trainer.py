@@ -486,6 +486,11 @@ def test_train_proxy_model_returns_the_trained_model_in_eval_mode(tmp_path, cifa
     changed = [name for name, value in model.state_dict().items() if not torch.equal(value, before[name])]
     assert any(name.endswith("weight") for name in changed)
     assert not (tmp_path / "proxy").exists() or not any((tmp_path / "proxy").glob("checkpoint-*"))
+    # With return_trainer and track_scores, the training scores come back too (for a data map, say).
+    again, trainer = train_proxy_model(
+        tiny_timm(10), train, epochs=1, seed=0, batch_size=16, return_trainer=True, track_scores=["confidence"]
+    )
+    assert not again.training and trainer.scores.column_names == ["confidence"] and len(trainer.scores) == 32
     assert all(torch.isfinite(value).all() for value in model.state_dict().values())
 
 

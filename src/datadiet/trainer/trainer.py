@@ -584,8 +584,9 @@ def train_proxy_model(
     learning_rate: float = 1e-3,
     output_dir: str | None = None,
     data_collator=None,
+    return_trainer: bool = False,
     **config_overrides,
-) -> nn.Module:
+) -> nn.Module | tuple[nn.Module, DataDietTrainer]:
     """Train `model` on `train_dataset` with [`DataDietTrainer`] and return it in eval mode: the proxy models that
     `score_dataset(..., train_epochs=t)` scores with. Quiet (no progress bar, no logging integrations), saves no
     checkpoint unless `config_overrides` asks for one, runs on the CPU when there is no GPU.
@@ -601,7 +602,10 @@ def train_proxy_model(
         learning_rate: peak learning rate (AdamW and a linear decay unless `config_overrides` says otherwise).
         output_dir: where the Trainer may write (a temporary folder when `None`).
         data_collator: the collator (default: `transformers.default_data_collator`).
-        config_overrides: any other [`DataDietConfig`] field, e.g. `optim="sgd"`, `weight_decay=5e-4`.
+        return_trainer: also return the trainer, e.g. for its `scores` when `track_scores` is given (no score is
+            tracked by default).
+        config_overrides: any other [`DataDietConfig`] field, e.g. `optim="sgd"`, `weight_decay=5e-4`,
+            `track_scores=["confidence", "variability", "correctness"]`.
 
     Example:
     ```python
@@ -634,4 +638,4 @@ def train_proxy_model(
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     model.eval()
-    return model
+    return (model, trainer) if return_trainer else model
