@@ -140,8 +140,13 @@ def test_verdicts_say_whether_a_method_beats_random_and_matches_full(tmp_path):
     assert full["mean"] == pytest.approx(0.91) and full["std"] == pytest.approx(0.01)
     markdown, image = write_curve_report(summary, tmp_path)
     text = markdown.read_text()
-    assert "**el2n / hardest**: at 50% it beats random (+2.8 pt) and within 0.5 pt of full data (-0.2 pt)." in text
-    assert "**grand / window**: at 50% it does not beat random (-2.0 pt) and not within 0.5 pt of full data" in text
+    assert (
+        "**el2n / hardest**: at 50% it beats random (+2.8 pt, std 0.0) and within 0.5 pt of full data (-0.2 pt)."
+        in text
+    )
+    assert (
+        "**grand / window**: at 50% it loses to random (-2.0 pt, std 0.0) and not within 0.5 pt of full data" in text
+    )
     assert image.exists()
 
 

@@ -595,8 +595,8 @@ def summarize_runs(runs: list[dict]) -> dict:
 
 
 def _verdicts(points: list[dict], tolerance: float = 0.005) -> list[str]:
-    """One plain sentence per (score, strategy): at each keep fraction, does it beat random and is it within
-    `tolerance` of the full data?"""
+    """One plain sentence per (score, strategy): at each keep fraction, does it beat random (by more than the larger
+    std over seeds; otherwise a tie) and is it within `tolerance` of the full data (or above it)?"""
     full = next((p for p in points if p["score"] == "full"), None)
     random = {p["keep"]: p for p in points if p["score"] == "random"}
     sentences = []
@@ -610,7 +610,10 @@ def _verdicts(points: list[dict], tolerance: float = 0.005) -> list[str]:
             pieces = []
             if keep in random:
                 delta = 100 * (point["mean"] - random[keep]["mean"])
-                pieces.append(f"{'beats' if delta > 0 else 'does not beat'} random ({delta:+.1f} pt)")
+                # A difference smaller than the seeds' spread is not a win or a loss: call it a tie.
+                noise = 100 * max(point["std"], random[keep]["std"])
+                verdict = "ties with" if abs(delta) <= noise else "beats" if delta > 0 else "loses to"
+                pieces.append(f"{verdict} random ({delta:+.1f} pt, std {noise:.1f})")
             if full is not None:
                 gap = 100 * (point["mean"] - full["mean"])
                 within = abs(gap) <= 100 * tolerance or gap > 0
