@@ -116,3 +116,12 @@ def test_empty_dataset_and_nan_scores():
 
 def test_strategies_listed():
     assert {"hardest", "easiest", "random", "window", "stratified"} <= set(list_strategies())
+
+
+def test_tracked_scores_where_low_is_hard_are_oriented():
+    # AUM and data-map confidence from DataDietTrainer: low values mark hard / mislabelled rows.
+    ds = Dataset.from_dict({"aum": [2.0, -1.0, 0.5, 3.0], "confidence": [0.9, 0.1, 0.5, 0.95],
+                            "forgetting": [0.0, 3.0, 1.0, 0.0]})
+    assert prune(ds, "aum", 2)["aum"] == [-1.0, 0.5]
+    assert prune(ds, "confidence", 1)["confidence"] == [0.1]
+    assert prune(ds, "forgetting", 1)["forgetting"] == [3.0]

@@ -18,7 +18,7 @@ from .scores import (
     register_score,
 )
 from .selection import list_strategies, prune
-from .trainer import DataDietConfig, DataDietTrainer, ScoreCallback
+from .trainer import DataDietConfig, DataDietTrainer, ScoreCallback, with_row_ids
 
 __all__ = [
     "DataDietConfig",
@@ -44,4 +44,5 @@ __all__ = [
     "register_score",
     "save_pruned",
     "score_dataset",
+    "with_row_ids",
 ]

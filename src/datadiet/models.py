@@ -16,6 +16,8 @@ def unwrap_logits(output) -> torch.Tensor:
         return output
     if hasattr(output, "logits"):
         return output.logits
+    if isinstance(output, dict) and "logits" in output:  # ClassifierWrapper's {"loss", "logits"}
+        return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise ValueError(

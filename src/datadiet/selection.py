@@ -107,7 +107,6 @@ def hardness(dataset: Dataset, by: str) -> np.ndarray:
     """The column `by` as float64, oriented so that higher = harder (a registered score whose low values are hard,
     such as `margin`, is negated)."""
     from .data import column_values
-    from .scores.registry import _REGISTRY
 
     if by not in dataset.column_names:
         raise ValueError(
@@ -119,8 +118,20 @@ def hardness(dataset: Dataset, by: str) -> np.ndarray:
     if not np.isfinite(values).all():
         rows = np.flatnonzero(~np.isfinite(values))[:5].tolist()
         raise ValueError(f"Column {by!r} has NaN or infinite values at rows {rows}: rescore or drop those rows.")
-    spec = _REGISTRY.get(by[: -len("_std")] if by.endswith("_std") else by)
-    return values if spec is None or spec.higher_is_harder or by.endswith("_std") else -values
+    if by.endswith("_std"):
+        return values
+    return values if _higher_is_harder(by) else -values
+
+
+def _higher_is_harder(name: str) -> bool:
+    # Registered scores and the trainer's tracked summaries (AUM, confidence, correctness: low is hard) say how they
+    # are oriented; any other column is taken as higher = harder.
+    from .scores.registry import _REGISTRY
+    from .scores.trackers import TRACKED_SCORES_HIGHER_IS_HARDER
+
+    if name in _REGISTRY:
+        return _REGISTRY[name].higher_is_harder
+    return TRACKED_SCORES_HIGHER_IS_HARDER.get(name, True)
 
 
 def _budget(keep: float | int, num_rows: int) -> int:

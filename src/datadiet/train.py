@@ -15,7 +15,7 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Preprocessor, build_image_transform, detect_columns, load_data, training_view
+from .data import Preprocessor, build_image_transform, column_values, detect_columns, load_data, training_view
 from .models import build_model, forward_logits
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ class TrainArguments:
 
 
 def run_train(args: TrainArguments) -> dict:
-    """Train one model per seed and write `results.json` (accuracy per seed, mean, std) to `args.output_dir`."""
+    """Train one model per seed and write `results.json` (accuracy per seed, mean, std) and the first seed's data map
+    (`data_map.png`: confidence against variability, coloured by correctness) to `args.output_dir`."""
     train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
     test = load_data(
         args.eval_dataset_name or args.dataset_name,
@@ -175,10 +176,12 @@ def run_train(args: TrainArguments) -> dict:
             model_kwargs=model_kwargs,
             seed=seed,
         )
-        model = fit(
+        model, trainer = fit(
             model,
             train,
             transform=train_transform,
+            return_trainer=True,
+            track_scores=["confidence", "variability", "correctness"],
             epochs=args.epochs,
             max_steps=args.max_steps,
             seed=seed,
@@ -195,6 +198,17 @@ def run_train(args: TrainArguments) -> dict:
             )
         )
         logger.info("seed %d: test accuracy %.4f", seed, accuracies[-1])
+        if seed == args.seeds[0]:  # the data map of the first seed's training run (Swayamdipta et al. 2020)
+            from .report import plot_data_map
+
+            dynamics = trainer.scores
+            plot_data_map(
+                column_values(dynamics, "confidence"),
+                column_values(dynamics, "variability"),
+                Path(args.output_dir) / "data_map.png",
+                correctness=column_values(dynamics, "correctness"),
+                title=f"Data map of {args.model_name} on {len(train)} rows (seed {seed})",
+            )
     results = {
         "accuracy": accuracies,
         "accuracy_mean": float(np.mean(accuracies)),
