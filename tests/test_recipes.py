@@ -5,11 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CIFAR10_TRAIN, MNIST_TRAIN
 from datasets import load_from_disk
 
 from datadiet.cli import main
-
-from conftest import CIFAR10_TRAIN, MNIST_TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
 
