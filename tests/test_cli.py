@@ -47,10 +47,27 @@ def test_cli_el2n_on_cifar10_equals_a_direct_computation(cifar10_train, tmp_path
     subset.save_to_disk(str(tmp_path / "slice"))
     model = build_model("test_resnet", num_classes=10, seed=123).eval()
     save_model(model, str(tmp_path / "weights.safetensors"))
-    code = main(["score", "--config", str(REPO / "recipes/cifar10/score.yaml"), "--dataset_name",
-                 str(tmp_path / "slice"), "--data_files", "", "--model_name", "test_resnet", "--model_weights",
-                 str(tmp_path / "weights.safetensors"), "--methods", "el2n", "--seeds", "0",
-                 "--output_dir", str(tmp_path / "scores")])
+    code = main(
+        [
+            "score",
+            "--config",
+            str(REPO / "recipes/cifar10/score.yaml"),
+            "--dataset_name",
+            str(tmp_path / "slice"),
+            "--data_files",
+            "",
+            "--model_name",
+            "test_resnet",
+            "--model_weights",
+            str(tmp_path / "weights.safetensors"),
+            "--methods",
+            "el2n",
+            "--seeds",
+            "0",
+            "--output_dir",
+            str(tmp_path / "scores"),
+        ]
+    )
     assert code == 0
     scored = load_from_disk(str(tmp_path / "scores" / "dataset"))
     # Direct computation: numpy decode + normalise, the model in one batch, numpy softmax.
@@ -64,11 +81,29 @@ def test_cli_el2n_on_cifar10_equals_a_direct_computation(cifar10_train, tmp_path
     expected = np.linalg.norm(probs - np.eye(10)[np.asarray(subset["label"])], axis=1)
     np.testing.assert_allclose(np.asarray(scored["el2n"]), expected, atol=1e-5, rtol=0)
 
-    code = main(["prune", "--config", str(REPO / "recipes/cifar10/prune.yaml"), "--dataset_name",
-                 str(tmp_path / "scores"), "--output_dir", str(tmp_path / "pruned")])
+    code = main(
+        [
+            "prune",
+            "--config",
+            str(REPO / "recipes/cifar10/prune.yaml"),
+            "--dataset_name",
+            str(tmp_path / "scores"),
+            "--output_dir",
+            str(tmp_path / "pruned"),
+        ]
+    )
     assert code == 0
     pruned = load_from_disk(str(tmp_path / "pruned"))
     assert len(pruned) == 1000
+    from datadiet import read_provenance
+
+    steps = [step["command"] for step in read_provenance(pruned)["steps"]]
+    assert steps[1].startswith("datadiet prune --config")
+    assert (
+        len(steps) == 2
+        and steps[0].startswith("datadiet score --config")
+        and read_provenance(pruned)["pruning"]["keep"] == 0.5
+    )
     # class_balanced window: in every class, the hardest 10% are skipped and the next 50% kept.
     labels = np.asarray(subset["label"])
     kept_scores = np.asarray(pruned["el2n"])
@@ -80,7 +115,17 @@ def test_cli_el2n_on_cifar10_equals_a_direct_computation(cifar10_train, tmp_path
 
 
 def test_cli_reports_bad_input_as_an_error_message(tmp_path, capsys):
-    assert main(["score", "--dataset_name", str(tmp_path / "missing.parquet"), "--data_files",
-                 str(tmp_path / "missing.parquet")]) == 2
+    assert (
+        main(
+            [
+                "score",
+                "--dataset_name",
+                str(tmp_path / "missing.parquet"),
+                "--data_files",
+                str(tmp_path / "missing.parquet"),
+            ]
+        )
+        == 2
+    )
     assert "Data file(s) not found" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2

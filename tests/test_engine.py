@@ -44,8 +44,13 @@ def test_el2n_loss_margin_equal_a_direct_computation(digits, tiny_timm):
 def test_several_seeds_give_mean_and_std(digits, tiny_timm):
     train = digits["train"].select(range(64))
     transform = build_image_transform(16)
-    scored = score_dataset(train, model_init=lambda seed: tiny_timm(in_chans=1, seed=seed), methods="el2n",
-                           seeds=[0, 1, 2], transform=transform)
+    scored = score_dataset(
+        train,
+        model_init=lambda seed: tiny_timm(in_chans=1, seed=seed),
+        methods="el2n",
+        seeds=[0, 1, 2],
+        transform=transform,
+    )
     per_seed = [
         np.asarray(score_dataset(train, tiny_timm(in_chans=1, seed=s), "el2n", transform=transform)["el2n"])
         for s in (0, 1, 2)
@@ -95,11 +100,22 @@ def test_transformers_vit_with_an_image_processor():
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
-                                                num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+    model = ViTForImageClassification(
+        ViTConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=3,
+        )
+    ).eval()
     processor = ViTImageProcessor(size={"height": 16, "width": 16})
-    ds = Dataset.from_dict({"img": _images(10), "label": [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]},
-                           features=Features({"img": Image(), "label": ClassLabel(num_classes=3)}))
+    ds = Dataset.from_dict(
+        {"img": _images(10), "label": [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]},
+        features=Features({"img": Image(), "label": ClassLabel(num_classes=3)}),
+    )
     scored = score_dataset(ds, model, "el2n", transform=processor, batch_size=4)
     with torch.no_grad():
         logits = model(pixel_values=processor(images=list(ds["img"]), return_tensors="pt")["pixel_values"]).logits
@@ -121,15 +137,27 @@ def test_text_classifier_with_a_tokenizer_and_padding():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=32, num_labels=2)).eval()
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=7,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=2,
+        )
+    ).eval()
     texts = ["good movie", "bad", "very very good movie", "not good", "bad movie not very good"]
     ds = Dataset.from_dict({"text": texts, "label": [1, 0, 1, 0, 0]})
     tokenizer = _tiny_tokenizer()
     scored = score_dataset(ds, model, "loss", transform=tokenizer, batch_size=2)
     with torch.no_grad():  # one text at a time: no padding at all
-        expected = [torch.nn.functional.cross_entropy(model(**tokenizer(t, return_tensors="pt")).logits,
-                                                      torch.tensor([y])).item() for t, y in zip(texts, ds["label"])]
+        expected = [
+            torch.nn.functional.cross_entropy(
+                model(**tokenizer(t, return_tensors="pt")).logits, torch.tensor([y])
+            ).item()
+            for t, y in zip(texts, ds["label"])
+        ]
     np.testing.assert_allclose(scored["loss"], expected, rtol=1e-4)
 
 
@@ -142,8 +170,9 @@ def test_bad_input(small, tiny_timm):
     model = tiny_timm(in_chans=1)
     transform = build_image_transform(16)
     with pytest.raises(ValueError, match="No label column found"):
-        score_dataset(small.rename_column("label", "digit").cast_column("digit", Value("int64")), model,
-                      transform=transform)
+        score_dataset(
+            small.rename_column("label", "digit").cast_column("digit", Value("int64")), model, transform=transform
+        )
     with pytest.raises(ValueError, match="Column 'target' is not in the dataset"):
         score_dataset(small, model, label_column="target", transform=transform)
     with pytest.raises(ValueError, match=r"Labels outside the model's 3 classes at rows \[3"):

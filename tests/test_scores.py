@@ -49,8 +49,9 @@ def test_entropy_matches_numpy(batch):
 
 def test_input_norm_matches_numpy():
     x = np.random.default_rng(1).normal(size=(5, 3, 4, 4)).astype(np.float32)
-    np.testing.assert_allclose(input_norm(torch.from_numpy(x)), np.sqrt((x.astype(np.float64) ** 2).sum((1, 2, 3))),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        input_norm(torch.from_numpy(x)), np.sqrt((x.astype(np.float64) ** 2).sum((1, 2, 3))), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="tensor inputs"):
         input_norm({"input_ids": torch.zeros(2, 3)})
 

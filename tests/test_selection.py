@@ -13,10 +13,20 @@ def scored():
     rng = np.random.default_rng(0)
     n = 1000
     return Dataset.from_dict(
-        {"idx": list(range(n)), "el2n": rng.random(n).tolist(), "margin": rng.normal(size=n).tolist(),
-         "label": rng.integers(0, 4, n).tolist()},
-        features=Features({"idx": Value("int64"), "el2n": Value("float32"), "margin": Value("float32"),
-                           "label": ClassLabel(num_classes=4)}),
+        {
+            "idx": list(range(n)),
+            "el2n": rng.random(n).tolist(),
+            "margin": rng.normal(size=n).tolist(),
+            "label": rng.integers(0, 4, n).tolist(),
+        },
+        features=Features(
+            {
+                "idx": Value("int64"),
+                "el2n": Value("float32"),
+                "margin": Value("float32"),
+                "label": ClassLabel(num_classes=4),
+            }
+        ),
     )
 
 
@@ -120,8 +130,9 @@ def test_strategies_listed():
 
 def test_tracked_scores_where_low_is_hard_are_oriented():
     # AUM and data-map confidence from DataDietTrainer: low values mark hard / mislabelled rows.
-    ds = Dataset.from_dict({"aum": [2.0, -1.0, 0.5, 3.0], "confidence": [0.9, 0.1, 0.5, 0.95],
-                            "forgetting": [0.0, 3.0, 1.0, 0.0]})
+    ds = Dataset.from_dict(
+        {"aum": [2.0, -1.0, 0.5, 3.0], "confidence": [0.9, 0.1, 0.5, 0.95], "forgetting": [0.0, 3.0, 1.0, 0.0]}
+    )
     assert prune(ds, "aum", 2)["aum"] == [-1.0, 0.5]
     assert prune(ds, "confidence", 1)["confidence"] == [0.1]
     assert prune(ds, "forgetting", 1)["forgetting"] == [3.0]

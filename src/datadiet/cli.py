@@ -96,14 +96,16 @@ class PruneArguments:
     output_dir: str = field(default="outputs/pruned", metadata={"help": "The pruned dataset (save_to_disk)."})
 
 
-def run_score(args: ScoreArguments):
+def run_score(args: ScoreArguments, *, command: str | None = None):
     """Load, score and save a dataset as `ScoreArguments` say; returns the scored dataset."""
     from .data import build_image_transform, detect_columns, load_data
     from .engine import score_dataset
     from .models import build_model
     from .provenance import record_provenance
 
-    dataset = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
+    dataset = load_data(
+        args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows
+    )
     _, _, label_column = detect_columns(dataset, image_column=args.image_column, label_column=args.label_column)
     feature = dataset.features[label_column]
     num_classes = feature.num_classes if hasattr(feature, "num_classes") else int(np.max(dataset[label_column])) + 1
@@ -156,7 +158,7 @@ def run_score(args: ScoreArguments):
             "fingerprint": dataset._fingerprint,
         },
         scoring={"model": args.model_name, "model_library": args.model_library, "model_kwargs": model_kwargs},
-        steps=[{"command": _command_line()}],
+        steps=[{"command": command or _command_line()}],
     )
     from accelerate import PartialState
 
@@ -166,7 +168,7 @@ def run_score(args: ScoreArguments):
     return scored
 
 
-def run_prune(args: PruneArguments):
+def run_prune(args: PruneArguments, *, command: str | None = None):
     """Load a scored dataset, prune it and save it; returns the pruned dataset."""
     from .data import load_data
     from .provenance import record_provenance
@@ -184,6 +186,7 @@ def run_prune(args: PruneArguments):
         seed=args.seed,
         hard_cutoff=args.hard_cutoff,
     )
+    pruned = record_provenance(pruned, steps=[{"command": command or _command_line()}])
     pruned.save_to_disk(args.output_dir)
     logger.info("Kept %d of %d rows; saved to %s", len(pruned), len(dataset), args.output_dir)
     return pruned
@@ -222,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "score":
             (args,) = parse_config((ScoreArguments,), rest)
-            run_score(args)
+            run_score(args, command="datadiet " + shlex.join(argv))
         elif command == "prune":
             (args,) = parse_config((PruneArguments,), rest)
             args.dataset_name = _dataset_folder(args.dataset_name)
-            run_prune(args)
+            run_prune(args, command="datadiet " + shlex.join(argv))
         elif command == "push":
             from .hub import PushArguments, run_push
 
