@@ -470,7 +470,7 @@ class _PerExampleGradTracer(TorchFunctionMode):
 
     # ---------------------------------------------------------------------------------------------- backward pass
     def _add_sq(self, sq: torch.Tensor) -> None:
-        sq = sq.to(torch.float64)
+        sq = sq.to(torch.float32 if sq.device.type == "mps" else torch.float64)  # MPS has no float64
         self.sq_norms = sq if self.sq_norms is None else self.sq_norms + sq.to(self.sq_norms.device)
 
     def _accumulate(self, entry: _Tracked, grads: torch.Tensor) -> None:
@@ -505,7 +505,8 @@ class _PerExampleGradTracer(TorchFunctionMode):
             )
         record.input = None
         with torch.no_grad():
-            getattr(self, f"_backward_{record.kind}")(record, a, grad)
+            backward = getattr(self, f"_backward_{record.kind}", None) or self._backward_norm
+            backward(record, a, grad)
 
     def _backward_linear(self, record: _LayerCall, a: torch.Tensor, g: torch.Tensor) -> None:
         B = self.batch_size
@@ -566,55 +567,31 @@ class _PerExampleGradTracer(TorchFunctionMode):
             dense = summed.new_zeros(B * V, summed.shape[1]).index_add_(0, unique, summed)
             self._accumulate(record.weight, dense)
 
-    def _emit_affine(self, record: _LayerCall, g: torch.Tensor, xhat: torch.Tensor, reduce: tuple[int, ...]) -> None:
-        # y = x̂·w + b elementwise, so ∂ℓ/∂w = Σ g·x̂ and ∂ℓ/∂b = Σ g over the positions sharing each parameter.
+    def _backward_norm(self, record: _LayerCall, a: torch.Tensor, g: torch.Tensor) -> None:
+        # y = x̂·w + b elementwise, so ∂ℓ/∂w = Σ g·x̂ and ∂ℓ/∂b = Σ g over the positions sharing each parameter; x̂ is
+        # recomputed by the same op without its affine parameters (BatchNorm: running statistics, eval mode).
+        opts, kind = record.options, record.kind
+        a, g = _float(a), _float(g)
+        if kind in ("layer_norm", "rms_norm"):
+            reduce = tuple(range(1, a.ndim - len(tuple(opts["normalized_shape"]))))
+            if kind == "layer_norm":
+                xhat = F.layer_norm(a, opts["normalized_shape"], None, None, opts["eps"])
+            else:
+                xhat = F.rms_norm(a, opts["normalized_shape"], None, opts["eps"])
+        else:
+            reduce = tuple(range(2, a.ndim))
+            if kind == "group_norm":
+                xhat = F.group_norm(a, opts["num_groups"], None, None, opts["eps"])
+            elif kind == "batch_norm":
+                xhat = F.batch_norm(a, opts["running_mean"], opts["running_var"], None, None, False, 0.0, opts["eps"])
+            elif opts["use_input_stats"]:  # instance norm: each example's own statistics
+                xhat = F.instance_norm(a, None, None, None, None, True, 0.0, opts["eps"])
+            else:
+                xhat = F.instance_norm(
+                    a, opts["running_mean"], opts["running_var"], None, None, False, 0.0, opts["eps"]
+                )
         self._emit(record.weight, lambda: (g * xhat).sum(reduce) if reduce else g * xhat)
         self._emit(record.bias, lambda: g.sum(reduce) if reduce else g)
-
-    def _backward_layer_norm(self, record: _LayerCall, a: torch.Tensor, g: torch.Tensor) -> None:
-        k = len(tuple(record.options["normalized_shape"]))
-        a, g = _float(a), _float(g)
-        dims = tuple(range(a.ndim - k, a.ndim))
-        var, mean = torch.var_mean(a, dim=dims, keepdim=True, correction=0)
-        xhat = (a - mean) * torch.rsqrt(var + record.options["eps"])
-        self._emit_affine(record, g, xhat, tuple(range(1, a.ndim - k)))
-
-    def _backward_rms_norm(self, record: _LayerCall, a: torch.Tensor, g: torch.Tensor) -> None:
-        k = len(tuple(record.options["normalized_shape"]))
-        eps = record.options["eps"]
-        eps = torch.finfo(a.dtype).eps if eps is None else eps
-        a, g = _float(a), _float(g)
-        dims = tuple(range(a.ndim - k, a.ndim))
-        xhat = a * torch.rsqrt(a.square().mean(dims, keepdim=True) + eps)
-        self._emit_affine(record, g, xhat, tuple(range(1, a.ndim - k)))
-
-    def _backward_group_norm(self, record: _LayerCall, a: torch.Tensor, g: torch.Tensor) -> None:
-        a, g = _float(a), _float(g)
-        grouped = a.reshape(a.shape[0], record.options["num_groups"], -1)
-        var, mean = torch.var_mean(grouped, dim=2, keepdim=True, correction=0)
-        xhat = ((grouped - mean) * torch.rsqrt(var + record.options["eps"])).reshape(a.shape)
-        self._emit_affine(record, g, xhat, tuple(range(2, a.ndim)))
-
-    def _backward_batch_norm(self, record: _LayerCall, a: torch.Tensor, g: torch.Tensor) -> None:
-        # Eval mode: x̂ uses the running statistics, so examples do not interact (as in the paper's code).
-        a, g = _float(a), _float(g)
-        view = (1, -1) + (1,) * (a.ndim - 2)
-        mean = record.options["running_mean"].to(a.dtype).reshape(view)
-        var = record.options["running_var"].to(a.dtype).reshape(view)
-        xhat = (a - mean) * torch.rsqrt(var + record.options["eps"])
-        self._emit_affine(record, g, xhat, tuple(range(2, a.ndim)))
-
-    def _backward_instance_norm(self, record: _LayerCall, a: torch.Tensor, g: torch.Tensor) -> None:
-        opts = record.options
-        a, g = _float(a), _float(g)
-        if opts["use_input_stats"]:
-            var, mean = torch.var_mean(a, dim=tuple(range(2, a.ndim)), keepdim=True, correction=0)
-        else:
-            view = (1, -1) + (1,) * (a.ndim - 2)
-            mean = opts["running_mean"].to(a.dtype).reshape(view)
-            var = opts["running_var"].to(a.dtype).reshape(view)
-        xhat = (a - mean) * torch.rsqrt(var + opts["eps"])
-        self._emit_affine(record, g, xhat, tuple(range(2, a.ndim)))
 
     def _fallback_grads(self, record: _FallbackCall) -> list[torch.Tensor]:
         for tensor, version in record.versions:
@@ -690,7 +667,7 @@ class _PerExampleGradTracer(TorchFunctionMode):
         if unseen:
             logger.debug("trainable parameters never used in the forward pass (zero gradient): %s", unseen)
         if self.sq_norms is None:
-            return torch.zeros(B, dtype=torch.float64)
+            return torch.zeros(B, dtype=torch.float64, device=total_loss.device)
         return self.sq_norms
 
     def fallbacks_with_grad(self) -> list[_FallbackCall]:
@@ -777,10 +754,27 @@ def _conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups) -> torch
 
 
 def _conv_weight_grads(a, g, weight_shape, stride, dilation, groups) -> torch.Tensor:
-    """Per-example conv2d weight gradients `[B, O, C/groups, kh, kw]` (`a` already padded): g_i @ patches_i per
-    group."""
+    """Per-example conv2d weight gradients `[B, O, C/groups, kh, kw]` (`a` already padded)."""
     B = a.shape[0]
     out_channels, in_per_group, kh, kw = weight_shape
+    if in_per_group * (out_channels // groups) <= 64:
+        # Depthwise and narrow grouped convolutions: the weight gradient of one convolution with one group per
+        # (example, group) is fast here, unlike for wide groups where it is orders of magnitude slower on CPU.
+        weight = a.new_empty(1).expand(B * out_channels, in_per_group, kh, kw)
+        grads = torch.ops.aten.convolution_backward(
+            g.reshape(1, B * out_channels, *g.shape[2:]),
+            a.reshape(1, B * a.shape[1], *a.shape[2:]),
+            weight,
+            None,
+            list(stride),
+            [0, 0],
+            list(dilation),
+            False,
+            [0, 0],
+            B * groups,
+            [False, True, False],
+        )[1]
+        return grads.reshape(B, *weight_shape)
     patches = _patches(a, (kh, kw), stride, dilation)  # [B, T, C·kh·kw], channels outermost
     T = patches.shape[1]
     grad_out = g.reshape(B, groups, out_channels // groups, T)
@@ -900,6 +894,8 @@ def per_example_grad_norms(
             )
     else:
         raise ValueError(f"inputs must be a tensor or a dict of tensors, got {type(inputs).__name__}.")
+    if torch.is_inference_mode_enabled():
+        raise ValueError("per_example_grad_norms needs autograd: call it outside torch.inference_mode().")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}.")
     if chunk_size is not None and chunk_size < batch_size:
