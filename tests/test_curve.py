@@ -182,3 +182,21 @@ def test_report_hist_command_writes_a_png(tmp_path):
     with pytest.raises(ValueError, match="not in the dataset"):
         report_main(["hist", "--dataset_name", str(tmp_path / "scored"), "--columns", "forgetting"])
     assert report_main(["nonsense"]) == 2
+
+
+def test_a_run_claimed_by_another_live_process_is_left_to_it(curve):
+    import os
+
+    output_dir, _ = curve
+    path = output_dir / "runs.jsonl"
+    lines = path.read_text().splitlines()
+    last = json.loads(lines[-1])
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    claim = output_dir / "claims" / f"{last['score']}_{last['strategy']}_{last['keep']:g}_{last['seed']}"
+    claim.write_text(str(os.getppid()))  # a live process that is not this one
+    run_curve(_arguments(output_dir))
+    assert len(_lines(path)) == len(lines) - 1
+    claim.write_text("999999999")  # a process that no longer exists: its claim is stale and taken over
+    run_curve(_arguments(output_dir))
+    assert len(_lines(path)) == len(lines)
+    assert _lines(path)[-1]["accuracy"] == last["accuracy"]

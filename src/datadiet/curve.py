@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -431,6 +432,46 @@ def _read_runs(path: Path) -> list[dict]:
     return runs
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(output_dir: Path, runs_path: Path, run) -> bool:
+    """Claim `run` for this process: several processes may share one curve folder (more CPU share on a busy
+    machine), each taking the runs nobody has finished or is running. A claim whose process is gone is taken over."""
+    key = _run_key(*run)
+    if key in {_run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in _read_runs(runs_path)}:
+        return False
+    claims = output_dir / "claims"
+    claims.mkdir(exist_ok=True)
+    path = claims / key.replace("|", "_")
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                text = path.read_text().strip()
+                owner = int(text) if text else -1  # -1: just created, its owner is writing its pid
+            except (OSError, ValueError):
+                owner = 0
+            if owner in (os.getpid(), -1):
+                return owner == os.getpid()
+            if owner and _pid_alive(owner):
+                return False
+            path.unlink(missing_ok=True)  # a stale claim from an interrupted process
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
+
+
 def _check_config(args: CurveArguments, output_dir: Path) -> None:
     config = {name: getattr(args, name) for name in _RESULT_FIELDS}
     path = output_dir / "curve_config.json"
@@ -518,6 +559,8 @@ def run_curve(args: CurveArguments) -> dict:
     )
     for run in tqdm(todo, desc="Curve runs"):
         score, strategy, keep, seed = run
+        if not _claim(output_dir, runs_path, run):
+            continue  # finished or being run by another process sharing this folder
         started = time.time()
         rows = _subset(args, scores, labels, run)
         if args.max_steps is not None:
