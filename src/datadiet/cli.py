@@ -11,8 +11,6 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
-
 logger = logging.getLogger("datadiet")
 
 __all__ = ["PruneArguments", "ScoreArguments", "main", "parse_config", "run_prune", "run_score"]
@@ -98,29 +96,17 @@ class PruneArguments:
 
 def run_score(args: ScoreArguments, *, command: str | None = None):
     """Load, score and save a dataset as `ScoreArguments` say; returns the scored dataset."""
-    from .data import build_image_transform, detect_columns, load_data
+    from .data import build_image_transform, detect_columns, load_data, num_classes_of
     from .engine import score_dataset
-    from .models import build_model
+    from .models import model_init_from_arguments
     from .provenance import record_provenance
 
     dataset = load_data(
         args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows
     )
     _, _, label_column = detect_columns(dataset, image_column=args.image_column, label_column=args.label_column)
-    feature = dataset.features[label_column]
-    num_classes = feature.num_classes if hasattr(feature, "num_classes") else int(np.max(dataset[label_column])) + 1
+    model_init = model_init_from_arguments(args, num_classes_of(dataset, label_column))
     model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-
-    def model_init(seed: int):
-        return build_model(
-            args.model_name,
-            num_classes=num_classes,
-            library=args.model_library,
-            in_chans=args.in_chans,
-            image_size=args.image_size,
-            model_kwargs=model_kwargs,
-            seed=seed,
-        )
 
     transform = build_image_transform(args.image_size, mean=args.mean, std=args.std)
     common = dict(

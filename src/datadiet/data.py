@@ -26,6 +26,7 @@ __all__ = [
     "detect_columns",
     "column_values",
     "detect_label_column",
+    "num_classes_of",
     "validate_methods",
 ]
 
@@ -89,6 +90,14 @@ def column_values(dataset: Dataset, name: str) -> np.ndarray:
     if name not in dataset.column_names:
         raise ValueError(f"Column {name!r} is not in the dataset; its columns are {dataset.column_names}.")
     return np.asarray(dataset.select_columns([name]).with_format("arrow")[:][name].to_numpy())
+
+
+def num_classes_of(dataset: Dataset, label_column: str) -> int:
+    """The number of classes: from the `ClassLabel` feature, else the largest label + 1."""
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return feature.num_classes
+    return int(column_values(dataset, label_column).max()) + 1
 
 
 def detect_label_column(dataset: Dataset, label_column: str | None = None) -> str:

@@ -123,3 +123,24 @@ def build_model(
         auto = AutoModelForSequenceClassification if hasattr(config, "vocab_size") else AutoModelForImageClassification
         return auto.from_config(config)
     raise ValueError(f"library must be 'timm' or 'transformers', got {library!r}.")
+
+
+def model_init_from_arguments(arguments, num_classes: int):
+    """`seed -> model` for the CLI's argument dataclasses (fields `model_name`, `model_library`, `in_chans`,
+    `image_size`, `model_kwargs` as a JSON string)."""
+    import json
+
+    model_kwargs = json.loads(arguments.model_kwargs) if arguments.model_kwargs else None
+
+    def model_init(seed: int) -> nn.Module:
+        return build_model(
+            arguments.model_name,
+            num_classes=num_classes,
+            library=arguments.model_library,
+            in_chans=arguments.in_chans,
+            image_size=arguments.image_size,
+            model_kwargs=model_kwargs,
+            seed=seed,
+        )
+
+    return model_init

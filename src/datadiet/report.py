@@ -23,6 +23,19 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path, title: str | None = None) -> Path:
+    """Title, lay out and write `fig` as a PNG at `path` (folders created), close it, and return the path."""
+    plt = _pyplot()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_score_histogram(
     scores: dict[str, Sequence[float]] | Sequence[float], path: str | Path, *, bins: int = 50, title: str | None = None
 ) -> Path:
@@ -46,14 +59,7 @@ def plot_score_histogram(
         ax.hist(values[np.isfinite(values)], bins=bins, color="#4c72b0")
         ax.set_xlabel(name)
         ax.set_ylabel("examples")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_image_grid(
@@ -80,14 +86,7 @@ def plot_image_grid(
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         if captions is not None:
             ax.set_title(captions[i], fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 # ---- pruning curves and the `datadiet report` command ----------------------------------------------------------------

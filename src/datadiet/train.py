@@ -15,8 +15,16 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Preprocessor, build_image_transform, column_values, detect_columns, load_data, training_view
-from .models import build_model, forward_logits
+from .data import (
+    Preprocessor,
+    build_image_transform,
+    column_values,
+    detect_columns,
+    load_data,
+    num_classes_of,
+    training_view,
+)
+from .models import forward_logits, model_init_from_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -157,27 +165,13 @@ def run_train(args: TrainArguments) -> dict:
         max_rows=args.max_eval_rows,
     )
     _, _, label_column = detect_columns(train, image_column=args.image_column, label_column=args.label_column)
-    num_classes = (
-        train.features[label_column].num_classes
-        if hasattr(train.features[label_column], "num_classes")
-        else int(np.max(train[label_column])) + 1
-    )
+    model_init = model_init_from_arguments(args, num_classes_of(train, label_column))
     eval_transform = build_image_transform(args.image_size, mean=args.mean, std=args.std)
     train_transform = build_image_transform(args.image_size, mean=args.mean, std=args.std, augment=args.augment)
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
     accuracies = []
     for seed in tqdm(args.seeds, desc="Training seeds"):
-        model = build_model(
-            args.model_name,
-            num_classes=num_classes,
-            library=args.model_library,
-            in_chans=args.in_chans,
-            image_size=args.image_size,
-            model_kwargs=model_kwargs,
-            seed=seed,
-        )
         model, trainer = fit(
-            model,
+            model_init(seed),
             train,
             transform=train_transform,
             return_trainer=True,
