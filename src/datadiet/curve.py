@@ -659,8 +659,11 @@ def _verdicts(points: list[dict], tolerance: float = 0.005) -> list[str]:
                 pieces.append(f"{verdict} random ({delta:+.1f} pt, std {noise:.1f})")
             if full is not None:
                 gap = 100 * (point["mean"] - full["mean"])
-                within = abs(gap) <= 100 * tolerance or gap > 0
-                pieces.append(f"{'within' if within else 'not within'} 0.5 pt of full data ({gap:+.1f} pt)")
+                if gap > 100 * tolerance:
+                    pieces.append(f"is above the full data ({gap:+.1f} pt)")
+                else:
+                    within = abs(gap) <= 100 * tolerance
+                    pieces.append(f"{'within' if within else 'not within'} 0.5 pt of full data ({gap:+.1f} pt)")
             parts.append(f"at {100 * keep:g}% it " + " and ".join(pieces))
         sentences.append(f"- **{score} / {strategy}**: " + "; ".join(parts) + ".")
     return sentences
