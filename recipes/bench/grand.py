@@ -241,13 +241,13 @@ def main() -> None:
             if method in median:
                 seconds, ratio = f"{median[method]:.3f}", f"{median[method] / median['plain']:.2f}×"
             else:
-                seconds, ratio = "n/a", timing["errors"].get(method, "n/a")
+                seconds, ratio = "n/a", "failed: " + timing["errors"].get(method, "n/a")[:60]
             diff = "n/a"
             if reference is not None and method in timing["norms"]:
                 ours = torch.tensor(timing["norms"][method])
                 ref = torch.tensor(reference)
                 diff = f"{((ours - ref).abs() / ref).max().item():.1e}"
-            peak_text = f"{peak:.0f}" if peak is not None else memory[method].get("error", "n/a")
+            peak_text = f"{peak:.0f}" if peak is not None else "n/a"
             print(f"| {LABELS[method]} | {seconds} | {ratio} | {peak_text} | {extra} | {diff} |")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

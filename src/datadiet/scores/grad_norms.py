@@ -641,7 +641,7 @@ class _PerExampleGradTracer(TorchFunctionMode):
                     index = torch.arange(B, device=grad.device)
                     rows[index, index] = grad
                     self._accumulate(entry, rows)
-            for record in self.fallbacks_with_grad():
+            for record in (record for record in self.fallbacks if record.grad is not None):
                 for (_, entry), value in zip(record.tracked, self._fallback_grads(record)):
                     self._accumulate(entry, value)
         derived = [(entry, value) for entry, value in self.per_example_grads.values() if not entry.is_param]
@@ -669,9 +669,6 @@ class _PerExampleGradTracer(TorchFunctionMode):
         if self.sq_norms is None:
             return torch.zeros(B, dtype=torch.float64, device=total_loss.device)
         return self.sq_norms
-
-    def fallbacks_with_grad(self) -> list[_FallbackCall]:
-        return [record for record in self.fallbacks if record.grad is not None]
 
 
 def _single(value) -> int:
