@@ -4,6 +4,7 @@ __version__ = "0.1.0.dev0"
 
 from .data import ScoreTransform
 from .engine import join_scores, load_scores, score_dataset
+from .hostcp import HostCPResult, prune_hostcp, select_hostcp
 from .hub import push_to_hub, save_pruned
 from .provenance import read_provenance, record_provenance
 from .scores import (
@@ -18,9 +19,15 @@ from .scores import (
     register_score,
 )
 from .selection import list_strategies, prune
+from .tracin import InfluenceResult, TracIn
 from .trainer import DataDietConfig, DataDietTrainer, ScoreCallback, with_row_ids
 
 __all__ = [
+    "HostCPResult",
+    "InfluenceResult",
+    "TracIn",
+    "prune_hostcp",
+    "select_hostcp",
     "DataDietConfig",
     "DataDietTrainer",
     "ScoreCallback",
