@@ -200,3 +200,13 @@ def test_a_run_claimed_by_another_live_process_is_left_to_it(curve):
     run_curve(_arguments(output_dir))
     assert len(_lines(path)) == len(lines)
     assert _lines(path)[-1]["accuracy"] == last["accuracy"]
+
+
+def test_report_with_only_full_data_runs_says_so_instead_of_an_empty_table(tmp_path):
+    runs = [{"score": "full", "strategy": "full", "keep": 1.0, "seed": s, "accuracy": 0.84} for s in (0, 1)]
+    markdown, image = write_curve_report(summarize_runs(runs), tmp_path)
+    text = markdown.read_text()
+    assert "Full data (100%): **84.00 ± 0.00** (n=2)" in text
+    assert "| score | strategy |" not in text
+    assert "No pruned run has finished yet" in text
+    assert image.exists()

@@ -690,9 +690,13 @@ def write_curve_report(summary: dict, output_dir: str | Path, *, title: str | No
     if full is not None:
         lines.append(f"Full data (100%): **{100 * full['mean']:.2f} ± {100 * full['std']:.2f}** (n={full['n']})")
         lines.append("")
-    lines.append("| score | strategy | " + " | ".join(f"keep {100 * k:g}%" for k in keeps) + " |")
-    lines.append("|---|---|" + "---|" * len(keeps))
     best: dict[float, tuple[float, str]] = {}
+    if keeps:
+        lines.append("| score | strategy | " + " | ".join(f"keep {100 * k:g}%" for k in keeps) + " |")
+        lines.append("|---|---|" + "---|" * len(keeps))
+    else:
+        lines.append("No pruned run has finished yet: rerun the curve command to continue.")
+        rows = []
     for score, strategy in rows:
         cells = []
         for keep in keeps:
