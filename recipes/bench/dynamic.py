@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -142,7 +143,7 @@ def run(ratio: float, seed: int, train: AugmentedCifar, test: tuple, args: argpa
     model = cifar_net(tuple(args.widths)).to(memory_format=torch.channels_last)
     steps = args.epochs * -(-len(train) // args.batch_size)
     config = DataDietConfig(
-        output_dir=tempfile.mkdtemp(prefix=f"datadiet-dynamic-{mode}-{seed}-"),  # nothing is saved there
+        output_dir=tempfile.mkdtemp(prefix=f"datadiet-dynamic-{mode}-{seed}-"),  # removed after training
         num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -173,6 +174,7 @@ def run(ratio: float, seed: int, train: AugmentedCifar, test: tuple, args: argpa
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    shutil.rmtree(config.output_dir, ignore_errors=True)
     accuracy = test_accuracy(model, *test)
     skipped = [entry["skipped_fraction"] for entry in trainer.pruning_history]
     return {
