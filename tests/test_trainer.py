@@ -568,6 +568,8 @@ if trainer.is_world_process_zero():
         **{"history_" + name: values for name, values in trainer.score_history.items()},
         **{name: np.asarray(scores[name]) for name in scores.column_names},
     )
+if torch.distributed.is_initialized():  # end cleanly: no communication thread left running at exit
+    torch.distributed.destroy_process_group()
 """
 
 

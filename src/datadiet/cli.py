@@ -245,7 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"datadiet {command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _end_processes()
     return 0
+
+
+def _end_processes() -> None:
+    """Tear down the process group a multi-process launch set up, so that no communication thread is still running
+    when the interpreter exits (that can abort a process with "terminate called without an active exception")."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

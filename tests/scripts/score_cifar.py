@@ -76,6 +76,7 @@ def main() -> None:
             os.replace(path + ".tmp", path)
         with open(args.result + ".json", "w") as f:
             json.dump({"num_processes": state.num_processes}, f)
+    state.destroy_process_group()  # end cleanly: no communication thread left running at exit
 
 
 if __name__ == "__main__":
