@@ -150,7 +150,7 @@ def run(ratio: float, seed: int, train: AugmentedCifar, test: tuple, args: argpa
         weight_decay=5e-4,
         lr_scheduler_type="linear",
         warmup_steps=int(0.2 * steps),
-        label_smoothing_factor=0.2,
+        label_smoothing_factor=args.label_smoothing,
         max_grad_norm=0.0,
         seed=seed,
         use_cpu=True,
@@ -219,6 +219,25 @@ def summarise(records: list[dict]) -> dict:
     return summary
 
 
+RUN_SETTINGS = ("rows", "test_rows", "epochs", "batch_size", "lr", "widths", "label_smoothing", "until", "threads")
+
+
+def resume(output: Path, args: argparse.Namespace) -> list[dict]:
+    """The runs already recorded in `output` by a run of the same settings (a benchmark stopped part-way goes on
+    where it stopped); an error when `output` holds runs of other settings, rather than mixing them."""
+    if not output.exists():
+        return []
+    previous = json.loads(output.read_text())
+    current = vars(args)
+    changed = [key for key in RUN_SETTINGS if previous["config"].get(key, current[key]) != current[key]]
+    if changed:
+        raise SystemExit(
+            f"{output} holds runs with other settings ({', '.join(changed)}); pass another --output or delete it."
+        )
+    print(f"Resuming: {len(previous['runs'])} runs already in {output}.", flush=True)
+    return previous["runs"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=5_000, help="training rows (the first N of the train split)")
@@ -232,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--ratios", type=float, nargs="+", default=[0.5, 0.7], help="InfoBatch skip probabilities of easy examples"
     )
+    parser.add_argument("--label-smoothing", type=float, default=0.2)
     parser.add_argument("--until", type=float, default=0.875, help="fraction of epochs with pruning")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -242,11 +262,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     train = AugmentedCifar(*load_split("train", args.rows))
     test = load_split("test", args.test_rows, shuffle=True)
-    records = []
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    records = resume(output, args)
+    done = {(record["seed"], record["ratio"]) for record in records}
     for seed in args.seeds:
         for ratio in [0.0, *args.ratios]:
+            if (seed, ratio) in done:
+                continue
             record = run(ratio, seed, train, test, args)
             records.append(record)
             print(json.dumps(record), flush=True)
