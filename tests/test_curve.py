@@ -210,3 +210,34 @@ def test_report_with_only_full_data_runs_says_so_instead_of_an_empty_table(tmp_p
     assert "| score | strategy |" not in text
     assert "No pruned run has finished yet" in text
     assert image.exists()
+
+
+def test_a_strategy_entry_can_carry_its_own_offset(tmp_path):
+    import numpy as np
+
+    from datadiet.curve import _subset
+
+    args = _arguments(tmp_path, strategies=["window", "window@0.25", "stratified@0.05"], offset=0.1)
+    rng = np.random.default_rng(0)
+    scores = {"el2n": rng.random(400)}
+    labels = rng.integers(0, 10, 400)
+    by_hardness = np.argsort(-scores["el2n"])  # distinct values: no ties
+    for strategy, skip in [("window", 40), ("window@0.25", 100)]:
+        kept = _subset(args, scores, labels, ("el2n", strategy, 0.5, 0))
+        np.testing.assert_array_equal(kept, np.sort(by_hardness[skip : skip + 200]))
+    # stratified@0.05 drops exactly the hardest 5% (20 rows) before sampling, whatever the bins then take.
+    kept = _subset(args, scores, labels, ("el2n", "stratified@0.05", 0.5, 0))
+    assert len(kept) == 200
+    assert not set(kept) & set(by_hardness[:20].tolist())
+    assert set(kept) & set(by_hardness[20:40].tolist())  # the curve's own hard_cutoff (10%) would drop these
+
+
+def test_strategy_values_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="only .* take a value after '@'"):
+        _arguments(tmp_path, strategies=["hardest@0.2"])
+    with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
+        _arguments(tmp_path, strategies=["window@1.5"])
+    with pytest.raises(ValueError, match="must be a fraction"):
+        _arguments(tmp_path, strategies=["window@x"])
+    with pytest.raises(ValueError, match="Unknown pruning strategy"):
+        _arguments(tmp_path, strategies=["windw@0.2"])

@@ -28,7 +28,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CurveArguments", "run_curve", "summarize_runs", "write_curve_report"]
+__all__ = ["CurveArguments", "run_curve", "strategy_options", "summarize_runs", "write_curve_report"]
 
 # Scores the curve knows how to compute from its proxy models (plus `random`, which needs none).
 _CURVE_SCORES = ("el2n", "grand", "forgetting", "input_norm", "loss", "margin")
@@ -101,7 +101,10 @@ class CurveArguments:
     )
     strategies: list[str] = field(
         default_factory=lambda: ["hardest", "window", "stratified"],
-        metadata={"help": "Pruning strategies (see datadiet.selection.list_strategies())."},
+        metadata={
+            "help": "Pruning strategies (see datadiet.selection.list_strategies()); window@0.2 / stratified@0.05 "
+            "set that entry's offset / hard_cutoff, so one curve can sweep them."
+        },
     )
     keep_fractions: list[float] = field(
         default_factory=lambda: [0.7, 0.5, 0.3], metadata={"help": "Fractions of the training set kept, in (0, 1)."}
@@ -155,12 +158,14 @@ class CurveArguments:
             )
         from .selection import list_strategies
 
-        bad = [name for name in self.strategies if name not in list_strategies() or name == "random"]
+        bad = [name for name in self.strategies if name.split("@")[0] not in list_strategies() or name == "random"]
         if bad:
             raise ValueError(
                 f"Unknown pruning strategy {bad}: choose among {[s for s in list_strategies() if s != 'random']} "
                 "(random is always included as the baseline)."
             )
+        for name in self.strategies:
+            strategy_options(name, self)
         bad_keep = [keep for keep in self.keep_fractions if not 0.0 < keep < 1.0]
         if bad_keep or not self.keep_fractions:
             raise ValueError(f"keep_fractions must be non-empty fractions in (0, 1); got {self.keep_fractions}.")
@@ -170,6 +175,44 @@ class CurveArguments:
             raise ValueError(f"scoring_epochs must be >= 1 (scores of trained proxies); got {self.scoring_epochs}.")
         if (self.mean is None) != (self.std is None):
             raise ValueError("Give both mean and std, or neither (then they are computed from the training data).")
+
+
+# A strategy of the grid may carry its own value of its parameter, so that one curve compares several offsets (or
+# CCS cut-offs) against the same full-data and random runs: "window@0.2" skips the hardest 20%, "stratified@0.05"
+# drops the hardest 5% before sampling. A bare name uses the curve's `offset` / `hard_cutoff`.
+_STRATEGY_PARAMETER = {"window": "offset", "stratified": "hard_cutoff"}
+
+
+def strategy_options(name: str, args: CurveArguments) -> tuple[str, dict[str, float]]:
+    """The registered strategy and its pruning options for a grid entry such as `"window"` or `"window@0.2"`.
+
+    Example:
+    ```python
+    >>> args = CurveArguments("sklearn-digits", max_steps=1, offset=0.1)
+    >>> strategy_options("window@0.2", args)
+    ('window', {'offset': 0.2, 'hard_cutoff': 0.1, 'num_bins': 50})
+    ```
+    """
+    strategy, _, value = name.partition("@")
+    options = {"offset": args.offset, "hard_cutoff": args.hard_cutoff, "num_bins": args.num_bins}
+    if not value:
+        return strategy, options
+    parameter = _STRATEGY_PARAMETER.get(strategy)
+    if parameter is None:
+        raise ValueError(
+            f"Strategy {name!r}: only {sorted(_STRATEGY_PARAMETER)} take a value after '@' "
+            f"({', '.join(f'{s}@x sets {p}' for s, p in _STRATEGY_PARAMETER.items())})."
+        )
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(
+            f"Strategy {name!r}: the value after '@' must be a fraction such as {strategy}@0.2."
+        ) from None
+    if not 0.0 <= number < 1.0:
+        raise ValueError(f"Strategy {name!r}: {parameter}={number} is outside [0, 1).")
+    options[parameter] = number
+    return strategy, options
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
@@ -506,14 +549,13 @@ def _subset(args: CurveArguments, scores: dict[str, np.ndarray], labels: np.ndar
         columns[score] = scores[score]
         features[score] = Value("float64")
     table = Dataset.from_dict(columns, features=Features(features))
+    name, options = strategy_options(strategy, args)
     pruned = prune(
         table,
         None if score == "random" else score,
         keep,
-        strategy=strategy,
-        offset=args.offset,
-        hard_cutoff=args.hard_cutoff,
-        num_bins=args.num_bins,
+        strategy=name,
+        **options,
         class_balanced=args.class_balanced,
         seed=seed,
         label_column="label",
