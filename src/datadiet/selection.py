@@ -134,6 +134,16 @@ def _higher_is_harder(name: str) -> bool:
     return TRACKED_SCORES_HIGHER_IS_HARDER.get(name, True)
 
 
+def _unknown_strategy(strategy: str) -> ValueError:
+    message = f"Unknown pruning strategy {strategy!r}. Valid strategies: {', '.join(list_strategies())}."
+    if strategy.lower().replace("-", "") == "hostcp":
+        # HOST-CP learns its subset while training a model, from features rather than a score column.
+        message += (
+            " HOST-CP selects while it trains, from features: use datadiet.prune_hostcp(dataset, keep, features=...)."
+        )
+    return ValueError(message)
+
+
 def _budget(keep: float | int, num_rows: int) -> int:
     if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):
         raise ValueError(f"keep must be a fraction in (0, 1] or a row count, got {keep!r}.")
@@ -158,7 +168,7 @@ def select_indices(
     """Sorted positions of the rows to keep, given hardness values (higher = harder). With `labels`, the strategy
     runs per class with each class's budget in proportion to its size (largest remainders get the leftover rows)."""
     if strategy not in _STRATEGIES:
-        raise ValueError(f"Unknown pruning strategy {strategy!r}. Valid strategies: {', '.join(list_strategies())}.")
+        raise _unknown_strategy(strategy)
     num_rows = len(hardness_values)
     budget = _budget(keep, num_rows)
     rng = np.random.default_rng(seed)
@@ -223,7 +233,7 @@ def prune(
     if num_rows == 0:
         raise ValueError("The dataset is empty: there is nothing to prune.")
     if strategy not in _STRATEGIES:
-        raise ValueError(f"Unknown pruning strategy {strategy!r}. Valid strategies: {', '.join(list_strategies())}.")
+        raise _unknown_strategy(strategy)
     if not 0.0 <= offset < 1.0:
         raise ValueError(f"offset={offset} is outside [0, 1).")
     if not 0.0 <= hard_cutoff < 1.0:
