@@ -256,7 +256,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--output", default="outputs/bench/dynamic.json")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="only merge the runs of these outputs (e.g. one per seed, run in parallel; same settings) into --output",
+    )
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine([Path(path) for path in args.combine], Path(args.output))
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
@@ -273,8 +281,39 @@ def main(argv: list[str] | None = None) -> dict:
             record = run(ratio, seed, train, test, args)
             records.append(record)
             print(json.dumps(record), flush=True)
-            result = {"config": vars(args), "runs": records, "summary": summarise(records)}
-            output.write_text(json.dumps(result, indent=2))
+            output.write_text(
+                json.dumps({"config": vars(args), "runs": records, "summary": summarise(records)}, indent=2)
+            )
+    return report({"config": vars(args), "runs": records, "summary": summarise(records)})
+
+
+def combine(paths: list[Path], output: Path) -> dict:
+    """Merge the runs of several outputs made with the same settings (say one process per seed) into `output`."""
+    outputs = [json.loads(path.read_text()) for path in paths]
+    config = outputs[0]["config"]
+    for path, other in zip(paths[1:], outputs[1:]):
+        changed = [key for key in RUN_SETTINGS if other["config"].get(key) != config.get(key)]
+        if changed:
+            raise SystemExit(f"{path} was run with other settings than {paths[0]} ({', '.join(changed)}).")
+    records = [record for other in outputs for record in other["runs"]]
+    keys = [(record["seed"], record["ratio"]) for record in records]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"The same (seed, ratio) run appears in more than one of {[str(p) for p in paths]}.")
+    records.sort(key=lambda record: (record["seed"], record["ratio"]))
+    config = {
+        **config,
+        "seeds": sorted({record["seed"] for record in records}),
+        "combined_from": [str(p) for p in paths],
+    }
+    result = {"config": config, "runs": records, "summary": summarise(records)}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    return report(result)
+
+
+def report(result: dict) -> dict:
+    """Print the runs as a Markdown table and the summary."""
+    records = result["runs"]
     print("\n| mode | seed | train wall time (s) | train CPU time (s) | test accuracy (%) | presentations skipped |")
     print("|---|---|---|---|---|---|")
     for record in records:
