@@ -141,7 +141,8 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
     ax.set_xlabel("training data kept (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # an empty curve (no finished run yet) has nothing to label
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
