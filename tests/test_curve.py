@@ -241,3 +241,21 @@ def test_strategy_values_are_validated(tmp_path):
         _arguments(tmp_path, strategies=["window@x"])
     with pytest.raises(ValueError, match="Unknown pruning strategy"):
         _arguments(tmp_path, strategies=["windw@0.2"])
+
+
+def test_a_single_keep_fraction_is_drawn_as_one_row_per_method(tmp_path):
+    from PIL import Image
+
+    from datadiet.report import plot_pruning_curve
+
+    points = [
+        {"score": "full", "strategy": "full", "keep": 1.0, "mean": 0.84, "std": 0.002},
+        {"score": "random", "strategy": "random", "keep": 0.5, "mean": 0.83, "std": 0.001},
+        {"score": "el2n", "strategy": "window", "keep": 0.5, "mean": 0.831, "std": 0.002},
+        {"score": "el2n", "strategy": "window@0.3", "keep": 0.5, "mean": 0.77, "std": 0.001},
+    ]
+    with Image.open(plot_pruning_curve(points, tmp_path / "one.png")) as image:
+        assert image.size == (1020, round((1.6 + 0.42 * 3) * 120))  # a row per pruned method, not a curve
+    points.append({"score": "random", "strategy": "random", "keep": 0.3, "mean": 0.8, "std": 0.001})
+    with Image.open(plot_pruning_curve(points, tmp_path / "curve.png")) as image:
+        assert image.size == (1020, 624)  # several fractions: the curve

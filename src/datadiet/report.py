@@ -111,8 +111,10 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
     ```
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
     full = next((p for p in points if p["score"] == "full"), None)
+    if len({p["keep"] for p in points if p["score"] != "full"}) == 1:
+        return _plot_one_fraction(plt, points, full, Path(path), title)
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
     lines: dict[tuple[str, str], list[dict]] = {}
     for point in points:
         if point["score"] != "full":
@@ -147,6 +149,55 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_one_fraction(plt, points: Sequence[dict], full: dict | None, path: Path, title: str | None) -> Path:
+    # With a single keep fraction a curve has no x extent (every method stacks on one x): draw one row per
+    # score x strategy instead, best at the top, with random (black) and the full data (grey band) as references.
+    rows = sorted((p for p in points if p["score"] != "full"), key=lambda p: p["mean"])
+    keep = rows[0]["keep"]
+    fig, ax = plt.subplots(figsize=(8.5, 1.6 + 0.42 * len(rows)))
+    for y, point in enumerate(rows):
+        colour = "black" if point["score"] == "random" else "tab:blue"
+        ax.errorbar(
+            100 * point["mean"],
+            y,
+            xerr=100 * point["std"],
+            fmt="s" if colour == "black" else "o",
+            color=colour,
+            capsize=3,
+            markersize=5,
+        )
+        ax.annotate(
+            f"{100 * point['mean']:.2f}",
+            (100 * point["mean"], y),
+            xytext=(6, 4),
+            textcoords="offset points",
+            fontsize=7,
+        )
+    random = next((p for p in rows if p["score"] == "random"), None)
+    if random is not None:
+        ax.axvline(100 * random["mean"], color="black", linewidth=1, linestyle="--", label="random")
+    if full is not None:
+        low, high = 100 * (full["mean"] - full["std"]), 100 * (full["mean"] + full["std"])
+        ax.axvspan(low, high, color="grey", alpha=0.25)
+        ax.axvline(100 * full["mean"], color="grey", linewidth=1.5, label=f"full data {100 * full['mean']:.1f}%")
+    ax.set_yticks(
+        range(len(rows)),
+        [f"{p['score']} / {p['strategy']}" if p["score"] != "random" else "random" for p in rows],
+        fontsize=8,
+    )
+    ax.set_xlabel(f"test accuracy (%), keeping {100 * keep:g}% of the training data (mean ± std over seeds)")
+    ax.grid(alpha=0.3, axis="x")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
