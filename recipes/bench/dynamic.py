@@ -222,14 +222,19 @@ def summarise(records: list[dict]) -> dict:
 RUN_SETTINGS = ("rows", "test_rows", "epochs", "batch_size", "lr", "widths", "label_smoothing", "until", "threads")
 
 
+def _changed_settings(config: dict, other: dict) -> list[str]:
+    """The settings that change what a run measures (not which seeds or ratios) on which two configs differ."""
+    # A setting absent from `config` (an output written before that flag existed) had its default: not a change.
+    return [key for key in RUN_SETTINGS if config.get(key, other.get(key)) != other.get(key)]
+
+
 def resume(output: Path, args: argparse.Namespace) -> list[dict]:
     """The runs already recorded in `output` by a run of the same settings (a benchmark stopped part-way goes on
     where it stopped); an error when `output` holds runs of other settings, rather than mixing them."""
     if not output.exists():
         return []
     previous = json.loads(output.read_text())
-    current = vars(args)
-    changed = [key for key in RUN_SETTINGS if previous["config"].get(key, current[key]) != current[key]]
+    changed = _changed_settings(previous["config"], vars(args))
     if changed:
         raise SystemExit(
             f"{output} holds runs with other settings ({', '.join(changed)}); pass another --output or delete it."
@@ -292,7 +297,7 @@ def combine(paths: list[Path], output: Path) -> dict:
     outputs = [json.loads(path.read_text()) for path in paths]
     config = outputs[0]["config"]
     for path, other in zip(paths[1:], outputs[1:]):
-        changed = [key for key in RUN_SETTINGS if other["config"].get(key) != config.get(key)]
+        changed = _changed_settings(config, other["config"])
         if changed:
             raise SystemExit(f"{path} was run with other settings than {paths[0]} ({', '.join(changed)}).")
     records = [record for other in outputs for record in other["runs"]]

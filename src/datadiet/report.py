@@ -143,12 +143,15 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
     ax.set_xlabel("training data kept (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
+    return _save_figure(plt, fig, ax, Path(path), title, legend_columns=2)
+
+
+def _save_figure(plt, fig, ax, path: Path, title: str | None, *, legend_columns: int = 1) -> Path:
     if ax.get_legend_handles_labels()[0]:  # an empty curve (no finished run yet) has nothing to label
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+        ax.legend(fontsize=7, ncol=legend_columns, loc="lower right")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -193,15 +196,7 @@ def _plot_one_fraction(plt, points: Sequence[dict], full: dict | None, path: Pat
     )
     ax.set_xlabel(f"test accuracy (%), keeping {100 * keep:g}% of the training data (mean ± std over seeds)")
     ax.grid(alpha=0.3, axis="x")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower right")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, ax, path, title)
 
 
 _REPORT_USAGE = """usage: datadiet report <curve|hist> [--config recipe.yaml] [--flag value ...]
