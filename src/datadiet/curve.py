@@ -156,14 +156,6 @@ class CurveArguments:
             raise ValueError(
                 f"Unknown curve score(s) {unknown}: choose among {list(_CURVE_SCORES)} (random is always included)."
             )
-        from .selection import list_strategies
-
-        bad = [name for name in self.strategies if name.split("@")[0] not in list_strategies() or name == "random"]
-        if bad:
-            raise ValueError(
-                f"Unknown pruning strategy {bad}: choose among {[s for s in list_strategies() if s != 'random']} "
-                "(random is always included as the baseline)."
-            )
         for name in self.strategies:
             strategy_options(name, self)
         bad_keep = [keep for keep in self.keep_fractions if not 0.0 < keep < 1.0]
@@ -193,7 +185,14 @@ def strategy_options(name: str, args: CurveArguments) -> tuple[str, dict[str, fl
     ('window', {'offset': 0.2, 'hard_cutoff': 0.1, 'num_bins': 50})
     ```
     """
+    from .selection import list_strategies
+
     strategy, _, value = name.partition("@")
+    known = [s for s in list_strategies() if s != "random"]
+    if strategy not in known:
+        raise ValueError(
+            f"Unknown pruning strategy {name!r}: choose among {known} (random is always included as the baseline)."
+        )
     options = {"offset": args.offset, "hard_cutoff": args.hard_cutoff, "num_bins": args.num_bins}
     if not value:
         return strategy, options
