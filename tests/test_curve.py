@@ -157,7 +157,7 @@ def test_arguments_are_validated(tmp_path):
         _arguments(tmp_path, scores=["el2m"])
     with pytest.raises(ValueError, match="keep_fractions"):
         _arguments(tmp_path, keep_fractions=[1.0])
-    with pytest.raises(ValueError, match="random is always included"):
+    with pytest.raises(ValueError, match="every curve includes it as the baseline"):
         _arguments(tmp_path, strategies=["random"])
 
 
@@ -241,7 +241,7 @@ def test_strategy_values_are_validated(tmp_path):
         _arguments(tmp_path, strategies=["window@x"])
     with pytest.raises(ValueError, match="Unknown pruning strategy"):
         _arguments(tmp_path, strategies=["windw@0.2"])
-    with pytest.raises(ValueError, match="random is always included"):
+    with pytest.raises(ValueError, match="every curve includes it as the baseline"):
         _arguments(tmp_path, strategies=["random"])
 
 

@@ -156,6 +156,8 @@ class CurveArguments:
             raise ValueError(
                 f"Unknown curve score(s) {unknown}: choose among {list(_CURVE_SCORES)} (random is always included)."
             )
+        if "random" in self.strategies:
+            raise ValueError("Leave 'random' out of strategies: every curve includes it as the baseline.")
         for name in self.strategies:
             strategy_options(name, self)
         bad_keep = [keep for keep in self.keep_fractions if not 0.0 < keep < 1.0]
@@ -188,11 +190,8 @@ def strategy_options(name: str, args: CurveArguments) -> tuple[str, dict[str, fl
     from .selection import list_strategies
 
     strategy, _, value = name.partition("@")
-    known = [s for s in list_strategies() if s != "random"]
-    if strategy not in known:
-        raise ValueError(
-            f"Unknown pruning strategy {name!r}: choose among {known} (random is always included as the baseline)."
-        )
+    if strategy not in list_strategies():
+        raise ValueError(f"Unknown pruning strategy {name!r}: choose among {list_strategies()}.")
     options = {"offset": args.offset, "hard_cutoff": args.hard_cutoff, "num_bins": args.num_bins}
     if not value:
         return strategy, options
