@@ -141,13 +141,28 @@ def test_verdicts_say_whether_a_method_beats_random_and_matches_full(tmp_path):
     markdown, image = write_curve_report(summary, tmp_path)
     text = markdown.read_text()
     assert (
-        "**el2n / hardest**: at 50% it beats random (+2.8 pt, std 0.0) and within 0.5 pt of full data (-0.2 pt)."
+        "**el2n / hardest**: at 50% it beats random (+2.80 pt, std 0.00) and within 0.5 pt of full data (-0.20 pt)."
         in text
     )
     assert (
-        "**grand / window**: at 50% it loses to random (-2.0 pt, std 0.0) and not within 0.5 pt of full data" in text
+        "**grand / window**: at 50% it loses to random (-2.00 pt, std 0.00) and not within 0.5 pt of full data" in text
     )
     assert image.exists()
+
+
+def test_a_point_on_fewer_seeds_is_compared_with_the_baselines_of_its_seeds(tmp_path):
+    # Seed 2 of the baselines is far higher; a point run on seeds 0 and 1 only must not be judged against it.
+    runs = [
+        {"score": "full", "strategy": "full", "keep": 1.0, "seed": s, "accuracy": a}
+        for s, a in [(0, 0.90), (1, 0.90), (2, 0.99)]
+    ]
+    runs += [
+        {"score": "random", "strategy": "random", "keep": 0.5, "seed": s, "accuracy": a}
+        for s, a in [(0, 0.88), (1, 0.88), (2, 0.97)]
+    ]
+    runs += [{"score": "el2n", "strategy": "window", "keep": 0.5, "seed": s, "accuracy": 0.897} for s in (0, 1)]
+    text = write_curve_report(summarize_runs(runs), tmp_path)[0].read_text()
+    assert "beats random (+1.70 pt, std 0.00) and within 0.5 pt of full data (-0.30 pt)" in text
 
 
 def test_arguments_are_validated(tmp_path):

@@ -633,15 +633,18 @@ def _write_summary(args: CurveArguments, output_dir: Path, runs_path: Path) -> d
     summary = summarize_runs(_read_runs(runs_path))
     summary["arguments"] = asdict(args)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_curve_report(summary, output_dir, title=_title(args))
+    write_curve_report(summary, output_dir, title=_title(args, summary["points"]))
     return summary
 
 
-def _title(args: CurveArguments) -> str:
+def _title(args: CurveArguments, points: list[dict]) -> str:
     budget = f"{args.max_steps} steps" if args.max_steps is not None else f"{args.epochs:g} epochs of each subset"
+    # The seeds finished, not the ones asked for this time: a folder may hold points of a 4th seed run on its own.
+    counts = sorted({p["n"] for p in points}) or [len(args.seeds)]
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     return (
         f"{Path(args.data_files or args.dataset_name).parent.name or args.dataset_name}: {args.model_name}, "
-        f"{budget} at batch {args.batch_size}, {len(args.seeds)} seeds; scores from {len(args.scoring_seeds)} "
+        f"{budget} at batch {args.batch_size}, {seeds} seeds per point; scores from {len(args.scoring_seeds)} "
         f"proxies after {args.scoring_epochs} epoch(s)"
     )
 
@@ -649,7 +652,8 @@ def _title(args: CurveArguments) -> str:
 def summarize_runs(runs: list[dict]) -> dict:
     """Mean and (population) std of the test accuracy of each (score, strategy, keep) over its seeds.
 
-    Returns `{"points": [{"score", "strategy", "keep", "mean", "std", "n", "seeds"}...]}`, sorted.
+    Returns `{"points": [{"score", "strategy", "keep", "mean", "std", "n", "seeds", "accuracies"}...]}`, sorted
+    (`accuracies[i]` is the run of `seeds[i]`).
 
     Example:
     ```python
@@ -674,14 +678,27 @@ def summarize_runs(runs: list[dict]) -> dict:
                 "std": round(float(values.std()), 6),
                 "n": len(values),
                 "seeds": sorted(by_seed),
+                "accuracies": [by_seed[s] for s in sorted(by_seed)],
             }
         )
     return {"points": points}
 
 
+def _on_seeds(reference: dict, seeds: list[int]) -> dict:
+    """`reference` (a summary point) restricted to `seeds`, so that a point run on fewer seeds than its baselines is
+    compared with the baselines' runs of the same seeds. Points written before per-seed accuracies were kept, or
+    missing one of the seeds, are used whole."""
+    by_seed = dict(zip(reference.get("seeds", []), reference.get("accuracies", [])))
+    if not by_seed or set(seeds) == set(by_seed) or not set(seeds) <= set(by_seed):
+        return reference
+    values = np.array([by_seed[s] for s in seeds])
+    return {**reference, "mean": float(values.mean()), "std": float(values.std()), "n": len(values)}
+
+
 def _verdicts(points: list[dict], tolerance: float = 0.005) -> list[str]:
     """One plain sentence per (score, strategy): at each keep fraction, does it beat random (by more than the larger
-    std over seeds; otherwise a tie) and is it within `tolerance` of the full data (or above it)?"""
+    std over seeds; otherwise a tie) and is it within `tolerance` of the full data (or above it)? Both comparisons
+    use the baselines' runs of the same seeds as the point."""
     full = next((p for p in points if p["score"] == "full"), None)
     random = {p["keep"]: p for p in points if p["score"] == "random"}
     sentences = []
@@ -694,18 +711,19 @@ def _verdicts(points: list[dict], tolerance: float = 0.005) -> list[str]:
             keep = point["keep"]
             pieces = []
             if keep in random:
-                delta = 100 * (point["mean"] - random[keep]["mean"])
+                baseline = _on_seeds(random[keep], point.get("seeds", []))
+                delta = 100 * (point["mean"] - baseline["mean"])
                 # A difference smaller than the seeds' spread is not a win or a loss: call it a tie.
-                noise = 100 * max(point["std"], random[keep]["std"])
+                noise = 100 * max(point["std"], baseline["std"])
                 verdict = "ties with" if abs(delta) <= noise else "beats" if delta > 0 else "loses to"
-                pieces.append(f"{verdict} random ({delta:+.1f} pt, std {noise:.1f})")
+                pieces.append(f"{verdict} random ({delta:+.2f} pt, std {noise:.2f})")
             if full is not None:
-                gap = 100 * (point["mean"] - full["mean"])
+                gap = 100 * (point["mean"] - _on_seeds(full, point.get("seeds", []))["mean"])
                 if gap > 100 * tolerance:
-                    pieces.append(f"is above the full data ({gap:+.1f} pt)")
+                    pieces.append(f"is above the full data ({gap:+.2f} pt)")
                 else:
                     within = abs(gap) <= 100 * tolerance
-                    pieces.append(f"{'within' if within else 'not within'} 0.5 pt of full data ({gap:+.1f} pt)")
+                    pieces.append(f"{'within' if within else 'not within'} 0.5 pt of full data ({gap:+.2f} pt)")
             parts.append(f"at {100 * keep:g}% it " + " and ".join(pieces))
         sentences.append(f"- **{score} / {strategy}**: " + "; ".join(parts) + ".")
     return sentences
