@@ -256,8 +256,6 @@ def test_strategy_values_are_validated(tmp_path):
         _arguments(tmp_path, strategies=["window@x"])
     with pytest.raises(ValueError, match="Unknown pruning strategy"):
         _arguments(tmp_path, strategies=["windw@0.2"])
-    with pytest.raises(ValueError, match="every curve includes it as the baseline"):
-        _arguments(tmp_path, strategies=["random"])
 
 
 def test_a_single_keep_fraction_is_drawn_as_one_row_per_method(tmp_path):
