@@ -45,10 +45,12 @@ def detect_columns(
     Example:
     ```python
     >>> from datasets import ClassLabel, Dataset, Features, Value
+    >>> from datadiet.data import detect_columns
     >>> ds = Dataset.from_dict({"text": ["a", "b"], "y": [0, 1]},
     ...                        features=Features({"text": Value("string"), "y": ClassLabel(names=["n", "p"])}))
     >>> detect_columns(ds)
     ('text', 'text', 'y')
+
     ```
     """
     features = dataset.features
@@ -83,8 +85,10 @@ def column_values(dataset: Dataset, name: str) -> np.ndarray:
     Example:
     ```python
     >>> from datasets import Dataset
+    >>> from datadiet.data import column_values
     >>> column_values(Dataset.from_dict({"x": [1.5, 2.5]}), "x")
     array([1.5, 2.5])
+
     ```
     """
     if name not in dataset.column_names:
@@ -322,6 +326,7 @@ class ScoreTransform:
     >>> import timm
     >>> from datasets import ClassLabel, Dataset, Features, Image
     >>> from PIL import Image as PILImage
+    >>> from datadiet import ScoreTransform
     >>> images = [PILImage.new("RGB", (32, 32), color=(i * 40, 0, 0)) for i in range(4)]
     >>> ds = Dataset.from_dict({"img": images, "label": [0, 1, 0, 1]},
     ...                        features=Features({"img": Image(), "label": ClassLabel(names=["a", "b"])}))
@@ -329,6 +334,7 @@ class ScoreTransform:
     >>> scored = ds.map(ScoreTransform(model, ["el2n", "loss"]), batched=True, batch_size=2)
     >>> scored.column_names
     ['img', 'label', 'el2n', 'loss']
+
     ```
     """
 
@@ -425,8 +431,10 @@ def build_image_transform(
     Example:
     ```python
     >>> from PIL import Image
+    >>> from datadiet.data import build_image_transform
     >>> build_image_transform(32, mean=[0.5], std=[0.5])(Image.new("L", (8, 8))).shape
     torch.Size([1, 32, 32])
+
     ```
     """
     from torchvision.transforms import v2
@@ -462,10 +470,12 @@ def load_data(
     ```python
     >>> import tempfile
     >>> from datasets import Dataset
+    >>> from datadiet.data import load_data
     >>> folder = tempfile.mkdtemp()
     >>> Dataset.from_dict({"x": [1, 2, 3]}).save_to_disk(folder)
-    >>> load_data(folder, max_rows=2)["x"]
+    >>> list(load_data(folder, max_rows=2)["x"])
     [1, 2]
+
     ```
     """
     from pathlib import Path

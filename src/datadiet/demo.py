@@ -22,9 +22,11 @@ def load_digits_dataset(test_size: float = 0.25, seed: int = 0):
 
     Example:
     ```python
+    >>> from datadiet.demo import load_digits_dataset
     >>> splits = load_digits_dataset()
     >>> len(splits["train"]), len(splits["test"])
     (1347, 450)
+
     ```
     """
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image

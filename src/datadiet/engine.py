@@ -117,6 +117,7 @@ def get_process_state():
     >>> state = get_process_state()  # under `python script.py`: one process
     >>> state.num_processes, state.process_index
     (1, 0)
+
     ```
     """
     from accelerate import PartialState
@@ -491,8 +492,9 @@ def load_scores(output_dir: str | os.PathLike, *, row_id_column: str = "row_id")
     >>> folder = tempfile.mkdtemp()
     >>> _ = score_dataset(ds, torch.nn.Linear(2, 2), "el2n", image_column="x", output_dir=folder)
     >>> scores = load_scores(folder)
-    >>> scores.column_names, scores["row_id"][:]
+    >>> scores.column_names, list(scores["row_id"])
     (['row_id', 'el2n'], [0, 1, 2])
+
     ```
     """
     output_dir = Path(output_dir)
@@ -571,8 +573,9 @@ def join_scores(
     >>> from datadiet.engine import join_scores
     >>> ds = Dataset.from_dict({"row_id": [7, 3], "label": [0, 1]})
     >>> scores = Dataset.from_dict({"row_id": [3, 7], "el2n": [0.25, 0.5]})
-    >>> join_scores(ds, scores, "row_id")["el2n"][:]
+    >>> list(join_scores(ds, scores, "row_id")["el2n"])
     [0.5, 0.25]
+
     ```
     """
     ids, values = _score_lookup(scores, row_id_column or "row_id")
@@ -731,6 +734,7 @@ def score_dataset(
     ...                        methods=["el2n", "loss"], seeds=[0, 1])
     >>> scored.column_names
     ['img', 'label', 'el2n', 'el2n_std', 'loss', 'loss_std']
+
     ```
     """
     methods = validate_methods(methods)

@@ -64,6 +64,7 @@ def selection_layer(batch_size: int, num_existing: int, quadratic_weight: float,
     >>> z_new, z_old = layer(d_new, d_old, torch.tensor(2.0))
     >>> round(float(z_new.sum()), 3), (z_new.sum(1) + z_old.sum(1)).round(decimals=3).tolist()
     (2.0, [1.0, 1.0, 1.0, 1.0])
+
     ```
     """
     _require_cvxpylayers()
@@ -224,6 +225,7 @@ def select_hostcp(
     >>> result = select_hostcp(features, labels, keep=0.25, epochs=1, batch_size=20, num_existing=10)
     >>> len(result.indices), len(np.intersect1d(result.indices, result.validation_indices))
     (30, 0)
+
     ```
     """
     _require_cvxpylayers()
@@ -423,6 +425,7 @@ def prune_hostcp(
     >>> ds = Dataset.from_dict({"x": rng.normal(size=(100, 4)).tolist(), "label": rng.integers(0, 2, 100).tolist()})
     >>> len(prune_hostcp(ds, keep=0.2, features="x", epochs=0, batch_size=20, num_existing=10))
     20
+
     ```
     """
     from .data import detect_label_column

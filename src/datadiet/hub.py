@@ -127,6 +127,7 @@ def save_pruned(
     >>> folder = save_pruned(ds, tempfile.mkdtemp() + "/pruned", source="my/source-dataset")
     >>> list(load_dataset(str(folder), split="train")["el2n"])
     [0.1, 0.9, 0.4]
+
     ```
     """
     splits = _as_splits(dataset)
@@ -236,10 +237,15 @@ def push_to_hub(
     Returns:
         `huggingface_hub.CommitInfo`: the commit.
 
-    Example:
+    Example (the push itself needs the network and a Hub token with write access, so it is not run as a doctest):
     ```python
+    >>> from datasets import Dataset
+    >>> from datadiet import prune
     >>> from datadiet.hub import push_to_hub
-    >>> push_to_hub(pruned, "me/cifar10-el2n-keep50", private=True)  # doctest: +SKIP
+    >>> scored = Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, 1, 0, 1], "el2n": [0.1, 0.9, 0.4, 0.7]})
+    >>> pruned = prune(scored, "el2n", keep=0.5)
+    >>> push_to_hub(pruned, "me/my-dataset-el2n-keep50", private=True)  # doctest: +SKIP
+
     ```
     """
     from huggingface_hub import HfApi
@@ -314,8 +320,15 @@ def run_push(args: PushArguments) -> dict[str, Any]:
 
     Example:
     ```python
+    >>> import tempfile
+    >>> from datasets import Dataset
     >>> from datadiet.hub import PushArguments, run_push
-    >>> run_push(PushArguments(dataset_path="pruned", output_dir="pruned-hub"))  # doctest: +SKIP
+    >>> folder = tempfile.mkdtemp()
+    >>> Dataset.from_dict({"text": ["a", "b"], "label": [0, 1], "el2n": [0.2, 0.8]}).save_to_disk(f"{folder}/pruned")
+    >>> result = run_push(PushArguments(dataset_path=f"{folder}/pruned", output_dir=f"{folder}/pruned-hub"))
+    >>> sorted(path.name for path in result["output_dir"].iterdir()), result["commit"]
+    (['README.md', 'data', 'score_histogram.png'], None)
+
     ```
     """
     from datasets import load_from_disk

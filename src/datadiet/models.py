@@ -61,6 +61,7 @@ class ClassifierWrapper(nn.Module):
     >>> out = wrapped(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))
     >>> sorted(out)
     ['logits', 'loss']
+
     ```
     """
 
@@ -95,9 +96,11 @@ def build_model(
 
     Example:
     ```python
+    >>> from datadiet.models import build_model
     >>> model = build_model("test_resnet", num_classes=3, seed=0)
     >>> model.num_classes
     3
+
     ```
     """
     model_kwargs = dict(model_kwargs or {})

@@ -26,8 +26,10 @@ class SmallConvNet(nn.Module):
     Example:
     ```python
     >>> import torch
+    >>> from datadiet.nets import SmallConvNet
     >>> SmallConvNet(num_classes=10)(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
+
     ```
     """
 

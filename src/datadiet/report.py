@@ -45,9 +45,11 @@ def plot_score_histogram(
     ```python
     >>> import tempfile, numpy as np
     >>> from datadiet.report import plot_score_histogram
-    >>> path = plot_score_histogram({"el2n": np.random.rand(100)}, tempfile.mkdtemp() + "/hist.png")
+    >>> scores = {"el2n": np.random.default_rng(0).random(100)}
+    >>> path = plot_score_histogram(scores, tempfile.mkdtemp() + "/hist.png")
     >>> path.name
     'hist.png'
+
     ```
     """
     plt = _pyplot()
@@ -108,6 +110,7 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
     ...           {"score": "el2n", "strategy": "hardest", "keep": 0.5, "mean": 0.86, "std": 0.02}]
     >>> plot_pruning_curve(points, tempfile.mkdtemp() + "/curve.png").name
     'curve.png'
+
     ```
     """
     plt = _pyplot()
@@ -274,6 +277,7 @@ def plot_data_map(
     ...                      correctness=rng.integers(0, 6, 200) / 5)
     >>> path.name
     'map.png'
+
     ```
     """
     confidence = np.asarray(confidence, dtype=np.float64)

@@ -225,8 +225,9 @@ def prune(
     >>> from datasets import Dataset
     >>> from datadiet import prune
     >>> ds = Dataset.from_dict({"x": [0, 1, 2, 3], "el2n": [0.1, 0.9, 0.5, 0.7]})
-    >>> prune(ds, "el2n", keep=0.5)["x"]
+    >>> list(prune(ds, "el2n", keep=0.5)["x"])
     [1, 3]
+
     ```
     """
     num_rows = len(dataset)

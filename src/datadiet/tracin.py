@@ -59,6 +59,7 @@ def tracin_self_influence(model: nn.Module, inputs: Inputs, labels: torch.Tensor
     >>> model = torch.nn.Linear(4, 3)
     >>> tracin_self_influence(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])).shape
     torch.Size([5])
+
     ```
     """
     from .scores.grad_norms import per_example_grad_norms
@@ -175,6 +176,7 @@ def per_example_gradients(
     >>> model = torch.nn.Linear(4, 3).eval()
     >>> per_example_gradients(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])).shape
     torch.Size([5, 15])
+
     ```
     """
     if method not in ("auto", "vmap", "loop"):
@@ -297,6 +299,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], f
     >>> state_dict, lr = load_checkpoint(folder)
     >>> sorted(state_dict), lr
     (['bias', 'weight'], None)
+
     ```
     """
     from safetensors.torch import load_file
@@ -436,6 +439,7 @@ class TracIn:
     (20,)
     >>> tracin.influence(train, test, k=3).proponents.shape
     (2, 3)
+
     ```
     """
 
@@ -720,6 +724,7 @@ class TracIn:
         >>> result = tracin.influence(train, test, k=5)
         >>> result.proponents.shape, result.opponents.shape
         ((2, 5), (2, 5))
+
         ```
         """
         num_train = self._num_rows(train_dataset)

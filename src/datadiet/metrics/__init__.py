@@ -15,8 +15,10 @@ def load_metric(name: str):
     Example:
     ```python
     >>> from datadiet.metrics import load_metric
-    >>> load_metric("accuracy").compute(predictions=[0, 1, 1], references=[0, 1, 0])["accuracy"]
-    0.6666666666666666
+    >>> result = load_metric("accuracy").compute(predictions=[0, 1, 1], references=[0, 1, 0])
+    >>> round(result["accuracy"], 4)
+    0.6667
+
     ```
     """
     import evaluate

@@ -20,6 +20,7 @@ def el2n(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     >>> from datadiet.scores import el2n
     >>> el2n(torch.tensor([[0.0, 0.0]]), torch.tensor([0]))
     tensor([0.7071])
+
     ```
     """
     probs = logits.float().softmax(dim=-1)

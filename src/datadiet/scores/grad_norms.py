@@ -869,6 +869,7 @@ def per_example_grad_norms(
     >>> reference = torch.cat([p.flatten() for p in torch.autograd.grad(loss, list(model.parameters()))]).norm()
     >>> torch.allclose(norms[0], reference, rtol=1e-4)
     True
+
     ```
     """
     if not isinstance(targets, torch.Tensor) or targets.ndim == 0:
@@ -963,6 +964,7 @@ def grand(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor], labe
     >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     >>> get_score("grand")(model, torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])).shape
     torch.Size([4])
+
     ```
     """
     return per_example_grad_norms(model, inputs, labels)

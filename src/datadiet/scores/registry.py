@@ -47,6 +47,7 @@ def register_score(name: str, *, needs: str = "logits", higher_is_harder: bool =
     ...     return logits.max(dim=-1).values
     >>> get_score("max_logit")(torch.tensor([[1.0, 3.0]]), torch.tensor([0]))
     tensor([3.])
+
     ```
     """
     if needs not in _NEEDS:

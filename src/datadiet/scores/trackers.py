@@ -44,6 +44,7 @@ def training_quantities(logits: torch.Tensor, labels: torch.Tensor) -> dict[str,
     >>> q = training_quantities(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
     >>> q["correct"]
     tensor([1., 0.])
+
     ```
     """
     logits = logits.detach().float()
@@ -94,6 +95,7 @@ def forgetting_events(correct_history, *, never_learned: float | None = None) ->
     >>> from datadiet.scores import forgetting_events
     >>> forgetting_events([[0, 1, 0, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]).tolist()
     [2.0, 0.0, 5.0]
+
     ```
     """
     history = _as_history(correct_history)
@@ -127,6 +129,7 @@ def area_under_margin(margin_history) -> np.ndarray:
     >>> from datadiet.scores import area_under_margin
     >>> area_under_margin([[1.0, 3.0], [-2.0, np.nan]]).tolist()
     [2.0, -2.0]
+
     ```
     """
     return _nan_reduce(np.nanmean, _as_history(margin_history))
@@ -141,6 +144,7 @@ def confidence(probability_history) -> np.ndarray:
     >>> from datadiet.scores import confidence
     >>> confidence([[0.2, 0.4], [0.9, 0.9]]).round(3).tolist()
     [0.3, 0.9]
+
     ```
     """
     return _nan_reduce(np.nanmean, _as_history(probability_history))
@@ -155,6 +159,7 @@ def variability(probability_history) -> np.ndarray:
     >>> from datadiet.scores import variability
     >>> variability([[0.2, 0.4], [0.9, 0.9]]).round(3).tolist()
     [0.1, 0.0]
+
     ```
     """
     return _nan_reduce(np.nanstd, _as_history(probability_history))
@@ -169,6 +174,7 @@ def correctness(correct_history) -> np.ndarray:
     >>> from datadiet.scores import correctness
     >>> correctness([[1, 0, 1, 1]]).tolist()
     [0.75]
+
     ```
     """
     return _nan_reduce(np.nanmean, _as_history(correct_history))
@@ -208,13 +214,13 @@ class TrainingDynamics:
 
     Example:
     ```python
-    >>> import numpy as np
     >>> from datadiet.scores import TrainingDynamics
     >>> dynamics = TrainingDynamics(num_rows=2)
-    >>> dynamics.add_epoch([1, 0], {"correct": [1.0, 0.0], "margin": [2.0, -1.0]})
+    >>> dynamics.add_epoch([1, 0], {"correct": [1.0, 0.0], "margin": [2.0, -1.0]})  # rows 1 and 0, in that order
     >>> dynamics.add_epoch([0, 1], {"correct": [1.0, 0.0], "margin": [3.0, -2.0]})
-    >>> dynamics.summary(["aum", "forgetting"])["aum"].tolist()
-    [1.0, 0.0]
+    >>> {name: values.tolist() for name, values in dynamics.summary(["aum", "forgetting"]).items()}
+    {'aum': [1.0, 0.0], 'forgetting': [0.0, 1.0]}
+
     ```
     """
 

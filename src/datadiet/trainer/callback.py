@@ -71,6 +71,7 @@ def with_row_ids(dataset, column: str = DEFAULT_ROW_ID_COLUMN) -> RowIdDataset:
     >>> from datadiet.trainer import with_row_ids
     >>> with_row_ids(Dataset.from_dict({"x": [5, 6]}))[1]
     {'x': 6, 'datadiet_row_id': 1}
+
     ```
     """
     return RowIdDataset(dataset, column)
@@ -115,15 +116,25 @@ class ScoreCallback(TrainerCallback):
         row_id_column: the batch key holding each example's position in the training set.
         label_name: the batch key holding the labels.
 
-    Example:
+    Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics):
     ```python
+    >>> import tempfile, torch
+    >>> from datasets import Dataset
     >>> from transformers import Trainer, TrainingArguments
+    >>> from datadiet.models import ClassifierWrapper
     >>> from datadiet.trainer import ScoreCallback, with_row_ids
-    >>> callback = ScoreCallback()
-    >>> trainer = Trainer(model, TrainingArguments("out", remove_unused_columns=False, label_names=["labels"]),
-    ...                   train_dataset=with_row_ids(train_dataset), callbacks=[callback])  # doctest: +SKIP
-    >>> trainer.train()  # doctest: +SKIP
-    >>> train_dataset = callback.add_scores(train_dataset)  # doctest: +SKIP
+    >>> train_dataset = Dataset.from_dict({"pixel_values": torch.randn(16, 4), "labels": [0, 1] * 8})
+    >>> train_dataset = train_dataset.with_format("torch")
+    >>> callback = ScoreCallback(["forgetting", "aum"])
+    >>> args = TrainingArguments(tempfile.mkdtemp(), num_train_epochs=2, per_device_train_batch_size=8, report_to=[],
+    ...                          remove_unused_columns=False, label_names=["labels"])
+    >>> trainer = Trainer(ClassifierWrapper(torch.nn.Linear(4, 2)), args, train_dataset=with_row_ids(train_dataset),
+    ...                   callbacks=[callback])
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {'train_runtime': ...}
+    >>> callback.add_scores(train_dataset).column_names
+    ['pixel_values', 'labels', 'forgetting', 'aum']
+
     ```
     """
 

@@ -141,6 +141,7 @@ class DataDietConfig(TrainingArguments):
         >>> config = DataDietConfig.from_training_arguments(TrainingArguments("out", learning_rate=0.1))
         >>> config.learning_rate, config.track_scores[:2]
         (0.1, ['loss', 'el2n'])
+
         ```
         """
         if isinstance(args, cls) and not overrides:

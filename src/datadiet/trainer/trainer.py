@@ -169,15 +169,22 @@ class DataDietTrainer(Trainer):
         scoring_dataset (`datasets.Dataset`, *optional*): the rows of `train_dataset`, in the same order, preprocessed
             without augmentation, for the eval-mode scoring passes of `score_epochs` (defaults to `train_dataset`).
 
-    Example:
+    Example (a tiny timm model on random images, two epochs with an EL2N scoring pass after the first; on real data,
+    say, `num_train_epochs=200, score_epochs=[20]`; `trainer.train()` prints its final metrics):
     ```python
-    >>> import timm
+    >>> import tempfile, timm, torch
+    >>> from datasets import Dataset
     >>> from datadiet.trainer import DataDietConfig, DataDietTrainer
-    >>> config = DataDietConfig("out", num_train_epochs=20, score_epochs=[10], score_methods=["el2n"])
-    >>> trainer = DataDietTrainer(timm.create_model("resnet18", num_classes=10), config,
-    ...                           train_dataset=train_dataset)  # doctest: +SKIP
-    >>> trainer.train()  # doctest: +SKIP
-    >>> train_dataset = trainer.add_scores(train_dataset)  # doctest: +SKIP
+    >>> images = torch.randn(16, 3, 16, 16)
+    >>> train_dataset = Dataset.from_dict({"pixel_values": images, "labels": [0, 1] * 8}).with_format("torch")
+    >>> config = DataDietConfig(tempfile.mkdtemp(), num_train_epochs=2, per_device_train_batch_size=8, report_to=[],
+    ...                         score_epochs=[1], score_methods=["el2n"])
+    >>> trainer = DataDietTrainer(timm.create_model("test_resnet", num_classes=2), config, train_dataset=train_dataset)
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {'train_runtime': ...}
+    >>> trainer.scores.column_names
+    ['loss', 'el2n', 'margin', 'forgetting', 'aum', 'confidence', 'variability', 'correctness', 'el2n_epoch1']
+
     ```
     """
 
@@ -536,10 +543,23 @@ class DataDietTrainer(Trainer):
         """`dataset` (the training set: same rows, same order) with the columns of `scores` added, replacing columns of
         the same names, and with `history=True` one `<quantity>_history` list column per tracked quantity.
 
-        Example:
+        Example (then prune by a tracked score):
         ```python
-        >>> train_dataset = trainer.add_scores(train_dataset)  # doctest: +SKIP
-        >>> datadiet.prune(train_dataset, by="forgetting", keep=0.7)  # doctest: +SKIP
+        >>> import tempfile, torch
+        >>> from datasets import Dataset
+        >>> from datadiet import prune
+        >>> from datadiet.models import ClassifierWrapper
+        >>> from datadiet.trainer import DataDietConfig, DataDietTrainer
+        >>> train_dataset = Dataset.from_dict({"pixel_values": torch.randn(10, 4), "labels": [0, 1] * 5})
+        >>> train_dataset = train_dataset.with_format("torch")
+        >>> config = DataDietConfig(tempfile.mkdtemp(), num_train_epochs=2, report_to=[], track_scores=["forgetting"])
+        >>> trainer = DataDietTrainer(ClassifierWrapper(torch.nn.Linear(4, 2)), config, train_dataset=train_dataset)
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {'train_runtime': ...}
+        >>> train_dataset = trainer.add_scores(train_dataset)
+        >>> train_dataset.column_names, len(prune(train_dataset, by="forgetting", keep=0.7))
+        (['pixel_values', 'labels', 'forgetting'], 7)
+
         ```
         """
         provenance = {
@@ -609,10 +629,16 @@ def train_proxy_model(
 
     Example:
     ```python
-    >>> import timm
+    >>> import timm, torch
+    >>> from datasets import Dataset
     >>> from datadiet.trainer import train_proxy_model
-    >>> model = train_proxy_model(timm.create_model("test_resnet", num_classes=10), train_dataset, epochs=1,
-    ...                           seed=0, batch_size=64)  # doctest: +SKIP
+    >>> images = torch.randn(16, 3, 16, 16)
+    >>> train_dataset = Dataset.from_dict({"pixel_values": images, "labels": [0, 1] * 8}).with_format("torch")
+    >>> model = train_proxy_model(timm.create_model("test_resnet", num_classes=2), train_dataset, epochs=1, seed=0,
+    ...                           batch_size=8)
+    >>> model.training
+    False
+
     ```
     """
     if epochs <= 0:
