@@ -174,6 +174,15 @@ def test_arguments_are_validated(tmp_path):
         _arguments(tmp_path, keep_fractions=[1.0])
     with pytest.raises(ValueError, match="every curve includes it as the baseline"):
         _arguments(tmp_path, strategies=["random"])
+    # torch's OneCycleLR divides by zero at 4 steps (a warm-up of 25% of them is one step long, i.e. zero).
+    with pytest.raises(ValueError, match="max_steps gives 4 training step"):
+        _arguments(tmp_path, max_steps=4)
+
+
+def test_too_few_proxy_steps_are_refused_before_training(tmp_path):
+    # 64 rows at batch 32 for 2 epochs: 4 proxy steps, too few for the one-cycle schedule.
+    with pytest.raises(ValueError, match="Scoring the proxies .64 rows, batch_size=32, scoring_epochs=2. gives 4"):
+        run_curve(_arguments(tmp_path, max_rows=64))
 
 
 def test_changed_budget_in_the_same_folder_is_refused(curve):

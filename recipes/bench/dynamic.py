@@ -161,7 +161,7 @@ def run(ratio: float, seed: int, train: AugmentedCifar, test: tuple, args: argpa
         use_cpu=True,
         save_strategy="no",
         logging_strategy="no",
-        disable_tqdm=True,
+        disable_tqdm=False,  # the Trainer's progress bar: a 150-epoch run takes tens of minutes
         report_to=[],
         dataloader_pin_memory=False,
         track_scores=["loss"],

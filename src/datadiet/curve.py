@@ -147,8 +147,8 @@ class CurveArguments:
     def __post_init__(self):
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("Give exactly one training budget: max_steps (fixed steps, fair) or epochs.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}.")
+        if self.max_steps is not None:
+            _check_steps(self.max_steps, "max_steps")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}.")
         unknown = [name for name in self.scores if name not in _CURVE_SCORES]
@@ -182,9 +182,11 @@ def strategy_options(name: str, args: CurveArguments) -> tuple[str, dict[str, fl
 
     Example:
     ```python
-    >>> args = CurveArguments("sklearn-digits", max_steps=1, offset=0.1)
+    >>> from datadiet.curve import CurveArguments, strategy_options
+    >>> args = CurveArguments("sklearn-digits", max_steps=100, offset=0.1)
     >>> strategy_options("window@0.2", args)
     ('window', {'offset': 0.2, 'hard_cutoff': 0.1, 'num_bins': 50})
+
     ```
     """
     from .selection import list_strategies
@@ -308,6 +310,19 @@ def _build(args: CurveArguments, data: _Data, seed: int) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+_MIN_STEPS = 5
+
+
+def _check_steps(steps: int, what: str) -> None:
+    """The one-cycle schedule needs a warm-up and an anneal of at least one step each: with 4 steps and a 25% warm-up
+    torch's `OneCycleLR` divides by zero, and with fewer the only steps run at a learning rate near 0."""
+    if steps < _MIN_STEPS:
+        raise ValueError(
+            f"{what} gives {steps} training step(s); the one-cycle schedule needs at least {_MIN_STEPS}. "
+            "Raise max_steps / epochs / scoring_epochs, or lower batch_size."
+        )
+
+
 def _train(
     model: nn.Module,
     data: _Data,
@@ -389,7 +404,12 @@ def _score_proxy(args: CurveArguments, data: _Data, seed: int, path: Path) -> di
     steps_per_epoch = max(num_rows // args.batch_size, 1)
     history = np.full((num_rows, args.scoring_epochs), np.nan)
     model = _build(args, data, seed)
-    _train(model, data, np.arange(num_rows), steps_per_epoch * args.scoring_epochs, args, seed, history)
+    steps = steps_per_epoch * args.scoring_epochs
+    _check_steps(
+        steps,
+        f"Scoring the proxies ({num_rows} rows, batch_size={args.batch_size}, scoring_epochs={args.scoring_epochs})",
+    )
+    _train(model, data, np.arange(num_rows), steps, args, seed, history)
     wanted = [name for name in args.scores if name not in ("forgetting", "input_norm")]
     values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
     for start in range(0, num_rows, args.eval_batch_size):
@@ -566,13 +586,17 @@ def run_curve(args: CurveArguments) -> dict:
     plus full-data and random-subset references; write `runs.jsonl`, `summary.json`, `curve.png` and `curve.md` to
     `args.output_dir` and return the summary. Finished runs found in `runs.jsonl` are not run again.
 
-    Example:
+    Example (a toy budget, to show the calls: 40 digits, one seed, 5 steps per run):
     ```python
+    >>> import tempfile
     >>> from datadiet.curve import CurveArguments, run_curve
     >>> args = CurveArguments("sklearn-digits", model_name="datadiet_tiny_net", scores=["el2n"],
-    ...                       strategies=["hardest"], keep_fractions=[0.5], seeds=[0, 1], scoring_seeds=[0],
-    ...                       max_steps=20, batch_size=64, flip=False, crop_padding=1, output_dir="out/curve")
-    >>> summary = run_curve(args)  # doctest: +SKIP
+    ...                       strategies=["hardest"], keep_fractions=[0.5], seeds=[0], scoring_seeds=[0],
+    ...                       max_rows=40, max_eval_rows=40, max_steps=5, batch_size=8, output_dir=tempfile.mkdtemp())
+    >>> summary = run_curve(args)
+    >>> [(point["score"], point["strategy"], point["keep"]) for point in summary["points"]]
+    [('el2n', 'hardest', 0.5), ('full', 'full', 1.0), ('random', 'random', 0.5)]
+
     ```
     """
     from tqdm.auto import tqdm
@@ -609,6 +633,7 @@ def run_curve(args: CurveArguments) -> dict:
             steps = args.max_steps
         else:
             steps = max(1, math.ceil(args.epochs * len(rows) / args.batch_size))
+            _check_steps(steps, f"epochs={args.epochs} of {len(rows)} rows at batch_size={args.batch_size}")
         model = _train(_build(args, data, seed), data, rows, steps, args, seed)
         accuracy = _accuracy(model, data, args.eval_batch_size)
         record = {
@@ -657,9 +682,13 @@ def summarize_runs(runs: list[dict]) -> dict:
 
     Example:
     ```python
-    >>> summarize_runs([{"score": "full", "strategy": "full", "keep": 1.0, "seed": s, "accuracy": a}
-    ...                 for s, a in [(0, 0.9), (1, 0.8)]])["points"][0]["mean"]
-    0.85
+    >>> from datadiet.curve import summarize_runs
+    >>> runs = [{"score": "full", "strategy": "full", "keep": 1.0, "seed": 0, "accuracy": 0.9},
+    ...         {"score": "full", "strategy": "full", "keep": 1.0, "seed": 1, "accuracy": 0.8}]
+    >>> point = summarize_runs(runs)["points"][0]
+    >>> point["mean"], point["std"], point["seeds"]
+    (0.85, 0.05, [0, 1])
+
     ```
     """
     groups: dict[tuple, dict[int, float]] = {}
