@@ -163,6 +163,7 @@ def test_a_point_on_fewer_seeds_is_compared_with_the_baselines_of_its_seeds(tmp_
     runs += [{"score": "el2n", "strategy": "window", "keep": 0.5, "seed": s, "accuracy": 0.897} for s in (0, 1)]
     text = write_curve_report(summarize_runs(runs), tmp_path)[0].read_text()
     assert "beats random (+1.70 pt, std 0.00) and within 0.5 pt of full data (-0.30 pt)" in text
+    assert "- 50%: el2n / window 89.70 (n=2), random 88.00, full 90.00" in text
 
 
 def test_arguments_are_validated(tmp_path):

@@ -777,7 +777,7 @@ def write_curve_report(summary: dict, output_dir: str | Path, *, title: str | No
     if full is not None:
         lines.append(f"Full data (100%): **{100 * full['mean']:.2f} ± {100 * full['std']:.2f}** (n={full['n']})")
         lines.append("")
-    best: dict[float, tuple[float, str]] = {}
+    best: dict[float, dict] = {}
     if keeps:
         lines.append("| score | strategy | " + " | ".join(f"keep {100 * k:g}%" for k in keeps) + " |")
         lines.append("|---|---|" + "---|" * len(keeps))
@@ -792,20 +792,22 @@ def write_curve_report(summary: dict, output_dir: str | Path, *, title: str | No
                 cells.append("—")
                 continue
             cells.append(f"{100 * point['mean']:.2f} ± {100 * point['std']:.2f} (n={point['n']})")
-            if score != "random" and point["mean"] > best.get(keep, (-1.0, ""))[0]:
-                best[keep] = (point["mean"], f"{score} / {strategy}")
+            if score != "random" and point["mean"] > best.get(keep, {"mean": -1.0})["mean"]:
+                best[keep] = point
         lines.append(f"| {score} | {strategy} | " + " | ".join(cells) + " |")
     lines += ["", "## Verdicts", ""]
     lines += _verdicts(points)
     if best:
-        lines += ["", "Best score / strategy per keep fraction:"]
+        lines += ["", "Best score / strategy per keep fraction (the baselines on the same seeds):"]
         for keep in keeps:
             if keep in best:
-                mean, name = best[keep]
+                point = best[keep]
+                seeds = point.get("seeds", [])
                 random = lookup.get(("random", "random", keep))
-                versus = f", random {100 * random['mean']:.2f}" if random else ""
-                versus += f", full {100 * full['mean']:.2f}" if full else ""
-                lines.append(f"- {100 * keep:g}%: {name} {100 * mean:.2f}{versus}")
+                versus = f", random {100 * _on_seeds(random, seeds)['mean']:.2f}" if random else ""
+                versus += f", full {100 * _on_seeds(full, seeds)['mean']:.2f}" if full else ""
+                name = f"{point['score']} / {point['strategy']}"
+                lines.append(f"- {100 * keep:g}%: {name} {100 * point['mean']:.2f} (n={point['n']}){versus}")
     markdown = output_dir / "curve.md"
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown.write_text("\n".join(lines) + "\n")
