@@ -108,7 +108,7 @@ def test_table_numbers_are_the_runs_mean_and_std(curve):
     assert (output_dir / "curve.png").stat().st_size > 10_000
     assert (output_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cells = {}
-    for line in table.splitlines():
+    for line in table.split("## Verdicts")[0].splitlines():
         if line.startswith("| ") and not line.startswith("| score"):
             parts = [p.strip() for p in line.strip("|").split("|")]
             for keep, cell in zip(sorted(KEEPS, reverse=True), parts[2:]):
@@ -126,6 +126,16 @@ def test_table_numbers_are_the_runs_mean_and_std(curve):
     assert f"**{statistics.mean(full):.2f} ± {statistics.pstdev(full):.2f}**" in table
     # One plain verdict per score x strategy.
     assert table.count("- **") == 4
+    # The per-seed table holds every run, in its seed's column.
+    per_seed = {}
+    for line in table.split("## Per seed")[1].splitlines():
+        if line.startswith("| ") and not line.startswith("| score"):
+            parts = [p.strip() for p in line.strip("|").split("|")]
+            for seed, cell in zip(SEEDS, parts[3:]):
+                per_seed[(parts[0], parts[1], float(parts[2].rstrip("%")) / 100, seed)] = float(cell.split()[0])
+    assert len(per_seed) == len(runs)
+    for run in runs:
+        assert per_seed[(run["score"], run["strategy"], run["keep"], run["seed"])] == round(100 * run["accuracy"], 2)
 
 
 def test_verdicts_say_whether_a_method_beats_random_and_matches_full(tmp_path):
@@ -164,6 +174,9 @@ def test_a_point_on_fewer_seeds_is_compared_with_the_baselines_of_its_seeds(tmp_
     text = write_curve_report(summarize_runs(runs), tmp_path)[0].read_text()
     assert "beats random (+1.70 pt, std 0.00) and within 0.5 pt of full data (-0.30 pt)" in text
     assert "- 50%: el2n / window 89.70 (n=2), random 88.00, full 90.00" in text
+    # The per-seed table pairs each run with the random subset of its seed; seed 2 was not run for el2n.
+    assert "| el2n | window | 50% | 89.70 (+1.70) | 89.70 (+1.70) | — |" in text
+    assert "| random | random | 50% | 88.00 | 88.00 | 97.00 |" in text
 
 
 def test_arguments_are_validated(tmp_path):

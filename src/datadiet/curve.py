@@ -758,6 +758,38 @@ def _verdicts(points: list[dict], tolerance: float = 0.005) -> list[str]:
     return sentences
 
 
+def _per_seed_table(points: list[dict]) -> list[str]:
+    """Every run's accuracy by seed, and each pruned run minus the random subset of its seed and keep fraction (the
+    paired difference: a method that wins on every seed is more convincing than its mean alone says)."""
+    seeds = sorted({seed for point in points for seed in point.get("seeds", [])})
+    if not seeds or all(point["score"] == "full" for point in points):
+        return []  # the report already says that no pruned run has finished
+    random = {p["keep"]: p for p in points if p["score"] == "random"}
+    lines = ["", "## Per seed", ""]
+    lines.append(
+        "Test accuracy (%) of every run; in brackets, minus the random subset of the same seed and keep (pt)."
+    )
+    lines.append("")
+    lines.append("| score | strategy | keep | " + " | ".join(f"seed {seed}" for seed in seeds) + " |")
+    lines.append("|---|---|---|" + "---|" * len(seeds))
+    for point in sorted(points, key=lambda p: (p["score"] != "full", p["score"] != "random", -p["keep"])):
+        by_seed = dict(zip(point["seeds"], point["accuracies"]))
+        baseline = {} if point["score"] in ("full", "random") else random.get(point["keep"], {})
+        baseline = dict(zip(baseline.get("seeds", []), baseline.get("accuracies", [])))
+        cells = []
+        for seed in seeds:
+            if seed not in by_seed:
+                cells.append("—")
+            elif seed in baseline:
+                cells.append(f"{100 * by_seed[seed]:.2f} ({100 * (by_seed[seed] - baseline[seed]):+.2f})")
+            else:
+                cells.append(f"{100 * by_seed[seed]:.2f}")
+        lines.append(
+            f"| {point['score']} | {point['strategy']} | {100 * point['keep']:g}% | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
 def write_curve_report(summary: dict, output_dir: str | Path, *, title: str | None = None) -> tuple[Path, Path]:
     """Write `curve.md` (a table of mean ± std test accuracy per score × strategy and keep fraction, then one plain
     verdict per score × strategy) and `curve.png` (see `datadiet.report.plot_pruning_curve`); return both paths."""
@@ -808,6 +840,7 @@ def write_curve_report(summary: dict, output_dir: str | Path, *, title: str | No
                 versus += f", full {100 * _on_seeds(full, seeds)['mean']:.2f}" if full else ""
                 name = f"{point['score']} / {point['strategy']}"
                 lines.append(f"- {100 * keep:g}%: {name} {100 * point['mean']:.2f} (n={point['n']}){versus}")
+    lines += _per_seed_table(points)
     markdown = output_dir / "curve.md"
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown.write_text("\n".join(lines) + "\n")
