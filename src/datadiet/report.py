@@ -4,6 +4,7 @@ pruning curves. matplotlib is imported inside each function (Agg backend), so `i
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def _save(fig, path: str | Path, title: str | None = None) -> Path:
     """Title, lay out and write `fig` as a PNG at `path` (folders created), close it, and return the path."""
     plt = _pyplot()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(textwrap.fill(title, 90))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,7 @@ def _save_figure(plt, fig, ax, path: Path, title: str | None, *, legend_columns:
     if ax.get_legend_handles_labels()[0]:  # an empty curve (no finished run yet) has nothing to label
         ax.legend(fontsize=7, ncol=legend_columns, loc="lower right")
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(textwrap.fill(title, 90), fontsize=9)  # a long title would run off the figure
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
