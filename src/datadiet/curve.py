@@ -403,12 +403,12 @@ def _score_proxy(args: CurveArguments, data: _Data, seed: int, path: Path) -> di
     num_rows = len(data.y_train)
     steps_per_epoch = max(num_rows // args.batch_size, 1)
     history = np.full((num_rows, args.scoring_epochs), np.nan)
-    model = _build(args, data, seed)
     steps = steps_per_epoch * args.scoring_epochs
     _check_steps(
         steps,
         f"Scoring the proxies ({num_rows} rows, batch_size={args.batch_size}, scoring_epochs={args.scoring_epochs})",
     )
+    model = _build(args, data, seed)
     _train(model, data, np.arange(num_rows), steps, args, seed, history)
     wanted = [name for name in args.scores if name not in ("forgetting", "input_norm")]
     values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
@@ -713,11 +713,16 @@ def summarize_runs(runs: list[dict]) -> dict:
     return {"points": points}
 
 
+def _by_seed(point: dict) -> dict[int, float]:
+    """A summary point's accuracy of each seed."""
+    return dict(zip(point.get("seeds", []), point.get("accuracies", [])))
+
+
 def _on_seeds(reference: dict, seeds: list[int]) -> dict:
     """`reference` (a summary point) restricted to `seeds`, so that a point run on fewer seeds than its baselines is
     compared with the baselines' runs of the same seeds. Points written before per-seed accuracies were kept, or
     missing one of the seeds, are used whole."""
-    by_seed = dict(zip(reference.get("seeds", []), reference.get("accuracies", [])))
+    by_seed = _by_seed(reference)
     if not by_seed or set(seeds) == set(by_seed) or not set(seeds) <= set(by_seed):
         return reference
     values = np.array([by_seed[s] for s in seeds])
@@ -773,9 +778,9 @@ def _per_seed_table(points: list[dict]) -> list[str]:
     lines.append("| score | strategy | keep | " + " | ".join(f"seed {seed}" for seed in seeds) + " |")
     lines.append("|---|---|---|" + "---|" * len(seeds))
     for point in sorted(points, key=lambda p: (p["score"] != "full", p["score"] != "random", -p["keep"])):
-        by_seed = dict(zip(point["seeds"], point["accuracies"]))
-        baseline = {} if point["score"] in ("full", "random") else random.get(point["keep"], {})
-        baseline = dict(zip(baseline.get("seeds", []), baseline.get("accuracies", [])))
+        by_seed = _by_seed(point)
+        paired = point["score"] not in ("full", "random")
+        baseline = _by_seed(random.get(point["keep"], {})) if paired else {}
         cells = []
         for seed in seeds:
             if seed not in by_seed:
