@@ -494,6 +494,27 @@ def test_train_proxy_model_returns_the_trained_model_in_eval_mode(tmp_path, cifa
     assert all(torch.isfinite(value).all() for value in model.state_dict().values())
 
 
+def test_fit_with_a_built_preprocessor_trains_as_with_transform_and_columns(tmp_path):
+    from datadiet.data import Preprocessor
+    from datadiet.trainer.proxy import evaluate_accuracy, fit
+
+    digits = _digits(32).with_format(None)
+    raw = Dataset.from_dict({"features": digits["pixel_values"], "label": digits["labels"]})
+    preprocessor = Preprocessor(None, input_column="features", kind="array", label_column="label")
+    budget = {"max_steps": 3, "seed": 0, "batch_size": 8, "learning_rate": 1e-2, "progress_bar": False}
+    by_columns = fit(_MLP(), raw, image_column="features", label_column="label", **budget)
+    by_preprocessor = fit(_MLP(), raw, preprocessor=preprocessor, **budget)
+    for name, value in by_columns.state_dict().items():
+        assert torch.equal(value, by_preprocessor.state_dict()[name]), name
+    assert evaluate_accuracy(by_columns, raw, image_column="features") == evaluate_accuracy(
+        by_preprocessor, raw, preprocessor=preprocessor
+    )
+    with pytest.raises(ValueError, match="either preprocessor= or \\['image_column'\\]"):
+        fit(_MLP(), raw, preprocessor=preprocessor, image_column="features", **budget)
+    with pytest.raises(ValueError, match="exactly one training budget"):
+        fit(_MLP(), raw, preprocessor=preprocessor, epochs=1, **budget)
+
+
 def test_data_map_plot_from_trainer_scores(tmp_path):
     from PIL import Image
 

@@ -3,6 +3,7 @@ per-example scores tracked during training, scoring passes at chosen epochs, dyn
 
 from .callback import RowIdDataset, ScoreCallback, with_row_ids
 from .config import DataDietConfig
-from .trainer import DataDietTrainer, train_proxy_model
+from .proxy import train_proxy_model
+from .trainer import DataDietTrainer
 
 __all__ = ["DataDietConfig", "DataDietTrainer", "RowIdDataset", "ScoreCallback", "train_proxy_model", "with_row_ids"]

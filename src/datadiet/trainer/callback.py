@@ -1,5 +1,6 @@
 """`ScoreCallback`: per-example training dynamics (loss, EL2N, margin, correctness at every epoch, and the forgetting,
-AUM and data-map scores derived from them) recorded from the training forward passes of a `transformers.Trainer`."""
+AUM and data-map scores derived from them) recorded from a `transformers.Trainer`'s training forward passes, and the
+dataset views that feed it (`with_row_ids`)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,15 @@ from ..scores.trackers import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RowIdDataset", "ScoreCallback", "with_row_ids"]
+__all__ = [
+    "RowIdDataset",
+    "ScoreCallback",
+    "TransformedView",
+    "add_score_columns",
+    "all_gather_objects",
+    "has_transform",
+    "with_row_ids",
+]
 
 DEFAULT_ROW_ID_COLUMN = "datadiet_row_id"
 
@@ -77,15 +86,52 @@ def with_row_ids(dataset, column: str = DEFAULT_ROW_ID_COLUMN) -> RowIdDataset:
     return RowIdDataset(dataset, column)
 
 
-def _logits_of(output) -> torch.Tensor:
-    """The logits of a model output, including the plain `{"loss", "logits"}` dict of `ClassifierWrapper`."""
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    return unwrap_logits(output)
+def has_transform(dataset) -> bool:
+    """Whether `dataset` is a `datasets.Dataset` preprocessed on the fly by `set_transform` / `with_transform`.
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from datadiet.trainer.callback import has_transform
+    >>> dataset = Dataset.from_dict({"x": [1, 2]})
+    >>> has_transform(dataset), has_transform(dataset.with_transform(lambda batch: batch))
+    (False, True)
+
+    ```
+    """
+    format_kwargs = (getattr(dataset, "format", None) or {}).get("format_kwargs") or {}
+    return format_kwargs.get("transform") is not None
 
 
-def _all_gather(obj) -> list:
-    """`obj` from every process (a list of one item outside distributed training)."""
+class TransformedView(torch.utils.data.Dataset):
+    """A `datasets.Dataset` with a `set_transform`, hidden from the Trainer's dataset-level column removal (which
+    would drop the raw columns the transform reads, e.g. the images); unused keys are removed after the transform
+    by the Trainer's collator instead."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getitems__(self, indices):
+        return self.dataset.__getitems__(list(indices))
+
+
+def all_gather_objects(obj) -> list:
+    """`obj` from every process, in process order (a list of one item outside distributed training).
+
+    Example:
+    ```python
+    >>> from datadiet.trainer.callback import all_gather_objects
+    >>> all_gather_objects({"rows": 3})
+    [{'rows': 3}]
+
+    ```
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world_size = torch.distributed.get_world_size()
         if world_size > 1:
@@ -199,7 +245,7 @@ class ScoreCallback(TrainerCallback):
             ids, order = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
             values = {name: np.zeros(0, np.float32) for name in TRACKED_QUANTITIES}
         self._reset_buffer()
-        gathered = _all_gather((ids, order, values))
+        gathered = all_gather_objects((ids, order, values))
         all_ids = np.concatenate([part[0] for part in gathered])
         if all_ids.size == 0:
             return
@@ -236,7 +282,7 @@ class ScoreCallback(TrainerCallback):
         if self._pending is not None:
             row_ids, labels = self._pending
             self._pending = None
-            self.record(row_ids, _logits_of(output), labels)
+            self.record(row_ids, unwrap_logits(output), labels)
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -303,16 +349,38 @@ class ScoreCallback(TrainerCallback):
         """`dataset` (the training set, same rows in the same order) with the tracked score columns added (replacing
         columns of the same names) and, when `history=True`, one `<quantity>_history` list column per tracked
         quantity. The columns' orientation (whether higher is harder) is recorded in the provenance."""
-        return _add_columns(dataset, self.scores, self.score_history if history else None, self.dynamics)
+        return add_score_columns(dataset, self.scores, self.score_history if history else None, self.dynamics)
 
 
-def _add_columns(
+def add_score_columns(
     dataset: Dataset,
     scores: Dataset,
     history: dict[str, np.ndarray] | None,
     dynamics: TrainingDynamics | None,
     extra_provenance: dict | None = None,
 ) -> Dataset:
+    """`dataset` (the training set) with the columns of `scores` added, replacing columns of the same names, and the
+    training-dynamics provenance recorded.
+
+    Args:
+        dataset (`datasets.Dataset`): the training set, same rows in the same order as `scores`.
+        scores (`datasets.Dataset`): one column per score.
+        history (`dict[str, np.ndarray]`, *optional*): per-epoch histories `{quantity: [num_rows, num_epochs]}`,
+            added as `<quantity>_history` list columns.
+        dynamics (`TrainingDynamics`, *optional*): the tracker the scores come from (its number of epochs goes into
+            the provenance).
+        extra_provenance (`dict`, *optional*): more provenance entries.
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from datadiet.trainer.callback import add_score_columns
+    >>> dataset = Dataset.from_dict({"x": [1, 2]})
+    >>> add_score_columns(dataset, Dataset.from_dict({"forgetting": [0.0, 2.0]}), None, None).column_names
+    ['x', 'forgetting']
+
+    ```
+    """
     if len(dataset) != len(scores):
         raise ValueError(
             f"The dataset has {len(dataset)} rows but the scores cover {len(scores)} training rows: pass the training "

@@ -1,12 +1,9 @@
 """`DataDietTrainer`: a drop-in `transformers.Trainer` that records every training example's scores as it trains,
-runs eval-mode scoring passes at chosen epochs, and can prune the data dynamically (InfoBatch); and
-`train_proxy_model`, which `score_dataset(..., train_epochs=t)` uses to train its scoring models."""
+runs eval-mode scoring passes at chosen epochs, and can prune the data dynamically (InfoBatch)."""
 
 from __future__ import annotations
 
 import logging
-import math
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -14,114 +11,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import has_length
 
-from ..models import ClassifierWrapper
+from ..models import ClassifierWrapper, unwrap_logits
 from ..scores import get_score_spec
-from .callback import RowIdDataset, ScoreCallback, _add_columns, _all_gather, _logits_of
+from .callback import (
+    RowIdDataset,
+    ScoreCallback,
+    TransformedView,
+    add_score_columns,
+    all_gather_objects,
+    has_transform,
+)
 from .config import DataDietConfig
+from .dynamic import DynamicPruningSampler, EpochProgressScheduler, plan_epoch, steps_in_epoch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataDietTrainer", "train_proxy_model"]
-
-
-def _has_transform(dataset) -> bool:
-    """Whether `dataset` is a `datasets.Dataset` preprocessed on the fly by `set_transform` / `with_transform`."""
-    format_kwargs = (getattr(dataset, "format", None) or {}).get("format_kwargs") or {}
-    return format_kwargs.get("transform") is not None
+__all__ = ["DataDietTrainer"]
 
 
 def _is_timm_model(model) -> bool:
     return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
-
-
-class _TransformedView(torch.utils.data.Dataset):
-    """A `datasets.Dataset` with a `set_transform`, hidden from the Trainer's dataset-level column removal (which
-    would drop the raw columns the transform reads, e.g. the images); unused keys are removed after the transform
-    by the Trainer's collator instead."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return self.dataset[index]
-
-    def __getitems__(self, indices):
-        return self.dataset.__getitems__(list(indices))
-
-
-class _DynamicPruningSampler(torch.utils.data.Sampler):
-    """Yields the rows kept for the current epoch (set by the trainer at the start of each epoch) in a random order
-    seeded by (seed, epoch), identical on every process so that accelerate can shard it."""
-
-    def __init__(self, num_rows: int, seed: int):
-        self.num_rows = num_rows
-        self.seed = seed
-        self.epoch = 0
-        self.kept = np.arange(num_rows)
-
-    def set_plan(self, epoch: int, kept: np.ndarray) -> None:
-        self.epoch = epoch
-        self.kept = np.asarray(kept, dtype=np.int64)
-
-    def set_epoch(self, epoch: int) -> None:
-        # The epoch comes with the plan; the Trainer's call is a no-op here.
-        pass
-
-    def __len__(self) -> int:
-        return len(self.kept)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.kept), generator=generator).numpy()
-        yield from self.kept[order].tolist()
-
-
-class _EpochProgressScheduler:
-    """Drives a learning-rate schedule by the fraction of epochs completed rather than by optimizer steps, so that
-    epochs shortened by dynamic pruning move through the schedule as fast as full epochs and the schedule ends on
-    time (it was built for the full-data number of steps)."""
-
-    def __init__(self, scheduler, steps_per_epoch: int):
-        self.scheduler = scheduler
-        self.steps_per_epoch = steps_per_epoch
-        self.progress = 0.0
-        self.inner_steps = 0
-        self.advance = 1.0
-
-    def _catch_up(self, target: float) -> None:
-        while self.inner_steps < math.floor(target + 1e-6):
-            self.scheduler.step()
-            self.inner_steps += 1
-
-    def start_epoch(self, epoch: int, steps_this_epoch: int) -> None:
-        self.progress = float(epoch * self.steps_per_epoch)
-        self._catch_up(self.progress)
-        self.advance = self.steps_per_epoch / max(steps_this_epoch, 1)
-
-    def step(self) -> None:
-        self.progress += self.advance
-        self._catch_up(self.progress)
-
-    def get_last_lr(self):
-        return self.scheduler.get_last_lr()
-
-    def state_dict(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "progress": self.progress, "inner_steps": self.inner_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.progress, self.inner_steps = state["progress"], state["inner_steps"]
-
-    def __getattr__(self, name):
-        if name == "scheduler":
-            raise AttributeError(name)
-        return getattr(self.scheduler, name)
 
 
 class _EpochHooks(TrainerCallback):
@@ -256,7 +167,7 @@ class DataDietTrainer(Trainer):
         self.add_callback(_EpochHooks(self))
         self.scoring_columns: dict[str, np.ndarray] = {}
         self.pruning_history: list[dict[str, float]] = []
-        self._pruning_sampler: _DynamicPruningSampler | None = None
+        self._pruning_sampler: DynamicPruningSampler | None = None
         self._pruning_weights: torch.Tensor | None = None
         self._steps_per_epoch = 1
 
@@ -275,14 +186,14 @@ class DataDietTrainer(Trainer):
                 "DataDietTrainer needs a map-style training set with a length (each example is tracked by its "
                 f"position); got {type(dataset).__name__}."
             )
-        if hasattr(dataset, "column_names") and hasattr(dataset, "remove_columns") and not _has_transform(dataset):
+        if hasattr(dataset, "column_names") and hasattr(dataset, "remove_columns") and not has_transform(dataset):
             # No transform: unused columns can go before reading (cheaper than after, in the collator).
             dataset = self._remove_unused_columns(dataset, description=description)
         return RowIdDataset(dataset, self.args.row_id_column)
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
-        if _has_transform(dataset) and self.args.remove_unused_columns:
-            dataset = _TransformedView(dataset)
+        if has_transform(dataset) and self.args.remove_unused_columns:
+            dataset = TransformedView(dataset)
         return super()._get_dataloader(
             dataset=dataset,
             description=description,
@@ -308,7 +219,7 @@ class DataDietTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        self._pruning_sampler = _DynamicPruningSampler(len(dataset), seed)
+        self._pruning_sampler = DynamicPruningSampler(len(dataset), seed)
         return self._pruning_sampler
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -336,7 +247,7 @@ class DataDietTrainer(Trainer):
                 f"column {label_name!r} (or 'label', which the default collator renames) or set label_names."
             )
         outputs = model(**inputs)
-        logits = _logits_of(outputs)
+        logits = unwrap_logits(outputs)
         if logits.ndim != 2 or labels.ndim != 1 or labels.is_floating_point():
             raise ValueError(
                 "DataDietTrainer tracks single-label classifiers: logits of shape [batch, classes] and integer "
@@ -379,7 +290,7 @@ class DataDietTrainer(Trainer):
         num_batches = len(train_dataloader) if train_dataloader is not None and has_length(train_dataloader) else 1
         accumulation = self.args.gradient_accumulation_steps
         self._steps_per_epoch = max(num_batches // accumulation + int(num_batches % accumulation > 0), 1)
-        if isinstance(self.lr_scheduler, _EpochProgressScheduler):
+        if isinstance(self.lr_scheduler, EpochProgressScheduler):
             self.lr_scheduler.steps_per_epoch = self._steps_per_epoch
         if 0 in self.args.score_epochs:
             self._scoring_pass(0)
@@ -412,47 +323,39 @@ class DataDietTrainer(Trainer):
         if sampler is None:
             return
         num_rows = sampler.num_rows
-        ratio = self.args.dynamic_pruning_ratio
-        weights = np.ones(num_rows, dtype=np.float32)
         dynamics = self.score_callback.dynamics
         scores = dynamics.latest(self.args.dynamic_pruning_score) if dynamics and dynamics.num_epochs else None
-        # InfoBatch's annealing: the final (1 - until) of the epochs train on the full data.
-        pruning_epochs = int(self.args.dynamic_pruning_until * self.args.num_train_epochs)
-        kept = np.arange(num_rows)
-        if scores is not None and epoch < pruning_epochs and ratio > 0 and np.isfinite(scores).any():
-            seen = np.isfinite(scores)
-            # Easy = below the mean score; rows never scored yet are kept.
-            easy = seen & (scores < scores[seen].mean())
-            rng = np.random.default_rng([self.args.seed, epoch])
-            skip = easy & (rng.random(num_rows) < ratio)
-            accumulation = self.args.gradient_accumulation_steps
-            if accumulation > 1:
-                # Whole accumulations on every process: top the kept rows up to a multiple of the global batch by
-                # restoring a few skipped ones (otherwise the epoch's last partial accumulation would never be
-                # stepped, its gradient spilling into the next epoch).
-                unit = self._train_batch_size * accumulation * max(self.args.world_size, 1)
-                target = min(num_rows, math.ceil((num_rows - skip.sum()) / unit) * unit)
-                restore = target - (num_rows - int(skip.sum()))
-                if restore > 0:
-                    skip[rng.choice(np.flatnonzero(skip), size=restore, replace=False)] = False
-            weights[easy & ~skip] = 1.0 / (1.0 - ratio)
-            kept = np.flatnonzero(~skip)
+        kept, weights = plan_epoch(
+            scores,
+            epoch=epoch,
+            num_rows=num_rows,
+            ratio=self.args.dynamic_pruning_ratio,
+            # InfoBatch's annealing: the final (1 - until) of the epochs train on the full data.
+            pruning_epochs=int(self.args.dynamic_pruning_until * self.args.num_train_epochs),
+            seed=self.args.seed,
+            batch_size=self._train_batch_size,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            world_size=self.args.world_size,
+        )
         sampler.set_plan(epoch, kept)
         self._pruning_weights = torch.as_tensor(weights, device=self.args.device)
         skipped_fraction = 1.0 - len(kept) / max(num_rows, 1)
         self.pruning_history.append({"epoch": epoch, "kept": len(kept), "skipped_fraction": skipped_fraction})
-        if isinstance(self.lr_scheduler, _EpochProgressScheduler):
-            # Optimizer steps this epoch, counted like the Trainer counts them for a full epoch.
-            batches = math.ceil(math.ceil(len(kept) / self._train_batch_size) / max(self.args.world_size, 1))
-            steps = math.ceil(batches / self.args.gradient_accumulation_steps)
+        if isinstance(self.lr_scheduler, EpochProgressScheduler):
+            steps = steps_in_epoch(
+                len(kept),
+                batch_size=self._train_batch_size,
+                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+                world_size=self.args.world_size,
+            )
             self.lr_scheduler.start_epoch(epoch, steps)
         logger.info("Epoch %d: dynamic pruning skips %.1f%% of the rows.", epoch, 100 * skipped_fraction)
         self.log({"dynamic_pruning_skipped_fraction": skipped_fraction})
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.args.dynamic_pruning and not isinstance(scheduler, _EpochProgressScheduler):
-            self.lr_scheduler = _EpochProgressScheduler(scheduler, self._steps_per_epoch)
+        if self.args.dynamic_pruning and not isinstance(scheduler, EpochProgressScheduler):
+            self.lr_scheduler = EpochProgressScheduler(scheduler, self._steps_per_epoch)
         return self.lr_scheduler
 
     # ---- eval-mode scoring passes -----------------------------------------------------------------------------------
@@ -494,7 +397,7 @@ class DataDietTrainer(Trainer):
                 else:
                     if logits is None:
                         with torch.no_grad():
-                            logits = _logits_of(model(**batch))
+                            logits = unwrap_logits(model(**batch))
                     value = spec.fn(logits, labels)
                 values[spec.name].append(value.detach().float().cpu())
             ids.append(row_ids.cpu())
@@ -504,7 +407,7 @@ class DataDietTrainer(Trainer):
             torch.cat(ids).numpy() if ids else np.zeros(0, np.int64),
             {name: torch.cat(parts).numpy() if parts else np.zeros(0, np.float32) for name, parts in values.items()},
         )
-        gathered = _all_gather(local)
+        gathered = all_gather_objects(local)
         all_ids = np.concatenate([part[0] for part in gathered])
         # Keep the first value of each row: distributed samplers pad with wrap-around duplicates.
         unique_ids, first = np.unique(all_ids, return_index=True)
@@ -571,7 +474,7 @@ class DataDietTrainer(Trainer):
             "dynamic_pruning": self.args.dynamic_pruning,
         }
         history_arrays = self.score_history if history else None
-        return _add_columns(dataset, self.scores, history_arrays, self.score_callback.dynamics, provenance)
+        return add_score_columns(dataset, self.scores, history_arrays, self.score_callback.dynamics, provenance)
 
 
 def _main_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -592,76 +495,3 @@ def _with_loss(outputs, loss: torch.Tensor, logits: torch.Tensor):
     if isinstance(outputs, (tuple, list)):
         return (loss, *outputs)
     return {"loss": loss, "logits": logits}
-
-
-def train_proxy_model(
-    model: nn.Module,
-    train_dataset,
-    *,
-    epochs: float,
-    seed: int,
-    batch_size: int,
-    learning_rate: float = 1e-3,
-    output_dir: str | None = None,
-    data_collator=None,
-    return_trainer: bool = False,
-    **config_overrides,
-) -> nn.Module | tuple[nn.Module, DataDietTrainer]:
-    """Train `model` on `train_dataset` with [`DataDietTrainer`] and return it in eval mode: the proxy models that
-    `score_dataset(..., train_epochs=t)` scores with. Quiet (no progress bar, no logging integrations), saves no
-    checkpoint unless `config_overrides` asks for one, runs on the CPU when there is no GPU.
-
-    Args:
-        model: a transformers classifier, or any module mapping an input tensor to logits (timm, torchvision, your
-            own), which is trained through [`~datadiet.models.ClassifierWrapper`]. Trained in place and returned.
-        train_dataset: a `datasets.Dataset` (or map-style dataset) whose items hold `pixel_values` (or tokenizer
-            outputs) and `labels`, e.g. through `set_transform`.
-        epochs: training epochs (fractions allowed).
-        seed: the training seed (data order; the model is already initialised).
-        batch_size: per-device batch size.
-        learning_rate: peak learning rate (AdamW and a linear decay unless `config_overrides` says otherwise).
-        output_dir: where the Trainer may write (a temporary folder when `None`).
-        data_collator: the collator (default: `transformers.default_data_collator`).
-        return_trainer: also return the trainer, e.g. for its `scores` when `track_scores` is given (no score is
-            tracked by default).
-        config_overrides: any other [`DataDietConfig`] field, e.g. `optim="sgd"`, `weight_decay=5e-4`,
-            `track_scores=["confidence", "variability", "correctness"]`.
-
-    Example:
-    ```python
-    >>> import timm, torch
-    >>> from datasets import Dataset
-    >>> from datadiet.trainer import train_proxy_model
-    >>> images = torch.randn(16, 3, 16, 16)
-    >>> train_dataset = Dataset.from_dict({"pixel_values": images, "labels": [0, 1] * 8}).with_format("torch")
-    >>> model = train_proxy_model(timm.create_model("test_resnet", num_classes=2), train_dataset, epochs=1, seed=0,
-    ...                           batch_size=8)
-    >>> model.training
-    False
-
-    ```
-    """
-    if epochs <= 0:
-        raise ValueError(f"epochs must be > 0 to train a proxy model; got {epochs}.")
-    trainable = model if isinstance(model, (PreTrainedModel, ClassifierWrapper)) else ClassifierWrapper(model)
-    settings = {
-        "num_train_epochs": epochs,
-        "per_device_train_batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": not torch.cuda.is_available(),
-        "logging_strategy": "no",
-        "disable_tqdm": True,
-        "track_scores": [],
-        **config_overrides,
-    }
-    with tempfile.TemporaryDirectory(prefix="datadiet-proxy-") as scratch:
-        config = DataDietConfig(output_dir=output_dir or scratch, **settings)
-        trainer = DataDietTrainer(trainable, config, train_dataset=train_dataset, data_collator=data_collator)
-        # With the progress bar off, the Trainer prints its logs; a proxy model is trained quietly.
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
-    model.eval()
-    return (model, trainer) if return_trainer else model

@@ -1,0 +1,219 @@
+"""The one path that trains a classifier on a dataset with `DataDietTrainer` (the proxy models that score a dataset, and
+models retrained on a pruned one), and the accuracy they are judged by."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.trainer_callback import PrinterCallback
+
+from ..data import Preprocessor, as_model_inputs, detect_columns, training_view
+from ..models import ClassifierWrapper, forward_logits
+from .config import DataDietConfig
+from .trainer import DataDietTrainer
+
+__all__ = ["evaluate_accuracy", "fit", "train_proxy_model"]
+
+
+def train_proxy_model(
+    model: nn.Module,
+    train_dataset,
+    *,
+    epochs: float,
+    seed: int,
+    batch_size: int,
+    learning_rate: float = 1e-3,
+    output_dir: str | None = None,
+    data_collator=None,
+    return_trainer: bool = False,
+    **config_overrides,
+) -> nn.Module | tuple[nn.Module, DataDietTrainer]:
+    """Train `model` on `train_dataset` with [`DataDietTrainer`] and return it in eval mode: the proxy models that
+    `score_dataset(..., train_epochs=t)` scores with. Quiet (no progress bar, no logging integrations), saves no
+    checkpoint unless `config_overrides` asks for one, runs on the CPU when there is no GPU.
+
+    Args:
+        model: a transformers classifier, or any module mapping an input tensor to logits (timm, torchvision, your
+            own), which is trained through [`~datadiet.models.ClassifierWrapper`]. Trained in place and returned.
+        train_dataset: a `datasets.Dataset` (or map-style dataset) whose items hold `pixel_values` (or tokenizer
+            outputs) and `labels`, e.g. through `set_transform`.
+        epochs: training epochs (fractions allowed).
+        seed: the training seed (data order; the model is already initialised).
+        batch_size: per-device batch size.
+        learning_rate: peak learning rate (AdamW and a linear decay unless `config_overrides` says otherwise).
+        output_dir: where the Trainer may write (a temporary folder when `None`).
+        data_collator: the collator (default: `transformers.default_data_collator`).
+        return_trainer: also return the trainer, e.g. for its `scores` when `track_scores` is given (no score is
+            tracked by default).
+        config_overrides: any other [`DataDietConfig`] field, e.g. `optim="sgd"`, `weight_decay=5e-4`,
+            `track_scores=["confidence", "variability", "correctness"]`.
+
+    Example:
+    ```python
+    >>> import timm, torch
+    >>> from datasets import Dataset
+    >>> from datadiet.trainer import train_proxy_model
+    >>> images = torch.randn(16, 3, 16, 16)
+    >>> train_dataset = Dataset.from_dict({"pixel_values": images, "labels": [0, 1] * 8}).with_format("torch")
+    >>> model = train_proxy_model(timm.create_model("test_resnet", num_classes=2), train_dataset, epochs=1, seed=0,
+    ...                           batch_size=8)
+    >>> model.training
+    False
+
+    ```
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be > 0 to train a proxy model; got {epochs}.")
+    trainable = model if isinstance(model, (PreTrainedModel, ClassifierWrapper)) else ClassifierWrapper(model)
+    settings = {
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": not torch.cuda.is_available(),
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "track_scores": [],
+        **config_overrides,
+    }
+    with tempfile.TemporaryDirectory(prefix="datadiet-proxy-") as scratch:
+        config = DataDietConfig(output_dir=output_dir or scratch, **settings)
+        trainer = DataDietTrainer(trainable, config, train_dataset=train_dataset, data_collator=data_collator)
+        # With the progress bar off, the Trainer prints its logs; a proxy model is trained quietly.
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    model.eval()
+    return (model, trainer) if return_trainer else model
+
+
+def _preprocessor_of(
+    dataset: Dataset,
+    preprocessor: Preprocessor | None,
+    transform: Callable | None,
+    image_column: str | None,
+    text_column: str | None,
+    label_column: str | None,
+) -> Preprocessor:
+    """`preprocessor` when given (then no transform or column may be), else one built from the detected columns."""
+    if preprocessor is not None:
+        given = {"transform": transform, "image_column": image_column, "text_column": text_column}
+        given["label_column"] = label_column
+        clashing = [name for name, value in given.items() if value is not None]
+        if clashing:
+            raise ValueError(
+                f"Give either preprocessor= or {clashing}, not both: the preprocessor already holds its transform "
+                "and columns."
+            )
+        return preprocessor
+    input_column, kind, label_column = detect_columns(
+        dataset, image_column=image_column, text_column=text_column, label_column=label_column
+    )
+    return Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
+
+
+def fit(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    transform: Callable | None = None,
+    preprocessor: Preprocessor | None = None,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    output_dir: str | os.PathLike | None = None,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    progress_bar: bool = True,
+    **training_kwargs,
+) -> nn.Module:
+    """Train `model` on `dataset` with `DataDietTrainer` for `max_steps` optimiser steps (a fixed budget, fair
+    across subsets of different sizes) or `epochs`, and return it in eval mode.
+
+    Args:
+        model (`nn.Module`): the classifier, trained in place (see [`train_proxy_model`]).
+        dataset (`datasets.Dataset`): raw rows (images or text, and labels).
+        transform (`Callable`, *optional*): the training-time per-image transform (with augmentation if wanted), a
+            transformers image processor, or a tokenizer.
+        preprocessor (`datadiet.data.Preprocessor`, *optional*): an already built preprocessor, instead of
+            `transform` and the column names.
+        epochs (`float`, *optional*) / max_steps (`int`, *optional*): the training budget; give exactly one.
+        progress_bar (`bool`, *optional*, defaults to `True`): show the Trainer's progress bar (unless
+            `training_kwargs` sets `disable_tqdm`).
+        training_kwargs: `return_trainer` or any [`DataDietConfig`] field, passed to [`train_proxy_model`].
+
+    Example (an array column, named; or an already built `Preprocessor`):
+    ```python
+    >>> import torch
+    >>> from datasets import Dataset
+    >>> from datadiet.data import Preprocessor
+    >>> from datadiet.trainer.proxy import evaluate_accuracy, fit
+    >>> dataset = Dataset.from_dict({"image": torch.rand(8, 1, 4, 4).tolist(), "label": [0, 1] * 4})
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    >>> model = fit(model, dataset, image_column="image", max_steps=2, batch_size=4, progress_bar=False)
+    >>> preprocessor = Preprocessor(None, input_column="image", kind="array", label_column="label")
+    >>> model = fit(model, dataset, preprocessor=preprocessor, epochs=1, batch_size=4, progress_bar=False)
+    >>> 0.0 <= evaluate_accuracy(model, dataset, preprocessor=preprocessor) <= 1.0
+    True
+
+    ```
+    """
+    if (epochs is None) == (max_steps is None):
+        raise ValueError("Give exactly one training budget: epochs=... or max_steps=... .")
+    preprocessor = _preprocessor_of(dataset, preprocessor, transform, image_column, text_column, label_column)
+    if max_steps is not None:
+        training_kwargs["max_steps"] = int(max_steps)
+    training_kwargs.setdefault("disable_tqdm", not progress_bar)
+    return train_proxy_model(
+        model,
+        training_view(dataset, preprocessor),
+        epochs=epochs if epochs is not None else 1,
+        seed=seed,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        output_dir=str(output_dir) if output_dir else None,
+        **training_kwargs,
+    )
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    transform: Callable | None = None,
+    preprocessor: Preprocessor | None = None,
+    batch_size: int = 256,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> float:
+    """Top-1 accuracy of `model` on `dataset` (eval mode, un-augmented `transform`, or an already built
+    `preprocessor`), through the packaged `evaluate` accuracy metric."""
+    from ..metrics import load_metric
+
+    preprocessor = _preprocessor_of(dataset, preprocessor, transform, image_column, text_column, label_column)
+    source = dataset.select_columns(preprocessor.columns).with_format(None)
+    metric = load_metric("accuracy")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(source), batch_size):
+            inputs, labels = preprocessor(source[start : start + batch_size])
+            inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+            logits = forward_logits(model, as_model_inputs(model, inputs))
+            metric.add_batch(predictions=logits.argmax(-1).cpu().numpy(), references=labels.numpy())
+    finally:
+        model.train(was_training)
+    return float(metric.compute()["accuracy"])
