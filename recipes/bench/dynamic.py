@@ -96,31 +96,11 @@ class AugmentedCifar(torch.utils.data.Dataset):
 
 
 def cifar_net(widths: tuple[int, int, int, int] = (24, 32, 128, 128), num_classes: int = 10) -> nn.Module:
-    """The small CIFAR net of MEASURED.md (stem width, then the three block widths)."""
+    """The small CIFAR net of MEASURED.md (stem width, then the three block widths): `datadiet.nets.SmallConvNet`."""
+    from datadiet.nets import SmallConvNet
 
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.MaxPool2d(2),
-            nn.BatchNorm2d(cout),
-            nn.GELU(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.GELU(),
-        ]
-
-    stem, first, second, third = widths
-    return nn.Sequential(
-        nn.Conv2d(3, stem, 3, padding=1, bias=False),
-        nn.BatchNorm2d(stem),
-        nn.GELU(),
-        *block(stem, first),
-        *block(first, second),
-        *block(second, third),
-        nn.AdaptiveMaxPool2d(1),
-        nn.Flatten(),
-        nn.Linear(third, num_classes, bias=False),
-    )
+    stem, *blocks = widths
+    return SmallConvNet(num_classes=num_classes, stem_width=stem, widths=tuple(blocks))
 
 
 @torch.no_grad()
