@@ -202,3 +202,31 @@ def test_nan_logits_name_the_rows(small, tiny_timm):
 
     with pytest.raises(ValueError, match=r"NaN or infinite logits for rows \[4\]"):
         score_dataset(broken, model, "el2n", transform=transform)
+
+
+def test_check_or_write_config_refuses_another_configuration(tmp_path):
+    from datadiet.engine.store import check_or_write_config
+
+    check_or_write_config(tmp_path / "run", {"b": 1, "a": [0]})
+    assert (tmp_path / "run" / "datadiet_scoring.json").read_text().startswith('{\n  "a"')  # sorted keys
+    check_or_write_config(tmp_path / "run", {"a": [0], "b": 1})  # same values: resumes
+    with pytest.raises(ValueError, match=r"different configuration \(differs in: b, c\)"):
+        check_or_write_config(tmp_path / "run", {"a": [0], "b": 2, "c": 3})
+    with pytest.raises(ValueError, match=r"differs in: b\)"):
+        check_or_write_config(tmp_path / "run", {"a": [0]})  # a key stored earlier is missing
+
+
+def test_check_or_write_config_with_its_own_file_message_and_key_order(tmp_path):
+    # The shape another run store (the curve's) needs: its own file, message and key order, old keys ignored.
+    from datadiet.engine.store import check_or_write_config
+
+    def mismatch(folder, differing, stored):
+        return f"{folder} was made with other values of {differing} (was { {k: stored.get(k) for k in differing} })"
+
+    options = {"file_name": "curve_config.json", "new_keys_only": True, "sort_keys": False, "mismatch": mismatch}
+    check_or_write_config(tmp_path, {"z": 1, "a": 2, "old": 3}, **options)
+    assert (tmp_path / "curve_config.json").read_text() == '{\n  "z": 1,\n  "a": 2,\n  "old": 3\n}'
+    check_or_write_config(tmp_path, {"z": 1, "a": 2}, **options)  # a dropped key does not count
+    with pytest.raises(ValueError, match=r"other values of \['a'\] \(was \{'a': 2\}\)"):
+        check_or_write_config(tmp_path, {"z": 1, "a": 5}, **options)
+    assert not list(tmp_path.glob("*.tmp"))
