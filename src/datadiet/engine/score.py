@@ -248,7 +248,7 @@ def _train(
     output_dir: Path | None,
     training_kwargs: dict,
 ) -> nn.Module:
-    from .trainer import train_proxy_model
+    from ..trainer import train_proxy_model
 
     return train_proxy_model(
         model,
