@@ -89,6 +89,29 @@ def test_resume_skips_scored_rows_and_checks_the_config(digits, tiny_timm, tmp_p
         score_dataset(train, model, ["el2n", "loss"], transform=transform, output_dir=tmp_path)
 
 
+def test_proxy_models_are_trained_once_and_reloaded_on_resume(digits, tiny_timm, tmp_path):
+    train = digits["train"].select(range(32))
+    transform = build_image_transform(16)
+    options = {"methods": "el2n", "transform": transform, "batch_size": 16, "output_dir": tmp_path}
+    options["training_kwargs"] = {"learning_rate": 0.05}
+    built = []
+
+    def model_init(seed):
+        built.append(seed)
+        return tiny_timm(in_chans=1, seed=seed)
+
+    first = score_dataset(train, model_init=model_init, seeds=[0], train_epochs=1, **options)
+    weights = tmp_path / "seed-0" / "model.safetensors"
+    assert weights.exists() and not list(weights.parent.glob("*.tmp"))
+    untrained = score_dataset(train, tiny_timm(in_chans=1, seed=0), "el2n", transform=transform)
+    assert not np.allclose(first["el2n"], untrained["el2n"])  # the model was trained before scoring
+    for shard in (tmp_path / "seed-0" / "scores").glob("*.parquet"):
+        shard.unlink()  # rescoring is needed, retraining is not: the saved weights are loaded
+    again = score_dataset(train, model_init=model_init, seeds=[0], train_epochs=1, **options)
+    assert built == [0, 0]
+    np.testing.assert_allclose(again["el2n"], first["el2n"], rtol=1e-5)
+
+
 def _images(n, size=8):
     from PIL import Image as PILImage
 
