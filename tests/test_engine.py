@@ -89,6 +89,29 @@ def test_resume_skips_scored_rows_and_checks_the_config(digits, tiny_timm, tmp_p
         score_dataset(train, model, ["el2n", "loss"], transform=transform, output_dir=tmp_path)
 
 
+def test_proxy_models_are_trained_once_and_reloaded_on_resume(digits, tiny_timm, tmp_path):
+    train = digits["train"].select(range(32))
+    transform = build_image_transform(16)
+    options = {"methods": "el2n", "transform": transform, "batch_size": 16, "output_dir": tmp_path}
+    options["training_kwargs"] = {"learning_rate": 0.05}
+    built = []
+
+    def model_init(seed):
+        built.append(seed)
+        return tiny_timm(in_chans=1, seed=seed)
+
+    first = score_dataset(train, model_init=model_init, seeds=[0], train_epochs=1, **options)
+    weights = tmp_path / "seed-0" / "model.safetensors"
+    assert weights.exists() and not list(weights.parent.glob("*.tmp"))
+    untrained = score_dataset(train, tiny_timm(in_chans=1, seed=0), "el2n", transform=transform)
+    assert not np.allclose(first["el2n"], untrained["el2n"])  # the model was trained before scoring
+    for shard in (tmp_path / "seed-0" / "scores").glob("*.parquet"):
+        shard.unlink()  # rescoring is needed, retraining is not: the saved weights are loaded
+    again = score_dataset(train, model_init=model_init, seeds=[0], train_epochs=1, **options)
+    assert built == [0, 0]
+    np.testing.assert_allclose(again["el2n"], first["el2n"], rtol=1e-5)
+
+
 def _images(n, size=8):
     from PIL import Image as PILImage
 
@@ -202,3 +225,31 @@ def test_nan_logits_name_the_rows(small, tiny_timm):
 
     with pytest.raises(ValueError, match=r"NaN or infinite logits for rows \[4\]"):
         score_dataset(broken, model, "el2n", transform=transform)
+
+
+def test_check_or_write_config_refuses_another_configuration(tmp_path):
+    from datadiet.engine.store import check_or_write_config
+
+    check_or_write_config(tmp_path / "run", {"b": 1, "a": [0]})
+    assert (tmp_path / "run" / "datadiet_scoring.json").read_text().startswith('{\n  "a"')  # sorted keys
+    check_or_write_config(tmp_path / "run", {"a": [0], "b": 1})  # same values: resumes
+    with pytest.raises(ValueError, match=r"different configuration \(differs in: b, c\)"):
+        check_or_write_config(tmp_path / "run", {"a": [0], "b": 2, "c": 3})
+    with pytest.raises(ValueError, match=r"differs in: b\)"):
+        check_or_write_config(tmp_path / "run", {"a": [0]})  # a key stored earlier is missing
+
+
+def test_check_or_write_config_with_its_own_file_message_and_key_order(tmp_path):
+    # The shape another run store (the curve's) needs: its own file, message and key order, old keys ignored.
+    from datadiet.engine.store import check_or_write_config
+
+    def mismatch(folder, differing, stored):
+        return f"{folder} was made with other values of {differing} (was { {k: stored.get(k) for k in differing} })"
+
+    options = {"file_name": "curve_config.json", "new_keys_only": True, "sort_keys": False, "mismatch": mismatch}
+    check_or_write_config(tmp_path, {"z": 1, "a": 2, "old": 3}, **options)
+    assert (tmp_path / "curve_config.json").read_text() == '{\n  "z": 1,\n  "a": 2,\n  "old": 3\n}'
+    check_or_write_config(tmp_path, {"z": 1, "a": 2}, **options)  # a dropped key does not count
+    with pytest.raises(ValueError, match=r"other values of \['a'\] \(was \{'a': 2\}\)"):
+        check_or_write_config(tmp_path, {"z": 1, "a": 5}, **options)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -14,7 +14,7 @@ pytest.importorskip("cvxpylayers", reason="HOST-CP needs the hostcp extra (cvxpy
 
 import cvxpy as cp  # noqa: E402
 
-from datadiet.hostcp import prune_hostcp, select_hostcp, selection_layer  # noqa: E402
+from datadiet.selection.hostcp import prune_hostcp, select_hostcp, selection_layer  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,7 +120,7 @@ def test_selection_step_moves_value_from_harmful_to_helpful_rows():
     from torch import nn
     from torch.func import functional_call
 
-    from datadiet.hostcp import _existing_distances, _outer_step, _Selector
+    from datadiet.selection.hostcp import _existing_distances, _outer_step, _Selector
 
     rng = np.random.default_rng(0)
     features = torch.tensor(rng.normal(size=(300, 6)), dtype=torch.float32)

@@ -367,3 +367,12 @@ def test_real_score_and_prune_provenance_reaches_the_card(digits_on_disk, tmp_pa
     )
     back = load_dataset(str(folder), split="train")
     np.testing.assert_array_equal(back["el2n"], pruned["el2n"])
+
+
+def test_score_columns_are_the_registered_and_tracked_scores():
+    from datadiet.hub.save import known_score_columns
+    from datadiet.scores import list_scores
+    from datadiet.scores.trackers import TRACKED_SCORES
+
+    design = {"el2n", "grand", "forgetting", "loss", "margin", "entropy", "input_norm", "confidence", "variability"}
+    assert design | {"tracin_self_influence"} <= known_score_columns() == {*list_scores(), *TRACKED_SCORES}

@@ -94,7 +94,7 @@ def prepare(name: str, args, work: Path) -> dict:
 
 
 def select(method: str, prepared: dict, keep: float, args, seed: int) -> tuple[np.ndarray, float]:
-    from datadiet.hostcp import select_hostcp
+    from datadiet.selection.hostcp import select_hostcp
     from datadiet.selection import select_indices
 
     start = time.time()
@@ -147,7 +147,7 @@ def ambiguous_region_problem(seed: int, rows: int = 400):
 def measure_gradient(args) -> dict:
     """Median norm of the selection model's gradient, and the selection's quality on the synthetic problem of
     tests/test_hostcp.py, for several quadratic weights (0 = the published LP)."""
-    from datadiet.hostcp import select_hostcp
+    from datadiet.selection.hostcp import select_hostcp
 
     work = args.work_dir
     prepared = prepare("mnist", args, work)

@@ -9,11 +9,11 @@ from collections.abc import Callable
 import numpy as np
 from datasets import Dataset
 
-from .provenance import record_provenance
+from ..provenance import record_provenance
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["prune", "select_indices", "register_strategy", "list_strategies", "hardness"]
+__all__ = ["budget_from_keep", "hardness", "list_strategies", "prune", "register_strategy", "select_indices"]
 
 _STRATEGIES: dict[str, Callable] = {}
 
@@ -106,7 +106,7 @@ def _keep_stratified(
 def hardness(dataset: Dataset, by: str) -> np.ndarray:
     """The column `by` as float64, oriented so that higher = harder (a registered score whose low values are hard,
     such as `margin`, is negated)."""
-    from .data import column_values
+    from ..data import column_values
 
     if by not in dataset.column_names:
         raise ValueError(
@@ -126,8 +126,8 @@ def hardness(dataset: Dataset, by: str) -> np.ndarray:
 def _higher_is_harder(name: str) -> bool:
     # Registered scores and the trainer's tracked summaries (AUM, confidence, correctness: low is hard) say how they
     # are oriented; any other column is taken as higher = harder.
-    from .scores.registry import get_score_spec, list_scores
-    from .scores.trackers import TRACKED_SCORES_HIGHER_IS_HARDER
+    from ..scores.registry import get_score_spec, list_scores
+    from ..scores.trackers import TRACKED_SCORES_HIGHER_IS_HARDER
 
     if name in list_scores():
         return get_score_spec(name).higher_is_harder
@@ -144,7 +144,18 @@ def _unknown_strategy(strategy: str) -> ValueError:
     return ValueError(message)
 
 
-def _budget(keep: float | int, num_rows: int) -> int:
+def budget_from_keep(keep: float | int, num_rows: int) -> int:
+    """The number of rows to keep out of `num_rows`: `keep` is a fraction in (0, 1] (rounded, at least one row) or
+    an integer row count; anything else raises a `ValueError`.
+
+    Example:
+    ```python
+    >>> from datadiet.selection.strategies import budget_from_keep
+    >>> budget_from_keep(0.25, 10), budget_from_keep(4, 10)
+    (2, 4)
+
+    ```
+    """
     if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):
         raise ValueError(f"keep must be a fraction in (0, 1] or a row count, got {keep!r}.")
     if isinstance(keep, (int, np.integer)):
@@ -170,7 +181,7 @@ def select_indices(
     if strategy not in _STRATEGIES:
         raise _unknown_strategy(strategy)
     num_rows = len(hardness_values)
-    budget = _budget(keep, num_rows)
+    budget = budget_from_keep(keep, num_rows)
     rng = np.random.default_rng(seed)
     fn = _STRATEGIES[strategy]
     if labels is None:
@@ -247,7 +258,7 @@ def prune(
         values = hardness(dataset, by)
     labels = None
     if class_balanced:
-        from .data import column_values, detect_label_column
+        from ..data import column_values, detect_label_column
 
         labels = column_values(dataset, detect_label_column(dataset, label_column))
     indices = select_indices(

@@ -24,6 +24,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .strategies import budget_from_keep
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["HostCPResult", "prune_hostcp", "select_hostcp", "selection_layer"]
@@ -57,7 +59,7 @@ def selection_layer(batch_size: int, num_existing: int, quadratic_weight: float,
     Example:
     ```python
     >>> import torch
-    >>> from datadiet.hostcp import selection_layer
+    >>> from datadiet.selection.hostcp import selection_layer
     >>> layer = selection_layer(4, 2, quadratic_weight=0.1)
     >>> d_new = torch.cdist(torch.eye(4), torch.eye(4))
     >>> d_old = torch.ones(4, 2)
@@ -128,18 +130,6 @@ class HostCPResult:
 
 def _as_tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype) if not isinstance(x, torch.Tensor) else x.to(dtype)
-
-
-def _budget(keep: float | int, num_rows: int) -> int:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):
-        raise ValueError(f"keep must be a fraction in (0, 1] or a row count, got {keep!r}.")
-    if isinstance(keep, (int, np.integer)):
-        if not 1 <= keep <= num_rows:
-            raise ValueError(f"keep={keep} rows is outside [1, {num_rows}].")
-        return int(keep)
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep} is outside (0, 1]: give a fraction such as 0.3, or an integer row count.")
-    return max(1, int(round(keep * num_rows)))
 
 
 def _quotas(batch_sizes: list[int], budget: int) -> list[int]:
@@ -218,7 +208,7 @@ def select_hostcp(
     Example:
     ```python
     >>> import numpy as np
-    >>> from datadiet.hostcp import select_hostcp
+    >>> from datadiet.selection.hostcp import select_hostcp
     >>> rng = np.random.default_rng(0)
     >>> features = rng.normal(size=(120, 5)).astype(np.float32)
     >>> labels = (features[:, 0] > 0).astype(int)
@@ -243,7 +233,7 @@ def select_hostcp(
             f"Need batch_size >= 2, num_existing >= 1 and epochs >= 0; got {batch_size}, {num_existing}, {epochs}."
         )
     num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
-    budget = _budget(keep, num_rows)
+    budget = budget_from_keep(keep, num_rows)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
 
@@ -420,7 +410,7 @@ def prune_hostcp(
     ```python
     >>> import numpy as np
     >>> from datasets import Dataset
-    >>> from datadiet.hostcp import prune_hostcp
+    >>> from datadiet.selection.hostcp import prune_hostcp
     >>> rng = np.random.default_rng(0)
     >>> ds = Dataset.from_dict({"x": rng.normal(size=(100, 4)).tolist(), "label": rng.integers(0, 2, 100).tolist()})
     >>> len(prune_hostcp(ds, keep=0.2, features="x", epochs=0, batch_size=20, num_existing=10))
@@ -428,8 +418,8 @@ def prune_hostcp(
 
     ```
     """
-    from .data import detect_label_column
-    from .provenance import record_provenance
+    from ..data import detect_label_column
+    from ..provenance import record_provenance
 
     label_column = detect_label_column(dataset, label_column)
     if isinstance(features, str):

@@ -1,0 +1,494 @@
+"""`score_dataset`: runs models over a dataset and turns their per-example scores into dataset columns (several
+seeds, training of proxy models, each row scored exactly once under `accelerate launch`, streaming datasets keyed by
+a stored row id, partial results in `output_dir` so that an interrupted run resumes instead of starting over)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, IterableDataset
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import (
+    Preprocessor,
+    compute_scores,
+    detect_columns,
+    training_view,
+    validate_methods,
+    weights_fingerprint,
+)
+from ..provenance import record_provenance
+from .process import get_process_state
+from .store import (
+    check_or_write_config,
+    check_row_id_feature,
+    dataset_digest,
+    isin_sorted,
+    keyed_ids,
+    load_scores,
+    load_weights,
+    positions_of,
+    prepare_shard_dir,
+    read_shards,
+    row_keys,
+    save_weights,
+    stream_digest,
+    write_shard,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["score_dataset"]
+
+
+def _to_device(inputs: torch.Tensor | dict, device: torch.device) -> torch.Tensor | dict:
+    if isinstance(inputs, dict):
+        return {key: value.to(device) for key, value in inputs.items()}
+    return inputs.to(device)
+
+
+def _contiguous(indices: np.ndarray) -> bool:
+    return len(indices) > 0 and int(indices[-1]) - int(indices[0]) == len(indices) - 1
+
+
+def _score_model(
+    model: nn.Module,
+    dataset: Dataset,
+    methods: Sequence[str],
+    preprocessor: Preprocessor,
+    *,
+    batch_size: int,
+    shard_dir: Path | None,
+    state,
+    autocast_dtype: torch.dtype | None,
+    save_every: int,
+    description: str,
+    keys: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Score every row of `dataset` once with `model`; returns one float32 array per method, in row order. Shards
+    are keyed by `keys[position]` when the dataset has a row-id column, by position otherwise."""
+    num_rows = len(dataset)
+    done_keys, done_values = read_shards(shard_dir, methods)
+    done_ids = positions_of(done_keys, keys, num_rows, shard_dir)
+    prepare_shard_dir(shard_dir, state)
+    rank, world = state.process_index, state.num_processes
+    # Contiguous blocks per process: no sampler, so no wrap-around padding and no row scored twice.
+    mine = np.arange(rank * num_rows // world, (rank + 1) * num_rows // world)
+    todo = mine[~np.isin(mine, done_ids)]
+    if len(done_ids):
+        logger.info(
+            "Resuming from %s: %d of %d rows already scored; process %d scores %d more.",
+            shard_dir,
+            len(done_ids),
+            num_rows,
+            rank,
+            len(todo),
+        )
+    source = dataset.select_columns(preprocessor.columns).with_format(None)
+    model.to(state.device)
+    was_training = model.training
+    model.eval()
+    new_ids: list[np.ndarray] = []
+    new_values: list[dict[str, np.ndarray]] = []
+    pending = 0
+    try:
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        for indices in tqdm(batches, desc=description, disable=not state.is_local_main_process, unit="batch"):
+            rows = source[int(indices[0]) : int(indices[-1]) + 1] if _contiguous(indices) else source[indices.tolist()]
+            inputs, labels = preprocessor(rows)
+            scores = compute_scores(
+                model,
+                methods,
+                _to_device(inputs, state.device),
+                labels.to(state.device),
+                row_ids=indices if keys is None else keys[indices],
+                autocast_dtype=autocast_dtype,
+            )
+            new_ids.append(indices)
+            new_values.append(scores)
+            pending += 1
+            if shard_dir is not None and pending >= save_every:
+                write_shard(shard_dir, rank, keyed_ids(new_ids[-pending:], keys), new_values[-pending:])
+                pending = 0
+        if shard_dir is not None and pending:
+            write_shard(shard_dir, rank, keyed_ids(new_ids[-pending:], keys), new_values[-pending:])
+    finally:
+        model.train(was_training)
+
+    local_ids = np.concatenate(new_ids) if new_ids else np.zeros(0, dtype=np.int64)
+    local = {m: np.concatenate([v[m] for v in new_values]) if new_values else np.zeros(0, np.float32) for m in methods}
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([(local_ids, local)])
+        local_ids = np.concatenate([ids for ids, _ in gathered])
+        local = {m: np.concatenate([values[m] for _, values in gathered]) for m in methods}
+    all_ids = np.concatenate([done_ids, local_ids])
+    counts = np.bincount(all_ids, minlength=num_rows)
+    if len(counts) != num_rows or not (counts == 1).all():
+        missing, repeated = np.flatnonzero(counts == 0)[:5].tolist(), np.flatnonzero(counts > 1)[:5].tolist()
+        raise RuntimeError(
+            f"Scores do not cover every row exactly once (missing rows {missing}, repeated rows {repeated}). If "
+            f"output_dir {str(shard_dir)!r} was written by another dataset, delete it."
+        )
+    order = np.argsort(all_ids, kind="stable")
+    return {m: np.concatenate([done_values[m], local[m]])[order].astype(np.float32) for m in methods}
+
+
+def _score_stream(
+    model: nn.Module,
+    dataset: IterableDataset,
+    methods: Sequence[str],
+    preprocessor: Preprocessor,
+    *,
+    row_id_column: str,
+    batch_size: int,
+    shard_dir: Path,
+    state,
+    autocast_dtype: torch.dtype | None,
+    save_every: int,
+    description: str,
+) -> None:
+    """Score every row of a stream once with `model`, writing the scores straight to Parquet shards keyed by the
+    stored row id: memory holds one batch, `save_every` batches of floats and the ids already done (resume)."""
+    from datasets.distributed import split_dataset_by_node
+
+    rank, world = state.process_index, state.num_processes
+    done = np.unique(read_shards(shard_dir, methods, ids_only=True)[0])
+    prepare_shard_dir(shard_dir, state)
+    if len(done):
+        logger.info("Resuming from %s: %d rows already scored are skipped.", shard_dir, len(done))
+    columns = list(dict.fromkeys([row_id_column, *preprocessor.columns]))
+    # Each process reads a disjoint part of the stream (whole shards when their number divides evenly, else every
+    # `world`-th row), so no row reaches two processes and nothing is padded.
+    local = split_dataset_by_node(dataset, rank=rank, world_size=world) if world > 1 else dataset
+    # Python formatting reads Arrow-backed streams (Parquet, Hub) a batch at a time, about twice as fast as the
+    # row-by-row default, and still gives the lists (decoded images) the preprocessing expects.
+    local = local.select_columns(columns).with_format("python")
+    model.to(state.device)
+    was_training = model.training
+    model.eval()
+    pending_ids: list[np.ndarray] = []
+    pending_values: list[dict[str, np.ndarray]] = []
+    seen = scored = 0
+    progress = tqdm(desc=description, disable=not state.is_local_main_process, unit="row")
+    try:
+        for batch in local.iter(batch_size=batch_size):
+            ids = np.asarray(batch[row_id_column], dtype=np.int64)
+            seen += len(ids)
+            progress.update(len(ids))
+            todo = ~isin_sorted(ids, done)
+            if not todo.any():
+                continue
+            if not todo.all():
+                keep = np.flatnonzero(todo)
+                batch = {name: [values[i] for i in keep] for name, values in batch.items()}
+                ids = ids[keep]
+            inputs, labels = preprocessor(batch)
+            pending_values.append(
+                compute_scores(
+                    model,
+                    methods,
+                    _to_device(inputs, state.device),
+                    labels.to(state.device),
+                    row_ids=ids,
+                    autocast_dtype=autocast_dtype,
+                )
+            )
+            pending_ids.append(ids)
+            scored += len(ids)
+            if len(pending_ids) >= save_every:
+                write_shard(shard_dir, rank, pending_ids, pending_values)
+                pending_ids, pending_values = [], []
+        if pending_ids:
+            write_shard(shard_dir, rank, pending_ids, pending_values)
+    finally:
+        progress.close()
+        model.train(was_training)
+    logger.info("Process %d read %d rows of the stream and scored %d of them.", rank, seen, scored)
+
+    total_seen = seen
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        total_seen = int(sum(gather_object([seen])))
+    state.wait_for_everyone()  # every process has written its last shard
+    ids = read_shards(shard_dir, methods, ids_only=True)[0]
+    ids.sort()
+    distinct = len(ids) - int(np.count_nonzero(ids[1:] == ids[:-1]))
+    if distinct != len(ids) or distinct != total_seen:
+        raise RuntimeError(
+            f"The scores in {str(shard_dir)!r} do not cover the stream's {total_seen} rows exactly once "
+            f"({len(ids)} scores for {distinct} distinct row ids). Either row_id_column {row_id_column!r} repeats "
+            "ids (every row needs its own), or the folder holds scores of another dataset: use a new output_dir."
+        )
+
+
+def _model_identity(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}:{weights_fingerprint(model)}"
+
+
+def _train(
+    model: nn.Module,
+    dataset: Dataset,
+    preprocessor: Preprocessor,
+    *,
+    epochs: float,
+    seed: int,
+    batch_size: int,
+    output_dir: Path | None,
+    training_kwargs: dict,
+) -> nn.Module:
+    from ..trainer import train_proxy_model
+
+    return train_proxy_model(
+        model,
+        training_view(dataset, preprocessor),
+        epochs=epochs,
+        seed=seed,
+        batch_size=batch_size,
+        output_dir=str(output_dir) if output_dir else None,
+        **training_kwargs,
+    )
+
+
+def score_dataset(
+    dataset: Dataset | IterableDataset,
+    model: nn.Module | None = None,
+    methods: Sequence[str] | str = ("el2n",),
+    *,
+    model_init: Callable[[int], nn.Module] | None = None,
+    seeds: Sequence[int] = (0,),
+    train_epochs: float = 0,
+    transform: Callable | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    batch_size: int = 128,
+    output_dir: str | os.PathLike | None = None,
+    text_column: str | None = None,
+    overwrite: bool = False,
+    mixed_precision: str | None = None,
+    save_every: int = 20,
+    training_kwargs: dict[str, Any] | None = None,
+    row_id_column: str | None = None,
+) -> Dataset:
+    """Score every example of `dataset` and return the dataset with one float32 column per method.
+
+    With `model`, that model is scored as it is. With `model_init(seed) -> model` and `seeds`, one model per seed is
+    built (after `transformers.set_seed(seed)`), trained `train_epochs` epochs on `dataset` (0: scored at
+    initialisation, e.g. "GraNd at init") and scored; the column `<method>` holds the mean over seeds and
+    `<method>_std` the standard deviation (population std, only with several seeds). Models run in eval mode on
+    un-augmented inputs, as EL2N and GraNd are defined (Paul et al. 2021).
+
+    Under `accelerate launch` / `torchrun` with N processes, each process scores its own rows (contiguous blocks of
+    a `Dataset`, disjoint parts of a stream; no sampler padding) and every row gets exactly one score: the result is
+    the one-process result. Every process returns the full result.
+
+    A streaming `IterableDataset` needs a stored integer `row_id_column` (positions in a stream are not stable ids)
+    and an `output_dir`: the scores go straight to Parquet shards keyed by row id, memory stays flat whatever the
+    number of rows, and the return value is the scores keyed by row id (`load_scores(output_dir)`), which
+    `join_scores(stream, scores, row_id_column)` joins back.
+
+    Args:
+        dataset: a `datasets.Dataset` (or streaming `datasets.IterableDataset`) with an input column (`Image`, text,
+            or array) and a label column.
+        model: a timm model, a transformers `*ForImageClassification` / `*ForSequenceClassification`, or any
+            `nn.Module` returning logits.
+        methods: score names, see `datadiet.scores.list_scores()` (`el2n`, `grand`, `loss`, `margin`, ...).
+        model_init: builds a fresh model for a seed; use it for several independently initialised models.
+        seeds: the seeds of the models to average over.
+        train_epochs: epochs each model from `model_init` is trained before scoring (fractions allowed).
+        transform: per-image callable (timm / torchvision transform), transformers image processor, or tokenizer.
+        image_column / text_column / label_column: detected from the features when not given.
+        batch_size: rows per forward pass.
+        output_dir: where partial scores (Parquet shards keyed by row id, written atomically) and trained proxy
+            weights are written; a rerun with the same folder and configuration skips the rows already scored (also
+            after a crash), and a rerun with another configuration fails.
+        overwrite: replace existing columns of the same names instead of failing.
+        mixed_precision: `"bf16"` to run the forward passes under bfloat16 autocast.
+        save_every: batches between two shard writes (what a crash can lose per process).
+        training_kwargs: extra arguments for the proxy models' training (learning rate, ...).
+        row_id_column: an integer column holding each row's own id, which keys the shards in `output_dir`.
+            Required for an `IterableDataset`; optional for a `Dataset`, whose rows are keyed by position without it.
+
+    Example:
+    ```python
+    >>> import timm
+    >>> from datasets import ClassLabel, Dataset, Features, Image
+    >>> from PIL import Image as PILImage
+    >>> from datadiet import score_dataset
+    >>> images = [PILImage.new("RGB", (32, 32), color=(i * 30, 0, 0)) for i in range(6)]
+    >>> ds = Dataset.from_dict({"img": images, "label": [0, 1, 2, 0, 1, 2]},
+    ...                        features=Features({"img": Image(), "label": ClassLabel(num_classes=3)}))
+    >>> scored = score_dataset(ds, model_init=lambda seed: timm.create_model("test_resnet", num_classes=3),
+    ...                        methods=["el2n", "loss"], seeds=[0, 1])
+    >>> scored.column_names
+    ['img', 'label', 'el2n', 'el2n_std', 'loss', 'loss_std']
+
+    ```
+    """
+    methods = validate_methods(methods)
+    streaming = isinstance(dataset, IterableDataset)
+    if streaming:
+        _check_stream_arguments(dataset, row_id_column, output_dir, train_epochs)
+    elif len(dataset) == 0:
+        raise ValueError("The dataset is empty: there is nothing to score.")
+    if (model is None) == (model_init is None):
+        raise ValueError("Pass exactly one of model= (score this model) or model_init= (one fresh model per seed).")
+    seeds = [int(seed) for seed in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one seed, e.g. seeds=(0,).")
+    if model is not None and len(seeds) > 1:
+        raise ValueError("Several seeds need independently initialised models: pass model_init=lambda seed: ... .")
+    if train_epochs < 0:
+        raise ValueError(f"train_epochs must be >= 0, got {train_epochs}.")
+    if mixed_precision not in (None, "no", "bf16"):
+        raise ValueError(f"mixed_precision must be None, 'no' or 'bf16', got {mixed_precision!r}.")
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1 (batches between two shard writes), got {save_every}.")
+    autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
+    input_column, kind, label_column = detect_columns(
+        dataset, image_column=image_column, text_column=text_column, label_column=label_column
+    )
+    keys = None if streaming else row_keys(dataset, row_id_column)
+    new_columns = [name for method in methods for name in (method, f"{method}_std")]
+    clashing = [name for name in new_columns if name in dataset.column_names]
+    if clashing and not overwrite and not streaming:
+        raise ValueError(f"The dataset already has column(s) {clashing}: pass overwrite=True to replace them.")
+    preprocessor = Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
+    state = get_process_state()
+    output_dir = Path(output_dir) if output_dir is not None else None
+
+    per_seed: list[dict[str, np.ndarray]] = []
+    identities = []
+    for seed in seeds:
+        if model_init is not None:
+            from transformers import set_seed
+
+            set_seed(seed)
+            seed_model = model_init(seed)
+        else:
+            seed_model = copy.deepcopy(model) if train_epochs > 0 else model
+        identities.append(_model_identity(seed_model))
+        seed_dir = output_dir / f"seed-{seed}" if output_dir is not None else None
+        if output_dir is not None and seed == seeds[0]:
+            config = {
+                "methods": methods,
+                "seeds": seeds,
+                "train_epochs": train_epochs,
+                "num_rows": None if streaming else len(dataset),
+                "row_id_column": row_id_column,
+                "data": (
+                    stream_digest(dataset, row_id_column, label_column)
+                    if streaming
+                    else dataset_digest(dataset, label_column)
+                ),
+                "preprocessing": preprocessor.fingerprint(),
+                "model": identities[0],
+                "mixed_precision": mixed_precision,
+                "training": json.dumps(training_kwargs or {}, sort_keys=True, default=str),
+            }
+            check_or_write_config(output_dir, config, state=state)
+        if train_epochs > 0:
+            weights = seed_dir / "model.safetensors" if seed_dir is not None else None
+            if weights is not None and weights.exists():
+                logger.info("Loading the seed-%d model trained by an earlier run from %s.", seed, weights)
+                load_weights(seed_model, weights)
+            else:
+                seed_model = _train(
+                    seed_model,
+                    dataset,
+                    preprocessor,
+                    epochs=train_epochs,
+                    seed=seed,
+                    batch_size=batch_size,
+                    output_dir=seed_dir / "training" if seed_dir else None,
+                    training_kwargs=training_kwargs or {},
+                )
+                if weights is not None and state.is_main_process:
+                    weights.parent.mkdir(parents=True, exist_ok=True)
+                    save_weights(seed_model, weights)
+                state.wait_for_everyone()
+        common = {
+            "batch_size": batch_size,
+            "state": state,
+            "autocast_dtype": autocast_dtype,
+            "save_every": save_every,
+            "description": f"Scoring {'+'.join(methods)} (seed {seed})",
+        }
+        if streaming:
+            _score_stream(
+                seed_model,
+                dataset,
+                methods,
+                preprocessor,
+                row_id_column=row_id_column,
+                shard_dir=seed_dir / "scores",
+                **common,
+            )
+        else:
+            shard_dir = seed_dir / "scores" if seed_dir is not None else None
+            per_seed.append(
+                _score_model(seed_model, dataset, methods, preprocessor, shard_dir=shard_dir, keys=keys, **common)
+            )
+
+    model_description = type(model if model is not None else seed_model).__name__
+    config_of = getattr(model if model is not None else seed_model, "config", None)
+    provenance = {
+        "methods": methods,
+        "seeds": seeds,
+        "train_epochs": train_epochs,
+        "model": model_description,
+        "model_config": config_of.to_dict() if hasattr(config_of, "to_dict") else None,
+        "input_column": input_column,
+        "label_column": label_column,
+        "batch_size": batch_size,
+        "mixed_precision": mixed_precision,
+        "num_processes": state.num_processes,
+    }
+    if streaming:
+        return record_provenance(load_scores(output_dir, row_id_column=row_id_column), scoring=provenance)
+
+    scored = dataset.remove_columns(clashing) if clashing else dataset
+    for method in methods:
+        stacked = np.stack([scores[method] for scores in per_seed]).astype(np.float64)
+        scored = scored.add_column(method, stacked.mean(axis=0).astype(np.float32))
+        if len(seeds) > 1:
+            scored = scored.add_column(f"{method}_std", stacked.std(axis=0).astype(np.float32))
+    return record_provenance(scored, scoring=provenance)
+
+
+def _check_stream_arguments(
+    dataset: IterableDataset, row_id_column: str | None, output_dir: str | os.PathLike | None, train_epochs: float
+) -> None:
+    if row_id_column is None:
+        raise ValueError(
+            "A streaming IterableDataset needs a stored row id: positions in a stream are not stable ids. Pass "
+            "row_id_column=... naming an integer column with one id per row (add one before streaming, e.g. "
+            "`dataset.map(lambda row, i: {'row_id': i}, with_indices=True)`)."
+        )
+    if dataset.features is None:
+        raise ValueError(
+            "The streaming dataset's features are unknown, so its columns cannot be found: give them when building "
+            "it, e.g. IterableDataset.from_generator(..., features=Features({...})) or `dataset.cast(features)`."
+        )
+    check_row_id_feature(dataset.features, row_id_column)
+    if output_dir is None:
+        raise ValueError(
+            "Scoring a streaming dataset writes its scores to Parquet shards keyed by row id instead of holding "
+            "them in memory: pass output_dir=... ."
+        )
+    if train_epochs > 0:
+        raise ValueError(
+            "Proxy models are trained on map-style datasets only: train the model yourself (e.g. DataDietTrainer) "
+            "and pass model=..., or pass a datasets.Dataset."
+        )
