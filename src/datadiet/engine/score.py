@@ -22,7 +22,6 @@ from ..data import (
     Preprocessor,
     compute_scores,
     detect_columns,
-    training_view,
     validate_methods,
     weights_fingerprint,
 )
@@ -237,30 +236,6 @@ def _model_identity(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}:{weights_fingerprint(model)}"
 
 
-def _train(
-    model: nn.Module,
-    dataset: Dataset,
-    preprocessor: Preprocessor,
-    *,
-    epochs: float,
-    seed: int,
-    batch_size: int,
-    output_dir: Path | None,
-    training_kwargs: dict,
-) -> nn.Module:
-    from ..trainer import train_proxy_model
-
-    return train_proxy_model(
-        model,
-        training_view(dataset, preprocessor),
-        epochs=epochs,
-        seed=seed,
-        batch_size=batch_size,
-        output_dir=str(output_dir) if output_dir else None,
-        **training_kwargs,
-    )
-
-
 def score_dataset(
     dataset: Dataset | IterableDataset,
     model: nn.Module | None = None,
@@ -404,15 +379,18 @@ def score_dataset(
                 logger.info("Loading the seed-%d model trained by an earlier run from %s.", seed, weights)
                 load_weights(seed_model, weights)
             else:
-                seed_model = _train(
+                from ..trainer.proxy import fit  # transformers loads only when a proxy trains
+
+                seed_model = fit(
                     seed_model,
                     dataset,
-                    preprocessor,
+                    preprocessor=preprocessor,
                     epochs=train_epochs,
                     seed=seed,
                     batch_size=batch_size,
                     output_dir=seed_dir / "training" if seed_dir else None,
-                    training_kwargs=training_kwargs or {},
+                    progress_bar=False,
+                    **(training_kwargs or {}),
                 )
                 if weights is not None and state.is_main_process:
                     weights.parent.mkdir(parents=True, exist_ok=True)
