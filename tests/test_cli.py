@@ -7,9 +7,12 @@ import pytest
 import torch
 import yaml
 
-from datadiet.cli import PruneArguments, ScoreArguments, main, parse_config
+from datadiet.cli import main
+from datadiet.cli.parsing import parse_config
+from datadiet.cli.prune import PruneArguments
+from datadiet.cli.score import ScoreArguments
+from datadiet.cli.train import TrainArguments
 from datadiet.curve import CurveArguments
-from datadiet.train import TrainArguments
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate_configs" not in p.parts)
@@ -129,3 +132,51 @@ def test_cli_reports_bad_input_as_an_error_message(tmp_path, capsys):
     )
     assert "Data file(s) not found" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["score", "--help"], "--methods"),
+        (["prune", "--help"], "--strategy"),
+        (["push", "--help"], "--repo_id"),
+        (["train", "--help"], "--max_steps"),
+        (["demo", "--help"], "--retrain_seeds"),
+        (["report", "curve", "--help"], "--keep_fractions"),
+        (["report", "hist", "--help"], "--columns"),
+    ],
+)
+def test_every_subcommand_dispatches(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert flag in capsys.readouterr().out
+    for usage in (["--help"], ["report", "--help"]):
+        assert main(usage) == 0
+    assert "curve" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_points_run_the_command():
+    import subprocess
+    import sys
+
+    for module in ("datadiet", "datadiet.cli"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True)
+        assert "usage: datadiet <command>" in result.stdout
+
+
+def test_shared_argument_fields_keep_each_command_s_order_and_defaults():
+    from dataclasses import fields
+
+    data = ["dataset_name", "data_files", "split", "eval_dataset_name", "eval_data_files", "eval_split"]
+    data += ["max_rows", "max_eval_rows", "image_column", "label_column"]
+    model = ["model_name", "model_library", "model_kwargs", "in_chans", "image_size", "mean", "std"]
+    # results.json and summary.json write the arguments in field order: it must not move.
+    assert [f.name for f in fields(TrainArguments)][:17] == data + model
+    assert [f.name for f in fields(CurveArguments)][:14] == data + ["model_name", "model_kwargs", "mean", "std"]
+    assert CurveArguments("x", max_steps=10).model_name == "datadiet_cifar_net"
+    assert ScoreArguments("x").model_name == TrainArguments("x", epochs=1).model_name == "resnet18"
+    with pytest.raises(ValueError, match="model_library"):
+        TrainArguments("x", epochs=1, model_library="keras")
+    with pytest.raises(ValueError, match="no test split"):
+        ScoreArguments("x", eval_split="validation")

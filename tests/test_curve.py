@@ -208,7 +208,7 @@ def test_changed_budget_in_the_same_folder_is_refused(curve):
 def test_report_hist_command_writes_a_png(tmp_path):
     from datasets import Dataset
 
-    from datadiet.report import report_main
+    from datadiet.cli.report import report_main
 
     Dataset.from_dict({"el2n": [0.1, 0.5, 0.9, 0.3], "grand": [1.0, 2.0, 3.0, 4.0]}).save_to_disk(tmp_path / "scored")
     output = tmp_path / "hist.png"

@@ -17,7 +17,8 @@ from huggingface_hub import DatasetCard, HfApi
 from PIL import Image as PILImage
 
 import datadiet
-from datadiet.hub import PushArguments, push_to_hub, run_push, save_pruned
+from datadiet.cli.push import PushArguments, run_push
+from datadiet.hub import push_to_hub, save_pruned
 from datadiet.provenance import read_provenance, record_provenance
 
 TOKEN = "hf_datadietFakeToken0123456789abcdef"

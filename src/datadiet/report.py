@@ -12,7 +12,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_data_map", "plot_image_grid", "plot_pruning_curve", "plot_score_histogram", "report_main"]
+__all__ = ["plot_data_map", "plot_image_grid", "plot_pruning_curve", "plot_score_histogram"]
 
 
 def _pyplot():
@@ -92,7 +92,7 @@ def plot_image_grid(
     return _save(fig, path, title)
 
 
-# ---- pruning curves and the `datadiet report` command ----------------------------------------------------------------
+# ---- pruning curves ---------------------------------------------------------------------------------------------------
 
 _STRATEGY_STYLES = {"hardest": "-", "window": "--", "stratified": ":", "easiest": "-."}
 
@@ -100,7 +100,7 @@ _STRATEGY_STYLES = {"hardest": "-", "window": "--", "stratified": ":", "easiest"
 def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str | None = None) -> Path:
     """Write a PNG of test accuracy against the fraction of training data kept: one line per score × strategy (colour
     = score, line style = strategy), random subsets in black and the full data as a grey band (mean ± std), error
-    bars = std over seeds. `points` are the `summary["points"]` of `datadiet.curve.summarize_runs`.
+    bars = std over seeds. `points` are a pruning-curve summary's points (see `datadiet.curve.summarize_runs`).
 
     Example:
     ```python
@@ -201,57 +201,6 @@ def _plot_one_fraction(plt, points: Sequence[dict], full: dict | None, path: Pat
     ax.set_xlabel(f"test accuracy (%), keeping {100 * keep:g}% of the training data (mean ± std over seeds)")
     ax.grid(alpha=0.3, axis="x")
     return _save_figure(plt, fig, ax, path, title)
-
-
-_REPORT_USAGE = """usage: datadiet report <curve|hist> [--config recipe.yaml] [--flag value ...]
-
-  curve  pruning curve: test accuracy against fraction kept per score and strategy (runs.jsonl, curve.png, curve.md)
-  hist   histograms of score columns of a scored dataset
-"""
-
-
-def report_main(argv: Sequence[str]) -> int:
-    """`datadiet report curve ...` (see `datadiet.curve.CurveArguments`) and `datadiet report hist --dataset_name
-    scored/ --columns el2n grand --output hist.png`. Returns the exit code."""
-    import sys
-    from dataclasses import dataclass, field
-
-    from .cli import parse_config
-
-    argv = list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_REPORT_USAGE)
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command == "curve":
-        from .curve import CurveArguments, run_curve
-
-        (args,) = parse_config((CurveArguments,), rest)
-        run_curve(args)
-        print(f"pruning curve written to {Path(args.output_dir) / 'curve.md'} and curve.png")
-        return 0
-    if command == "hist":
-
-        @dataclass
-        class HistArguments:
-            dataset_name: str = field(metadata={"help": "A scored dataset (save_to_disk folder or dataset folder)."})
-            columns: list[str] = field(default_factory=lambda: ["el2n"], metadata={"help": "Score columns to plot."})
-            output: str = field(default="hist.png", metadata={"help": "Where the PNG goes."})
-            bins: int = field(default=50, metadata={"help": "Histogram bins."})
-
-        from .data import load_data
-
-        (args,) = parse_config((HistArguments,), rest)
-        folder = Path(args.dataset_name)
-        dataset = load_data(str(folder / "dataset") if (folder / "dataset" / "state.json").exists() else str(folder))
-        missing = [c for c in args.columns if c not in dataset.column_names]
-        if missing:
-            raise ValueError(f"Column(s) {missing} not in the dataset; its columns are {dataset.column_names}.")
-        path = plot_score_histogram({c: dataset[c] for c in args.columns}, args.output, bins=args.bins)
-        print(f"histogram written to {path}")
-        return 0
-    print(f"Unknown report {command!r}.\n\n{_REPORT_USAGE}", file=sys.stderr)
-    return 2
 
 
 def plot_data_map(

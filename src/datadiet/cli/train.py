@@ -1,5 +1,5 @@
-"""Training and evaluating a classifier on a (pruned) dataset: the step behind `datadiet train`, the demo and the
-pruning curves. Models are trained by `DataDietTrainer` at a budget of steps or epochs."""
+"""`datadiet train`: train a freshly initialised model on a (pruned) dataset, over several seeds, and report its test
+accuracy and the first seed's data map."""
 
 from __future__ import annotations
 
@@ -8,42 +8,19 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from tqdm.auto import tqdm
-
-from .data import build_image_transform, column_values, detect_columns, load_data, num_classes_of
-from .models import model_init_from_arguments
-from .trainer.proxy import evaluate_accuracy, fit
+from ..arguments import DataArguments, ModelArguments
+from .parsing import parse_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainArguments", "evaluate_accuracy", "fit", "run_train"]
+__all__ = ["TrainArguments", "main", "run_train"]
 
 
 @dataclass
-class TrainArguments:
+class TrainArguments(ModelArguments, DataArguments):
     """Arguments of `datadiet train`: train a freshly initialised model on a dataset (a `save_to_disk` folder, data
     files, a folder written by `save_pruned`, or a Hub id) and report its test accuracy over several seeds."""
 
-    dataset_name: str = field(
-        metadata={"help": "Training data: a save_to_disk folder, a dataset folder, or a Hub id."}
-    )
-    data_files: str | None = field(default=None, metadata={"help": "Data file(s) for the training split."})
-    split: str = field(default="train", metadata={"help": "Training split name."})
-    eval_dataset_name: str | None = field(default=None, metadata={"help": "Test data (default: dataset_name)."})
-    eval_data_files: str | None = field(default=None, metadata={"help": "Data file(s) for the test split."})
-    eval_split: str = field(default="test", metadata={"help": "Test split name."})
-    max_rows: int | None = field(default=None, metadata={"help": "Use only the first rows of the training split."})
-    max_eval_rows: int | None = field(default=None, metadata={"help": "Use only the first rows of the test split."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column (detected when not given)."})
-    label_column: str | None = field(default=None, metadata={"help": "Label column (detected when not given)."})
-    model_name: str = field(default="resnet18", metadata={"help": "timm architecture or transformers model type."})
-    model_library: str = field(default="timm", metadata={"help": "'timm' or 'transformers'."})
-    model_kwargs: str | None = field(default=None, metadata={"help": "JSON (or YAML mapping) of model options."})
-    in_chans: int = field(default=3, metadata={"help": "Input channels (1 for MNIST / digits)."})
-    image_size: int | None = field(default=None, metadata={"help": "Resize images to this size."})
-    mean: list[float] | None = field(default=None, metadata={"help": "Normalisation mean per channel."})
-    std: list[float] | None = field(default=None, metadata={"help": "Normalisation std per channel."})
     augment: bool = field(default=False, metadata={"help": "Random crop + flip while training."})
     max_steps: int | None = field(default=None, metadata={"help": "Training budget in optimiser steps."})
     epochs: float | None = field(default=None, metadata={"help": "Training budget in epochs (if no max_steps)."})
@@ -56,8 +33,7 @@ class TrainArguments:
     def __post_init__(self):
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("Give exactly one training budget: max_steps (fixed steps) or epochs.")
-        if self.model_library not in ("timm", "transformers"):
-            raise ValueError(f"model_library must be 'timm' or 'transformers', got {self.model_library!r}.")
+        super().__post_init__()
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one training seed.")
 
@@ -65,6 +41,14 @@ class TrainArguments:
 def run_train(args: TrainArguments) -> dict:
     """Train one model per seed and write `results.json` (accuracy per seed, mean, std) and the first seed's data map
     (`data_map.png`: confidence against variability, coloured by correctness) to `args.output_dir`."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ..data import build_image_transform, column_values, detect_columns, load_data, num_classes_of
+    from ..models import model_init_from_arguments
+    from ..report import plot_data_map
+    from ..trainer.proxy import evaluate_accuracy, fit
+
     train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
     test = load_data(
         args.eval_dataset_name or args.dataset_name,
@@ -101,8 +85,6 @@ def run_train(args: TrainArguments) -> dict:
         )
         logger.info("seed %d: test accuracy %.4f", seed, accuracies[-1])
         if seed == args.seeds[0]:  # the data map of the first seed's training run (Swayamdipta et al. 2020)
-            from .report import plot_data_map
-
             dynamics = trainer.scores
             plot_data_map(
                 column_values(dynamics, "confidence"),
@@ -122,3 +104,14 @@ def run_train(args: TrainArguments) -> dict:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def main(argv: list[str]) -> int:
+    """`datadiet train [--config recipe.yaml] [--flag value ...]`; prints the test accuracy; returns the exit code."""
+    (args,) = parse_config((TrainArguments,), argv)
+    results = run_train(args)
+    print(
+        f"test accuracy {results['accuracy_mean']:.4f} ± {results['accuracy_std']:.4f} "
+        f"over seeds {args.seeds} ({results['train_rows']} training rows)"
+    )
+    return 0

@@ -1,0 +1,78 @@
+"""The `datadiet` command: `score`, `prune`, `push`, `train`, `report` and `demo`, one module each, each reading a
+recipe YAML (`--config`) whose values are defaults that command-line flags override. The same entry points run under
+`accelerate launch -m datadiet.cli ...`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .parsing import parse_config
+from .prune import PruneArguments, run_prune
+from .score import ScoreArguments, run_score
+
+__all__ = ["PruneArguments", "ScoreArguments", "main", "parse_config", "run_prune", "run_score"]
+
+_USAGE = """usage: datadiet <command> [--config recipe.yaml] [--flag value ...]
+
+commands:
+  score   score a dataset (EL2N, GraNd, ...) and save it with score columns
+  prune   keep a subset of a scored dataset
+  push    save a pruned dataset with its card to a folder or the Hub
+  train   train a fresh model on a dataset and report test accuracy
+  report  plots: `report curve` (pruning curves), `report hist` (score histograms)
+  demo    the whole chain on scikit-learn's digits (no download)
+"""
+
+
+def _command(name: str):
+    """The entry point `argv -> exit code` of subcommand `name`, or None. Imported on demand, so that one subcommand
+    does not pay for the others' imports."""
+    if name == "score":
+        from .score import main
+    elif name == "prune":
+        from .prune import main
+    elif name == "push":
+        from .push import main
+    elif name == "train":
+        from .train import main
+    elif name == "report":
+        from .report import report_main as main
+    elif name == "demo":
+        from .demo import main
+    else:
+        return None
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `datadiet <command> ...` (`argv` defaults to `sys.argv[1:]`) and return the exit code: 2 for a bad command
+    or a `ValueError` (printed as `datadiet <command>: error: ...`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        run = _command(command)
+        if run is None:
+            print(f"Unknown command {command!r}.\n\n{_USAGE}", file=sys.stderr)
+            return 2
+        return run(rest)
+    except ValueError as error:
+        print(f"datadiet {command}: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        _end_processes()
+
+
+def _end_processes() -> None:
+    """Tear down the process group a multi-process launch set up, so that no communication thread is still running
+    when the interpreter exits (that can abort a process with "terminate called without an active exception")."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,66 @@
+"""Reading a command's arguments: a recipe YAML (`--config`) whose values are defaults that command-line flags
+override (TRL / alignment-handbook style), parsed into argument dataclasses."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+__all__ = ["command_line", "dataset_folder", "parse_config"]
+
+
+def parse_config(dataclass_types: tuple, argv: list[str]) -> tuple:
+    """Parse `argv` into instances of `dataclass_types`: `--config recipe.yaml` sets defaults, flags override them.
+    A YAML key or flag that no dataclass knows is an error (a typo must not be silently ignored).
+
+    Example:
+    ```python
+    >>> from datadiet.cli.parsing import parse_config
+    >>> from datadiet.cli.prune import PruneArguments
+    >>> (args,) = parse_config((PruneArguments,), ["--dataset_name", "scored", "--keep", "0.3"])
+    >>> args.keep, args.strategy
+    (0.3, 'hardest')
+
+    ```
+    """
+    import yaml
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    argv = list(argv)
+    if "--config" in argv:
+        position = argv.index("--config")
+        if position + 1 >= len(argv):
+            raise ValueError("--config needs a path to a recipe YAML.")
+        config_path = argv[position + 1]
+        del argv[position : position + 2]
+        if not Path(config_path).exists():
+            raise ValueError(f"Recipe {config_path!r} not found.")
+        values = yaml.safe_load(Path(config_path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"Recipe {config_path!r} must be a YAML mapping of argument names to values.")
+        known = {f.name for cls in dataclass_types for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown key(s) {unknown} in {config_path!r}. Valid keys: {sorted(known)}.")
+        # Mappings (e.g. model_kwargs) travel as JSON strings, like their command-line form.
+        values = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in values.items()}
+        parser.set_defaults(**values)
+        # HfArgumentParser marks fields without defaults as required; a recipe may provide them.
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def command_line() -> str:
+    """The command this process runs, as `datadiet <subcommand> ...` (recorded in a dataset's provenance)."""
+    return "datadiet " + shlex.join(sys.argv[1:])
+
+
+def dataset_folder(path: str) -> str:
+    """`datadiet score` saves the scored dataset under `<output_dir>/dataset`: accept that folder or the dataset's."""
+    return str(Path(path) / "dataset") if (Path(path) / "dataset" / "state.json").exists() else path

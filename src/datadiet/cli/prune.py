@@ -1,0 +1,60 @@
+"""`datadiet prune`: keep a subset of a scored dataset and save it."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass, field
+
+from .parsing import command_line, dataset_folder, parse_config
+
+logger = logging.getLogger("datadiet")
+
+__all__ = ["PruneArguments", "main", "run_prune"]
+
+
+@dataclass
+class PruneArguments:
+    """Arguments of `datadiet prune`: keep a subset of a scored dataset and save it."""
+
+    dataset_name: str = field(metadata={"help": "A scored dataset (the output_dir of `datadiet score`)."})
+    by: str | None = field(default="el2n", metadata={"help": "Score column to prune by."})
+    keep: float = field(default=0.5, metadata={"help": "Fraction in (0, 1], or a row count if > 1."})
+    strategy: str = field(default="hardest", metadata={"help": "hardest, easiest, random, window, stratified."})
+    offset: float = field(default=0.0, metadata={"help": "window: fraction of hardest rows to skip."})
+    class_balanced: bool = field(default=False, metadata={"help": "Apply the strategy per class."})
+    hard_cutoff: float = field(default=0.0, metadata={"help": "stratified: fraction of hardest rows dropped."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random draws."})
+    output_dir: str = field(default="outputs/pruned", metadata={"help": "The pruned dataset (save_to_disk)."})
+
+
+def run_prune(args: PruneArguments, *, command: str | None = None):
+    """Load a scored dataset, prune it and save it; returns the pruned dataset."""
+    from ..data import load_data
+    from ..provenance import record_provenance
+    from ..selection import prune
+
+    dataset = load_data(args.dataset_name)
+    keep = int(args.keep) if args.keep > 1 else args.keep
+    pruned = prune(
+        dataset,
+        args.by,
+        keep,
+        strategy=args.strategy,
+        offset=args.offset,
+        class_balanced=args.class_balanced,
+        seed=args.seed,
+        hard_cutoff=args.hard_cutoff,
+    )
+    pruned = record_provenance(pruned, steps=[{"command": command or command_line()}])
+    pruned.save_to_disk(args.output_dir)
+    logger.info("Kept %d of %d rows; saved to %s", len(pruned), len(dataset), args.output_dir)
+    return pruned
+
+
+def main(argv: list[str]) -> int:
+    """`datadiet prune [--config recipe.yaml] [--flag value ...]`; returns the exit code."""
+    (args,) = parse_config((PruneArguments,), argv)
+    args.dataset_name = dataset_folder(args.dataset_name)
+    run_prune(args, command="datadiet " + shlex.join(["prune", *argv]))
+    return 0

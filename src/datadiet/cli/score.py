@@ -1,0 +1,113 @@
+"""`datadiet score`: score a dataset split with K models and save it with the score columns."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..arguments import DataArguments, ModelArguments
+from .parsing import command_line, parse_config
+
+logger = logging.getLogger("datadiet")
+
+__all__ = ["ScoreArguments", "main", "run_score"]
+
+
+@dataclass
+class ScoreArguments(ModelArguments, DataArguments):
+    """Arguments of `datadiet score`: score a dataset split with K models and save it with the score columns."""
+
+    methods: list[str] = field(default_factory=lambda: ["el2n"], metadata={"help": "Scores to compute."})
+    model_weights: str | None = field(
+        default=None, metadata={"help": "A safetensors file of trained weights to score with (then one seed)."}
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "One independently trained model each."})
+    train_epochs: float = field(default=0, metadata={"help": "Epochs each model trains before scoring (0: at init)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the scoring models."})
+    batch_size: int = field(default=128, metadata={"help": "Rows per forward pass."})
+    mixed_precision: str | None = field(default=None, metadata={"help": "'bf16' for bfloat16 autocast."})
+    output_dir: str = field(default="outputs/scores", metadata={"help": "The scored dataset (save_to_disk)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace existing score columns."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        # The test-split fields of DataArguments mean nothing here: refuse them rather than ignore them.
+        test_split = {
+            "eval_dataset_name": self.eval_dataset_name,
+            "eval_data_files": self.eval_data_files,
+            "eval_split": None if self.eval_split == "test" else self.eval_split,
+            "max_eval_rows": self.max_eval_rows,
+        }
+        given = sorted(name for name, value in test_split.items() if value is not None)
+        if given:
+            raise ValueError(f"`datadiet score` scores one split (`split`); it takes no test split, got {given}.")
+
+
+def run_score(args: ScoreArguments, *, command: str | None = None):
+    """Load, score and save a dataset as `ScoreArguments` say; returns the scored dataset."""
+    from ..data import build_image_transform, detect_columns, load_data, num_classes_of
+    from ..engine import score_dataset
+    from ..models import model_init_from_arguments
+    from ..provenance import record_provenance
+
+    dataset = load_data(
+        args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows
+    )
+    _, _, label_column = detect_columns(dataset, image_column=args.image_column, label_column=args.label_column)
+    model_init = model_init_from_arguments(args, num_classes_of(dataset, label_column))
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+
+    transform = build_image_transform(args.image_size, mean=args.mean, std=args.std)
+    common = dict(
+        methods=args.methods,
+        transform=transform,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        mixed_precision=args.mixed_precision,
+        output_dir=Path(args.output_dir) / "partial",
+    )
+    if args.model_weights:
+        from safetensors.torch import load_model
+
+        model = model_init(args.seeds[0])
+        load_model(model, args.model_weights)
+        scored = score_dataset(dataset, model, **common)
+    else:
+        scored = score_dataset(
+            dataset,
+            model_init=model_init,
+            seeds=args.seeds,
+            train_epochs=args.train_epochs,
+            training_kwargs={"learning_rate": args.learning_rate},
+            **common,
+        )
+    scored = record_provenance(
+        scored,
+        source={
+            "path": args.dataset_name,
+            "data_files": args.data_files,
+            "split": args.split,
+            "max_rows": args.max_rows,
+            "fingerprint": dataset._fingerprint,
+        },
+        scoring={"model": args.model_name, "model_library": args.model_library, "model_kwargs": model_kwargs},
+        steps=[{"command": command or command_line()}],
+    )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        scored.save_to_disk(str(Path(args.output_dir) / "dataset"))
+        logger.info("Scored dataset saved to %s", Path(args.output_dir) / "dataset")
+    return scored
+
+
+def main(argv: list[str]) -> int:
+    """`datadiet score [--config recipe.yaml] [--flag value ...]`; returns the exit code."""
+    (args,) = parse_config((ScoreArguments,), argv)
+    run_score(args, command="datadiet " + shlex.join(["score", *argv]))
+    return 0

@@ -1,0 +1,216 @@
+"""A pruning curve's results: mean ± std per point over seeds (`summarize_runs`), one verdict per score × strategy
+against random and the full data, the per-seed table, and `summary.json`, `curve.md` and `curve.png`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .arguments import CurveArguments
+from .store import read_runs
+
+__all__ = ["summarize_runs", "write_curve_report", "write_summary"]
+
+
+def write_summary(args: CurveArguments, output_dir: Path, runs_path: Path) -> dict:
+    """Summarise the finished runs in `runs_path` and write `summary.json`, `curve.md` and `curve.png` to `output_dir`;
+    return the summary."""
+    summary = summarize_runs(read_runs(runs_path))
+    summary["arguments"] = asdict(args)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_curve_report(summary, output_dir, title=_title(args, summary["points"]))
+    return summary
+
+
+def _title(args: CurveArguments, points: list[dict]) -> str:
+    budget = f"{args.max_steps} steps" if args.max_steps is not None else f"{args.epochs:g} epochs of each subset"
+    # The seeds finished, not the ones asked for this time: a folder may hold points of a 4th seed run on its own.
+    counts = sorted({p["n"] for p in points}) or [len(args.seeds)]
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return (
+        f"{Path(args.data_files or args.dataset_name).parent.name or args.dataset_name}: {args.model_name}, "
+        f"{budget} at batch {args.batch_size}, {seeds} seeds per point; scores from {len(args.scoring_seeds)} "
+        f"proxies after {args.scoring_epochs} epoch(s)"
+    )
+
+
+def summarize_runs(runs: list[dict]) -> dict:
+    """Mean and (population) std of the test accuracy of each (score, strategy, keep) over its seeds.
+
+    Returns `{"points": [{"score", "strategy", "keep", "mean", "std", "n", "seeds", "accuracies"}...]}`, sorted
+    (`accuracies[i]` is the run of `seeds[i]`).
+
+    Example:
+    ```python
+    >>> from datadiet.curve import summarize_runs
+    >>> runs = [{"score": "full", "strategy": "full", "keep": 1.0, "seed": 0, "accuracy": 0.9},
+    ...         {"score": "full", "strategy": "full", "keep": 1.0, "seed": 1, "accuracy": 0.8}]
+    >>> point = summarize_runs(runs)["points"][0]
+    >>> point["mean"], point["std"], point["seeds"]
+    (0.85, 0.05, [0, 1])
+
+    ```
+    """
+    groups: dict[tuple, dict[int, float]] = {}
+    for run in runs:
+        # A run repeated (e.g. two processes on one folder) counts once per seed: the last line wins.
+        groups.setdefault((run["score"], run["strategy"], float(run["keep"])), {})[int(run["seed"])] = run["accuracy"]
+    points = []
+    for (score, strategy, keep), by_seed in sorted(groups.items()):
+        values = np.array([by_seed[s] for s in sorted(by_seed)])
+        points.append(
+            {
+                "score": score,
+                "strategy": strategy,
+                "keep": keep,
+                "mean": round(float(values.mean()), 6),
+                "std": round(float(values.std()), 6),
+                "n": len(values),
+                "seeds": sorted(by_seed),
+                "accuracies": [by_seed[s] for s in sorted(by_seed)],
+            }
+        )
+    return {"points": points}
+
+
+def _by_seed(point: dict) -> dict[int, float]:
+    """A summary point's accuracy of each seed."""
+    return dict(zip(point.get("seeds", []), point.get("accuracies", [])))
+
+
+def _on_seeds(reference: dict, seeds: list[int]) -> dict:
+    """`reference` (a summary point) restricted to `seeds`, so that a point run on fewer seeds than its baselines is
+    compared with the baselines' runs of the same seeds. Points written before per-seed accuracies were kept, or
+    missing one of the seeds, are used whole."""
+    by_seed = _by_seed(reference)
+    if not by_seed or set(seeds) == set(by_seed) or not set(seeds) <= set(by_seed):
+        return reference
+    values = np.array([by_seed[s] for s in seeds])
+    return {**reference, "mean": float(values.mean()), "std": float(values.std()), "n": len(values)}
+
+
+def _verdicts(points: list[dict], tolerance: float = 0.005) -> list[str]:
+    """One plain sentence per (score, strategy): at each keep fraction, does it beat random (by more than the larger
+    std over seeds; otherwise a tie) and is it within `tolerance` of the full data (or above it)? Both comparisons
+    use the baselines' runs of the same seeds as the point."""
+    full = next((p for p in points if p["score"] == "full"), None)
+    random = {p["keep"]: p for p in points if p["score"] == "random"}
+    sentences = []
+    methods = sorted({(p["score"], p["strategy"]) for p in points if p["score"] not in ("full", "random")})
+    for score, strategy in methods:
+        parts = []
+        for point in sorted(
+            (p for p in points if (p["score"], p["strategy"]) == (score, strategy)), key=lambda p: -p["keep"]
+        ):
+            keep = point["keep"]
+            pieces = []
+            if keep in random:
+                baseline = _on_seeds(random[keep], point.get("seeds", []))
+                delta = 100 * (point["mean"] - baseline["mean"])
+                # A difference smaller than the seeds' spread is not a win or a loss: call it a tie.
+                noise = 100 * max(point["std"], baseline["std"])
+                verdict = "ties with" if abs(delta) <= noise else "beats" if delta > 0 else "loses to"
+                pieces.append(f"{verdict} random ({delta:+.2f} pt, std {noise:.2f})")
+            if full is not None:
+                gap = 100 * (point["mean"] - _on_seeds(full, point.get("seeds", []))["mean"])
+                if gap > 100 * tolerance:
+                    pieces.append(f"is above the full data ({gap:+.2f} pt)")
+                else:
+                    within = abs(gap) <= 100 * tolerance
+                    pieces.append(f"{'within' if within else 'not within'} 0.5 pt of full data ({gap:+.2f} pt)")
+            parts.append(f"at {100 * keep:g}% it " + " and ".join(pieces))
+        sentences.append(f"- **{score} / {strategy}**: " + "; ".join(parts) + ".")
+    return sentences
+
+
+def _per_seed_table(points: list[dict]) -> list[str]:
+    """Every run's accuracy by seed, and each pruned run minus the random subset of its seed and keep fraction (the
+    paired difference: a method that wins on every seed is more convincing than its mean alone says)."""
+    seeds = sorted({seed for point in points for seed in point.get("seeds", [])})
+    if not seeds or all(point["score"] == "full" for point in points):
+        return []  # the report already says that no pruned run has finished
+    random = {p["keep"]: p for p in points if p["score"] == "random"}
+    lines = ["", "## Per seed", ""]
+    lines.append(
+        "Test accuracy (%) of every run; in brackets, minus the random subset of the same seed and keep (pt)."
+    )
+    lines.append("")
+    lines.append("| score | strategy | keep | " + " | ".join(f"seed {seed}" for seed in seeds) + " |")
+    lines.append("|---|---|---|" + "---|" * len(seeds))
+    for point in sorted(points, key=lambda p: (p["score"] != "full", p["score"] != "random", -p["keep"])):
+        by_seed = _by_seed(point)
+        paired = point["score"] not in ("full", "random")
+        baseline = _by_seed(random.get(point["keep"], {})) if paired else {}
+        cells = []
+        for seed in seeds:
+            if seed not in by_seed:
+                cells.append("—")
+            elif seed in baseline:
+                cells.append(f"{100 * by_seed[seed]:.2f} ({100 * (by_seed[seed] - baseline[seed]):+.2f})")
+            else:
+                cells.append(f"{100 * by_seed[seed]:.2f}")
+        lines.append(
+            f"| {point['score']} | {point['strategy']} | {100 * point['keep']:g}% | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def write_curve_report(summary: dict, output_dir: str | Path, *, title: str | None = None) -> tuple[Path, Path]:
+    """Write `curve.md` (a table of mean ± std test accuracy per score × strategy and keep fraction, then one plain
+    verdict per score × strategy) and `curve.png` (see `datadiet.report.plot_pruning_curve`); return both paths."""
+    from ..report import plot_pruning_curve
+
+    output_dir = Path(output_dir)
+    points = summary["points"]
+    keeps = sorted({p["keep"] for p in points if p["score"] != "full"}, reverse=True)
+    full = next((p for p in points if p["score"] == "full"), None)
+    rows = [("random", "random")] + sorted(
+        {(p["score"], p["strategy"]) for p in points} - {("full", "full"), ("random", "random")}
+    )
+    lookup = {(p["score"], p["strategy"], p["keep"]): p for p in points}
+    lines = [f"# Pruning curve{': ' + title if title else ''}", ""]
+    lines.append("Test accuracy (%), mean ± std over training seeds (n = number of seeds).")
+    lines.append("")
+    if full is not None:
+        lines.append(f"Full data (100%): **{100 * full['mean']:.2f} ± {100 * full['std']:.2f}** (n={full['n']})")
+        lines.append("")
+    best: dict[float, dict] = {}
+    if keeps:
+        lines.append("| score | strategy | " + " | ".join(f"keep {100 * k:g}%" for k in keeps) + " |")
+        lines.append("|---|---|" + "---|" * len(keeps))
+    else:
+        lines.append("No pruned run has finished yet: rerun the curve command to continue.")
+        rows = []
+    for score, strategy in rows:
+        cells = []
+        for keep in keeps:
+            point = lookup.get((score, strategy, keep))
+            if point is None:
+                cells.append("—")
+                continue
+            cells.append(f"{100 * point['mean']:.2f} ± {100 * point['std']:.2f} (n={point['n']})")
+            if score != "random" and point["mean"] > best.get(keep, {"mean": -1.0})["mean"]:
+                best[keep] = point
+        lines.append(f"| {score} | {strategy} | " + " | ".join(cells) + " |")
+    lines += ["", "## Verdicts", ""]
+    lines += _verdicts(points)
+    if best:
+        lines += ["", "Best score / strategy per keep fraction (the baselines on the same seeds):"]
+        for keep in keeps:
+            if keep in best:
+                point = best[keep]
+                seeds = point.get("seeds", [])
+                random = lookup.get(("random", "random", keep))
+                versus = f", random {100 * _on_seeds(random, seeds)['mean']:.2f}" if random else ""
+                versus += f", full {100 * _on_seeds(full, seeds)['mean']:.2f}" if full else ""
+                name = f"{point['score']} / {point['strategy']}"
+                lines.append(f"- {100 * keep:g}%: {name} {100 * point['mean']:.2f} (n={point['n']}){versus}")
+    lines += _per_seed_table(points)
+    markdown = output_dir / "curve.md"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    markdown.write_text("\n".join(lines) + "\n")
+    image = plot_pruning_curve(points, output_dir / "curve.png", title=title)
+    return markdown, image

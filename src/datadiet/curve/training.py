@@ -1,0 +1,258 @@
+"""The curve's lean in-memory training: the decoded data (`CurveData`), an SGD loop, test accuracy, and the proxy
+models whose scores the curve prunes by.
+
+Images are decoded once to a uint8 tensor and augmented per batch on tensors, not by `DataDietTrainer`: a curve is
+hundreds of short trainings, and on a few CPU cores decoding and transforming every image of every step one by one
+costs more than the small networks the curve is run with."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arguments import CurveArguments, check_steps
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CurveData", "build_curve_model", "proxy_scores", "accuracy_on_test", "train_on_rows"]
+
+
+def _image_array(image) -> np.ndarray:
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return array.transpose(2, 0, 1)
+
+
+def _to_tensors(dataset, image_column: str, label_column: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images as one uint8 `[N, C, H, W]` tensor and the labels as int64, decoded once."""
+    from tqdm.auto import tqdm
+
+    images, labels = [], []
+    for start in tqdm(range(0, len(dataset), 2048), desc="Decoding images", leave=False):
+        batch = dataset[start : start + 2048]
+        images.extend(_image_array(image) for image in batch[image_column])
+        labels.extend(batch[label_column])
+    return torch.from_numpy(np.stack(images)).contiguous(), torch.as_tensor(labels, dtype=torch.int64)
+
+
+class CurveData:
+    """The decoded train and test sets and the per-batch preprocessing (normalisation, crop, flip)."""
+
+    def __init__(self, args: CurveArguments):
+        from ..data import detect_columns, load_data
+
+        train = load_data(args.dataset_name, split=args.split, data_files=args.data_files, max_rows=args.max_rows)
+        test = load_data(
+            args.eval_dataset_name or args.dataset_name,
+            split=args.eval_split,
+            data_files=args.eval_data_files,
+            max_rows=args.max_eval_rows,
+        )
+        image_column, kind, label_column = detect_columns(
+            train, image_column=args.image_column, label_column=args.label_column
+        )
+        if kind != "image":
+            raise ValueError(
+                f"Pruning curves train image classifiers; the detected input column {image_column!r} is {kind}. "
+                "Pass image_column=... ."
+            )
+        self.x_train, self.y_train = _to_tensors(train, image_column, label_column)
+        self.x_test, self.y_test = _to_tensors(test, image_column, label_column)
+        feature = train.features[label_column]
+        self.num_classes = int(getattr(feature, "num_classes", 0) or int(self.y_train.max()) + 1)
+        self.in_chans = int(self.x_train.shape[1])
+        if args.mean is not None:
+            mean, std = torch.tensor(args.mean), torch.tensor(args.std)
+        else:
+            pixels = self.x_train.float().div_(255)
+            mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3))
+        if mean.numel() != self.in_chans or std.numel() != self.in_chans:
+            raise ValueError(f"mean/std need {self.in_chans} values (one per channel); got {mean.tolist()}.")
+        self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+        self.crop_padding, self.flip = args.crop_padding, args.flip
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images.float().div_(255) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random crop with reflect padding and random horizontal flip, for a whole uint8 batch at once."""
+        batch, _, height, width = images.shape
+        if self.crop_padding > 0:
+            pad = self.crop_padding
+            padded = F.pad(images.float(), (pad, pad, pad, pad), mode="reflect")
+            dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+            dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+            rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
+            index = torch.arange(batch)[:, None, None, None]
+            channels = torch.arange(images.shape[1])[None, :, None, None]
+            images = padded[index, channels, rows, cols]
+        if self.flip:
+            flip = torch.rand(batch, generator=generator) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        return images
+
+
+# ---- training and evaluation ---------------------------------------------------------------------------------------
+
+
+def build_curve_model(args: CurveArguments, data: CurveData, seed: int) -> nn.Module:
+    """A fresh timm model `args.model_name` for `data`'s classes and channels, seeded, in channels-last layout."""
+    from .. import nets  # noqa: F401  (registers the built-in small networks with timm)
+    from ..models import build_model
+
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    model = build_model(
+        args.model_name, num_classes=data.num_classes, in_chans=data.in_chans, model_kwargs=model_kwargs, seed=seed
+    )
+    # channels-last convolutions train the small CIFAR nets about 1.4x faster on this kind of CPU (oneDNN).
+    return model.to(memory_format=torch.channels_last)
+
+
+def train_on_rows(
+    model: nn.Module,
+    data: CurveData,
+    rows: np.ndarray,
+    steps: int,
+    args: CurveArguments,
+    seed: int,
+    correct_history: np.ndarray | None = None,
+) -> nn.Module:
+    """SGD with Nesterov momentum and a OneCycle schedule for `steps` steps over the training rows `rows`
+    (reshuffled every pass). With `correct_history` (`[num_rows, passes]`), records whether each example was
+    classified correctly at each presentation, from the training forward pass (Toneva et al. 2019, sec. 3)."""
+    generator = torch.Generator().manual_seed(seed)
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        (decay if parameter.ndim > 1 else no_decay).append(parameter)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        momentum=0.9,
+        nesterov=True,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.learning_rate, total_steps=steps, pct_start=0.25, anneal_strategy="linear"
+    )
+    rows = torch.as_tensor(rows, dtype=torch.int64)
+    model.train()
+    step, epoch = 0, 0
+    while step < steps:
+        order = rows[torch.randperm(len(rows), generator=generator)]
+        for start in range(0, len(order), args.batch_size):
+            batch_rows = order[start : start + args.batch_size]
+            if len(batch_rows) < args.batch_size and len(order) >= args.batch_size:
+                break  # drop the last partial batch: every step sees a full batch
+            images = data.normalise(data.augment(data.x_train[batch_rows], generator))
+            labels = data.y_train[batch_rows]
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if correct_history is not None and epoch < correct_history.shape[1]:
+                correct_history[batch_rows.numpy(), epoch] = (logits.argmax(-1) == labels).numpy()
+            step += 1
+            if step >= steps:
+                break
+        epoch += 1
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def accuracy_on_test(model: nn.Module, data: CurveData, batch_size: int) -> float:
+    """Test accuracy; with flips on, the logits of the image and its mirror are averaged (test-time augmentation)."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(data.y_test), batch_size):
+        images = data.normalise(data.x_test[start : start + batch_size])
+        logits = model(images)
+        if data.flip:
+            logits = logits + model(images.flip(3))
+        correct += int((logits.argmax(-1) == data.y_test[start : start + batch_size]).sum())
+    return correct / len(data.y_test)
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------------
+
+
+def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -> dict[str, np.ndarray]:
+    """Train one proxy model `scoring_epochs` epochs and score every training row with it (eval mode, un-augmented
+    input, as EL2N and GraNd are defined by Paul et al. 2021); cached at `path`."""
+    if path.exists():
+        with np.load(path) as cached:
+            return {name: cached[name] for name in cached.files}
+    from ..scores import forgetting_events, get_score
+
+    num_rows = len(data.y_train)
+    steps_per_epoch = max(num_rows // args.batch_size, 1)
+    history = np.full((num_rows, args.scoring_epochs), np.nan)
+    steps = steps_per_epoch * args.scoring_epochs
+    check_steps(
+        steps,
+        f"Scoring the proxies ({num_rows} rows, batch_size={args.batch_size}, scoring_epochs={args.scoring_epochs})",
+    )
+    model = build_curve_model(args, data, seed)
+    train_on_rows(model, data, np.arange(num_rows), steps, args, seed, history)
+    wanted = [name for name in args.scores if name not in ("forgetting", "input_norm")]
+    values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    for start in range(0, num_rows, args.eval_batch_size):
+        images = data.normalise(data.x_train[start : start + args.eval_batch_size])
+        labels = data.y_train[start : start + args.eval_batch_size]
+        with torch.no_grad():
+            logits = model(images)
+        for name in wanted:
+            if name == "grand":
+                # Exact per-example gradient norms over all parameters (eval mode); chunked to bound memory.
+                parts = [
+                    get_score("grand")(model, images[i : i + 128], labels[i : i + 128]).detach()
+                    for i in range(0, len(labels), 128)
+                ]
+                values[name].append(torch.cat(parts).numpy())
+            else:
+                values[name].append(get_score(name)(logits, labels).numpy())
+    result = {name: np.concatenate(parts).astype(np.float64) for name, parts in values.items()}
+    # Rows never presented (the dropped partial batch of a one-epoch run) count as unseen: NaN events. They are
+    # given the median so that every row has a score.
+    events = forgetting_events(history)
+    result["forgetting"] = np.where(np.isnan(events), np.nanmedian(events), events)
+    result["proxy_train_accuracy"] = np.array([np.nanmean(history[:, -1])])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **result)
+    return result
+
+
+def proxy_scores(args: CurveArguments, data: CurveData, output_dir: Path) -> dict[str, np.ndarray]:
+    """Every requested score, averaged over the proxy models of `scoring_seeds` (input_norm needs no model)."""
+    from tqdm.auto import tqdm
+
+    from ..scores import get_score
+
+    per_seed = [
+        _score_proxy(args, data, seed, output_dir / "scores" / f"proxy-seed{seed}.npz")
+        for seed in tqdm(args.scoring_seeds, desc="Scoring proxies")
+    ]
+    scores = {}
+    for name in args.scores:
+        if name == "input_norm":
+            parts = [
+                get_score("input_norm")(data.normalise(data.x_train[i : i + 4096])).numpy()
+                for i in range(0, len(data.y_train), 4096)
+            ]
+            scores[name] = np.concatenate(parts).astype(np.float64)
+        else:
+            scores[name] = np.mean([values[name] for values in per_seed], axis=0)
+    for seed, values in zip(args.scoring_seeds, per_seed):
+        logger.info(
+            "Proxy seed %d: training accuracy in its last scoring epoch %.3f", seed, values["proxy_train_accuracy"][0]
+        )
+    return scores
