@@ -120,20 +120,19 @@ def claim_run(output_dir: Path, runs_path: Path, run) -> bool:
 def check_config(args: CurveArguments, output_dir: Path) -> None:
     """Record the fields that define the curve's results in `output_dir/curve_config.json`, or, when the folder
     holds a curve already, refuse to resume it with other values of them."""
+    from ..engine.store import check_or_write_config
+
+    def mismatch(folder: Path, changed: list[str], previous: dict) -> str:
+        return (
+            f"{folder} holds a curve made with other values of {changed} (was "
+            f"{ {name: previous.get(name) for name in changed} }): its finished runs would not be comparable. "
+            "Use another output_dir, or restore those values to resume."
+        )
+
     config = {name: getattr(args, name) for name in _RESULT_FIELDS}
-    path = output_dir / "curve_config.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        changed = sorted(name for name in config if previous.get(name) != config[name])
-        if changed:
-            raise ValueError(
-                f"{output_dir} holds a curve made with other values of {changed} (was "
-                f"{ {name: previous.get(name) for name in changed} }): its finished runs would not be comparable. "
-                "Use another output_dir, or restore those values to resume."
-            )
-    else:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2))
+    check_or_write_config(
+        output_dir, config, file_name="curve_config.json", new_keys_only=True, sort_keys=False, mismatch=mismatch
+    )
 
 
 def config_digest(args: CurveArguments) -> str:
