@@ -6,31 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .scores.logits import forward_logits, unwrap_logits
+
 __all__ = ["ClassifierWrapper", "forward_logits", "unwrap_logits", "num_labels_of"]
-
-
-def unwrap_logits(output) -> torch.Tensor:
-    """The logits tensor of a model output: a tensor, a `ModelOutput` with `.logits`, or a tuple whose first item is
-    the logits."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, dict) and "logits" in output:  # ClassifierWrapper's {"loss", "logits"}
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise ValueError(
-        f"Cannot find logits in a model output of type {type(output).__name__}: the model should return a tensor of "
-        "logits, an object with a `.logits` attribute, or a tuple whose first item is the logits."
-    )
-
-
-def forward_logits(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run `model` on `inputs` (a tensor, passed positionally, or a dict of tensors, passed as keywords) and return
-    its logits."""
-    output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return unwrap_logits(output)
 
 
 def num_labels_of(model: nn.Module) -> int | None:
