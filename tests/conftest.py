@@ -44,7 +44,7 @@ def cifar10_train():
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn's bundled digits as a DatasetDict (Image `image`, ClassLabel `label`)."""
-    from datadiet.demo import load_digits_dataset
+    from datadiet.data import load_digits_dataset
 
     return load_digits_dataset()
 

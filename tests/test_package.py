@@ -30,3 +30,17 @@ def test_import_does_not_load_transformers_and_tracin_score_registers_on_demand(
         "assert get_score_spec('tracin_self_influence').needs == 'gradients'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_scores_are_pure_torch_and_register_tracin_without_the_driver():
+    code = (
+        "import sys\n"
+        "from datadiet.scores import get_score\n"
+        "get_score('tracin_self_influence')\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in "
+        "('transformers', 'datasets', 'accelerate', 'timm', 'huggingface_hub')]\n"
+        "assert not loaded, loaded\n"
+        "others = [m for m in sys.modules if m.startswith('datadiet.') and not m.startswith('datadiet.scores')]\n"
+        "assert not others, others\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from datadiet.tracin import TracIn, load_checkpoint, per_example_gradients
+from datadiet.scores import per_example_gradients
+from datadiet.tracin import TracIn, load_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")

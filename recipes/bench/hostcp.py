@@ -94,8 +94,8 @@ def prepare(name: str, args, work: Path) -> dict:
 
 
 def select(method: str, prepared: dict, keep: float, args, seed: int) -> tuple[np.ndarray, float]:
-    from datadiet.selection.hostcp import select_hostcp
     from datadiet.selection import select_indices
+    from datadiet.selection.hostcp import select_hostcp
 
     start = time.time()
     num_rows = len(prepared["labels"])

@@ -1,10 +1,8 @@
 """`datasets` integration: finding the input and label columns, turning raw rows into model inputs (timm /
-torchvision transforms, transformers image processors, tokenizers), and `ScoreTransform` for `Dataset.map`."""
+torchvision transforms, transformers image processors, tokenizers), `ScoreTransform` for `Dataset.map`, loading data."""
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,20 +12,22 @@ import torch
 from datasets import ClassLabel, Dataset, Image, Value
 from torch import nn
 
-from .models import forward_logits, num_labels_of
-from .scores import get_score_spec
+from .models import as_model_inputs, num_labels_of
+from .scores.batch import score_batch, validate_methods
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Preprocessor",
     "ScoreTransform",
-    "compute_scores",
-    "detect_columns",
+    "build_image_transform",
     "column_values",
+    "detect_columns",
     "detect_label_column",
+    "load_data",
+    "load_digits_dataset",
     "num_classes_of",
-    "validate_methods",
+    "training_view",
 ]
 
 
@@ -212,102 +212,6 @@ def _describe(transform: Any) -> str:
     return repr(transform)
 
 
-def model_accepts_keyword(model: nn.Module, name: str) -> bool:
-    """Whether `model.forward` takes `name` (e.g. `pixel_values` for transformers image models)."""
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def as_model_inputs(model: nn.Module, inputs: torch.Tensor | dict) -> torch.Tensor | dict:
-    """transformers image models take `pixel_values=`; timm and plain modules take the tensor positionally."""
-    if isinstance(inputs, torch.Tensor) and model_accepts_keyword(model, "pixel_values"):
-        return {"pixel_values": inputs}
-    return inputs
-
-
-def validate_methods(methods: Sequence[str] | str) -> list[str]:
-    """Check every method is a registered score; return them as a list (a single string is one method)."""
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    if not methods:
-        raise ValueError("methods is empty: name at least one score, e.g. methods=('el2n',).")
-    for method in methods:
-        get_score_spec(method)  # raises a ValueError listing the valid names
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"methods {methods} names a score more than once.")
-    return methods
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int, row_ids: Sequence[int]) -> None:
-    bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()
-    if len(bad):
-        rows = [int(row_ids[i]) for i in bad[:5]]
-        raise ValueError(
-            f"Labels outside the model's {num_classes} classes at rows {rows} (label {int(labels[bad[0]])}). Build "
-            "the model with as many outputs as the dataset has classes, or fix the label column."
-        )
-
-
-def _check_finite(logits: torch.Tensor, row_ids: Sequence[int]) -> None:
-    bad = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten()
-    if len(bad):
-        rows = [int(row_ids[i]) for i in bad[:5]]
-        raise ValueError(
-            f"The model produced NaN or infinite logits for rows {rows}{' ...' if len(bad) > 5 else ''}. Check "
-            "those inputs and the model's weights (a diverged training run, or inputs not normalised)."
-        )
-
-
-def compute_scores(
-    model: nn.Module,
-    methods: Sequence[str],
-    inputs: torch.Tensor | dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    *,
-    row_ids: Sequence[int] | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, np.ndarray]:
-    """Score one batch with `model` (already in eval mode) for each method; returns float32 arrays of shape `[B]`.
-
-    Logit scores share one no-grad forward pass; gradient scores (`grand`) run their own forward and backward.
-    """
-    row_ids = range(len(labels)) if row_ids is None else row_ids
-    specs = [get_score_spec(method) for method in methods]
-    model_inputs = as_model_inputs(model, inputs)
-    results: dict[str, torch.Tensor] = {}
-    if any(spec.needs == "logits" for spec in specs) or not any(spec.needs == "gradients" for spec in specs):
-        device_type = labels.device.type  # autocast on the device the batch is on (cpu, cuda, ...)
-        with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = forward_logits(model, model_inputs).float()
-        _check_finite(logits, row_ids)
-        _check_labels(labels, logits.shape[-1], row_ids)
-    else:
-        num_classes = num_labels_of(model)
-        if num_classes is not None:
-            _check_labels(labels, num_classes, row_ids)
-    for spec in specs:
-        if spec.needs == "logits":
-            results[spec.name] = spec.fn(logits, labels)
-        elif spec.needs == "inputs":
-            results[spec.name] = spec.fn(inputs)
-        else:
-            values = spec.fn(model, model_inputs, labels)
-            if not torch.isfinite(values).all():
-                _check_finite(values[:, None], row_ids)
-            results[spec.name] = values
-    return {name: value.detach().float().cpu().numpy() for name, value in results.items()}
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's parameters and buffers (names, shapes, dtypes and values): equal weights, equal digest."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class ScoreTransform:
     """Score a dataset with `dataset.map(ScoreTransform(model, "el2n", ...), batched=True)`.
 
@@ -390,10 +294,18 @@ class ScoreTransform:
         was_training = self.model.training
         self.model.eval()
         try:
-            scores = compute_scores(self.model, self.methods, inputs, labels, autocast_dtype=self.autocast_dtype)
+            scores = score_batch(
+                self.model,
+                as_model_inputs(self.model, inputs),
+                labels,
+                self.methods,
+                input_tensor=inputs if isinstance(inputs, torch.Tensor) else None,
+                num_classes=num_labels_of(self.model),
+                autocast_dtype=self.autocast_dtype,
+            )
         finally:
             self.model.train(was_training)
-        return {name: values.tolist() for name, values in scores.items()}
+        return {name: values.numpy().tolist() for name, values in scores.items()}
 
     def _detect_from_batch(self, batch: dict[str, list]) -> None:
         for name, values in batch.items():
@@ -455,6 +367,40 @@ def build_image_transform(
     return v2.Compose(steps)
 
 
+def load_digits_dataset(test_size: float = 0.25, seed: int = 0):
+    """scikit-learn's digits (1,797 8×8 grey images) as a `DatasetDict` with an `Image` column `image` and a
+    `ClassLabel` column `label`, split into train/test (stratified, fixed seed).
+
+    Example:
+    ```python
+    >>> from datadiet.data import load_digits_dataset
+    >>> splits = load_digits_dataset()
+    >>> len(splits["train"]), len(splits["test"])
+    (1347, 450)
+
+    ```
+    """
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = [PILImage.fromarray((image * (255 / 16)).round().astype(np.uint8), mode="L") for image in digits.images]
+    train_idx, test_idx = train_test_split(
+        np.arange(len(images)), test_size=test_size, random_state=seed, stratify=digits.target
+    )
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+
+    def build(indices):
+        indices = np.sort(indices)
+        return Dataset.from_dict(
+            {"image": [images[i] for i in indices], "label": digits.target[indices].tolist()}, features=features
+        )
+
+    return DatasetDict(train=build(train_idx), test=build(test_idx))
+
+
 def load_data(
     name_or_path: str,
     *,
@@ -484,8 +430,6 @@ def load_data(
 
     path = Path(name_or_path)
     if name_or_path == "sklearn-digits" and data_files is None and not path.exists():
-        from .demo import load_digits_dataset
-
         dataset = load_digits_dataset()[split]
     elif data_files is not None:
         files = [data_files] if isinstance(data_files, str) else list(data_files)

@@ -1,36 +1,50 @@
-"""Calling classifiers the same way whatever their library: timm / plain `nn.Module` (logits from a tensor) and
-transformers models (keyword inputs, `ModelOutput.logits`)."""
+"""Building, calling and wrapping classifiers the same way whatever their library (timm, transformers, plain
+`nn.Module`): the input adapters, the number of classes, a fingerprint of the weights."""
 
 from __future__ import annotations
+
+import hashlib
+import inspect
 
 import torch
 from torch import nn
 
-__all__ = ["ClassifierWrapper", "forward_logits", "unwrap_logits", "num_labels_of"]
+from .scores.logits import forward_logits, unwrap_logits
+
+__all__ = [
+    "ClassifierWrapper",
+    "as_model_inputs",
+    "build_model",
+    "forward_logits",
+    "model_accepts_keyword",
+    "num_labels_of",
+    "unwrap_logits",
+    "weights_fingerprint",
+]
 
 
-def unwrap_logits(output) -> torch.Tensor:
-    """The logits tensor of a model output: a tensor, a `ModelOutput` with `.logits`, or a tuple whose first item is
-    the logits."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, dict) and "logits" in output:  # ClassifierWrapper's {"loss", "logits"}
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise ValueError(
-        f"Cannot find logits in a model output of type {type(output).__name__}: the model should return a tensor of "
-        "logits, an object with a `.logits` attribute, or a tuple whose first item is the logits."
-    )
+def model_accepts_keyword(model: nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes `name` (e.g. `pixel_values` for transformers image models)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
-def forward_logits(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run `model` on `inputs` (a tensor, passed positionally, or a dict of tensors, passed as keywords) and return
-    its logits."""
-    output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return unwrap_logits(output)
+def as_model_inputs(model: nn.Module, inputs: torch.Tensor | dict) -> torch.Tensor | dict:
+    """transformers image models take `pixel_values=`; timm and plain modules take the tensor positionally."""
+    if isinstance(inputs, torch.Tensor) and model_accepts_keyword(model, "pixel_values"):
+        return {"pixel_values": inputs}
+    return inputs
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes and values): equal weights, equal digest."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def num_labels_of(model: nn.Module) -> int | None:
@@ -108,6 +122,8 @@ def build_model(
         torch.manual_seed(seed)
     if library == "timm":
         import timm
+
+        from . import nets  # noqa: F401  (registers datadiet's built-in nets with timm)
 
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
     if library == "transformers":

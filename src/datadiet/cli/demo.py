@@ -36,8 +36,7 @@ class DemoArguments:
 
 def run_demo(args: DemoArguments) -> dict:
     """Run the demo; returns the accuracy table as a dict and prints it."""
-    from ..data import build_image_transform
-    from ..demo import load_digits_dataset
+    from ..data import build_image_transform, load_digits_dataset
     from ..engine import score_dataset
     from ..models import build_model
     from ..report import plot_image_grid, plot_score_histogram

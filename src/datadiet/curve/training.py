@@ -105,7 +105,6 @@ class CurveData:
 
 def build_curve_model(args: CurveArguments, data: CurveData, seed: int) -> nn.Module:
     """A fresh timm model `args.model_name` for `data`'s classes and channels, seeded, in channels-last layout."""
-    from .. import nets  # noqa: F401  (registers the built-in small networks with timm)
     from ..models import build_model
 
     model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
@@ -191,7 +190,8 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
     if path.exists():
         with np.load(path) as cached:
             return {name: cached[name] for name in cached.files}
-    from ..scores import forgetting_events, get_score
+    from ..scores import forgetting_events
+    from ..scores.batch import score_batch
 
     num_rows = len(data.y_train)
     steps_per_epoch = max(num_rows // args.batch_size, 1)
@@ -208,18 +208,11 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
     for start in range(0, num_rows, args.eval_batch_size):
         images = data.normalise(data.x_train[start : start + args.eval_batch_size])
         labels = data.y_train[start : start + args.eval_batch_size]
-        with torch.no_grad():
-            logits = model(images)
+        # GraNd is exact over all parameters (eval mode), chunked to bound memory.
+        rows = range(start, start + len(labels))
+        scores = score_batch(model, images, labels, wanted, row_ids=rows, gradient_chunk_size=128)
         for name in wanted:
-            if name == "grand":
-                # Exact per-example gradient norms over all parameters (eval mode); chunked to bound memory.
-                parts = [
-                    get_score("grand")(model, images[i : i + 128], labels[i : i + 128]).detach()
-                    for i in range(0, len(labels), 128)
-                ]
-                values[name].append(torch.cat(parts).numpy())
-            else:
-                values[name].append(get_score(name)(logits, labels).numpy())
+            values[name].append(scores[name].numpy())
     result = {name: np.concatenate(parts).astype(np.float64) for name, parts in values.items()}
     # Rows never presented (the dropped partial batch of a one-epoch run) count as unseen: NaN events. They are
     # given the median so that every row has a score.

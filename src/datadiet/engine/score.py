@@ -18,14 +18,10 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import (
-    Preprocessor,
-    compute_scores,
-    detect_columns,
-    validate_methods,
-    weights_fingerprint,
-)
+from ..data import Preprocessor, detect_columns
+from ..models import as_model_inputs, num_labels_of, weights_fingerprint
 from ..provenance import record_provenance
+from ..scores.batch import score_batch, validate_methods
 from .process import get_process_state
 from .store import (
     check_or_write_config,
@@ -104,7 +100,7 @@ def _score_model(
         for indices in tqdm(batches, desc=description, disable=not state.is_local_main_process, unit="batch"):
             rows = source[int(indices[0]) : int(indices[-1]) + 1] if _contiguous(indices) else source[indices.tolist()]
             inputs, labels = preprocessor(rows)
-            scores = compute_scores(
+            scores = _score(
                 model,
                 methods,
                 _to_device(inputs, state.device),
@@ -194,7 +190,7 @@ def _score_stream(
                 ids = ids[keep]
             inputs, labels = preprocessor(batch)
             pending_values.append(
-                compute_scores(
+                _score(
                     model,
                     methods,
                     _to_device(inputs, state.device),
@@ -230,6 +226,29 @@ def _score_stream(
             f"({len(ids)} scores for {distinct} distinct row ids). Either row_id_column {row_id_column!r} repeats "
             "ids (every row needs its own), or the folder holds scores of another dataset: use a new output_dir."
         )
+
+
+def _score(
+    model: nn.Module,
+    methods: Sequence[str],
+    inputs: torch.Tensor | dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    row_ids: Sequence[int] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, np.ndarray]:
+    """`score_batch` on preprocessed `inputs` (adapted to the model here), as float32 numpy arrays of shape `[B]`."""
+    scores = score_batch(
+        model,
+        as_model_inputs(model, inputs),
+        labels,
+        methods,
+        input_tensor=inputs if isinstance(inputs, torch.Tensor) else None,
+        row_ids=row_ids,
+        num_classes=num_labels_of(model),
+        autocast_dtype=autocast_dtype,
+    )
+    return {name: value.numpy() for name, value in scores.items()}
 
 
 def _model_identity(model: nn.Module) -> str:

@@ -1,8 +1,12 @@
 """Per-example scores in pure PyTorch (no Hugging Face import): forward-pass scores, exact per-example gradient norms,
-and a registry mapping config and column names to implementations."""
+per-example gradients for TracIn, training-dynamics trackers, the dispatch of methods over a batch, and a registry
+mapping config and column names to implementations."""
 
+from .batch import main_input, score_batch, validate_methods
 from .functional import el2n, entropy, input_norm, loss, margin
 from .grad_norms import grand, per_example_grad_norms
+from .gradients import RandomProjector, per_example_gradients, tracin_self_influence
+from .logits import forward_logits, unwrap_logits
 from .registry import ScoreSpec, get_score, get_score_spec, list_scores, register_score
 from .trackers import (
     TrainingDynamics,
@@ -15,23 +19,31 @@ from .trackers import (
 )
 
 __all__ = [
+    "RandomProjector",
+    "ScoreSpec",
     "TrainingDynamics",
     "area_under_margin",
     "confidence",
     "correctness",
-    "forgetting_events",
-    "training_quantities",
-    "variability",
-    "ScoreSpec",
     "el2n",
     "entropy",
+    "forgetting_events",
+    "forward_logits",
     "get_score",
     "get_score_spec",
     "grand",
     "input_norm",
     "list_scores",
     "loss",
+    "main_input",
     "margin",
     "per_example_grad_norms",
+    "per_example_gradients",
     "register_score",
+    "score_batch",
+    "tracin_self_influence",
+    "training_quantities",
+    "unwrap_logits",
+    "validate_methods",
+    "variability",
 ]

@@ -31,8 +31,6 @@ class ScoreSpec:
 
 
 _REGISTRY: dict[str, ScoreSpec] = {}
-# Built-in scores whose module is heavier than this package: registered when first asked for.
-_REGISTERED_ELSEWHERE = {"tracin_self_influence": "datadiet.tracin"}
 
 
 def register_score(name: str, *, needs: str = "logits", higher_is_harder: bool = True) -> Callable:
@@ -62,10 +60,6 @@ def register_score(name: str, *, needs: str = "logits", higher_is_harder: bool =
 
 def get_score_spec(name: str) -> ScoreSpec:
     """The `ScoreSpec` registered as `name`; a `ValueError` listing the valid names otherwise."""
-    if name not in _REGISTRY and name in _REGISTERED_ELSEWHERE:
-        import importlib
-
-        importlib.import_module(_REGISTERED_ELSEWHERE[name])  # registers the score on import
     if name not in _REGISTRY:
         raise ValueError(f"Unknown score method {name!r}. Valid methods: {', '.join(list_scores())}.")
     return _REGISTRY[name]
@@ -78,4 +72,4 @@ def get_score(name: str) -> Callable:
 
 def list_scores() -> list[str]:
     """The names of all registered scores, sorted."""
-    return sorted(set(_REGISTRY) | set(_REGISTERED_ELSEWHERE))
+    return sorted(_REGISTRY)

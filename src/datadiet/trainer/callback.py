@@ -12,8 +12,8 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from ..models import unwrap_logits
 from ..provenance import record_provenance
+from ..scores.logits import unwrap_logits
 from ..scores.trackers import (
     TRACKED_QUANTITIES,
     TRACKED_SCORES,

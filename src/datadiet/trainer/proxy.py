@@ -13,8 +13,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.trainer_callback import PrinterCallback
 
-from ..data import Preprocessor, as_model_inputs, detect_columns, training_view
-from ..models import ClassifierWrapper, forward_logits
+from ..data import Preprocessor, detect_columns, training_view
+from ..models import ClassifierWrapper, as_model_inputs, forward_logits
 from .config import DataDietConfig
 from .trainer import DataDietTrainer
 

@@ -13,8 +13,9 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import has_length
 
-from ..models import ClassifierWrapper, unwrap_logits
-from ..scores import get_score_spec
+from ..models import ClassifierWrapper
+from ..scores.batch import score_batch
+from ..scores.logits import unwrap_logits
 from .callback import (
     RowIdDataset,
     ScoreCallback,
@@ -368,7 +369,6 @@ class DataDietTrainer(Trainer):
                 f"scoring_dataset has {len(dataset)} rows but train_dataset {len(self.train_dataset)}: it must hold "
                 "the same rows in the same order."
             )
-        specs = [get_score_spec(method) for method in self.args.score_methods]
         loader = self._get_dataloader(
             dataset=self._row_id_view(dataset, "Scoring"),
             description="Scoring",
@@ -379,27 +379,16 @@ class DataDietTrainer(Trainer):
         was_training = model.training
         model.eval()
         label_name = self.args.label_names[0]
-        ids, values = [], {spec.name: [] for spec in specs}
+        ids, values = [], {method: [] for method in self.args.score_methods}
         for batch in loader:
             batch = self._prepare_inputs(batch)
             row_ids = batch.pop(self.args.row_id_column)
             labels = batch.pop(label_name)
-            logits = None
-            for spec in specs:
-                if spec.needs == "gradients":
-                    # Gradient scores get the network itself (a wrapped timm model takes its input tensor).
-                    if isinstance(model, ClassifierWrapper):
-                        value = spec.fn(model.model, batch[model.input_name], labels)
-                    else:
-                        value = spec.fn(model, batch, labels)
-                elif spec.needs == "inputs":
-                    value = spec.fn(_main_input(batch))
-                else:
-                    if logits is None:
-                        with torch.no_grad():
-                            logits = unwrap_logits(model(**batch))
-                    value = spec.fn(logits, labels)
-                values[spec.name].append(value.detach().float().cpu())
+            # The one dispatch of datadiet.scores (finite-logit and label checks included); a wrapped timm model
+            # takes its input tensor as a keyword, so the batch goes in as keywords either way.
+            scores = score_batch(model, batch, labels, self.args.score_methods, row_ids=row_ids.tolist())
+            for name, value in scores.items():
+                values[name].append(value)
             ids.append(row_ids.cpu())
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -475,16 +464,6 @@ class DataDietTrainer(Trainer):
         }
         history_arrays = self.score_history if history else None
         return add_score_columns(dataset, self.scores, history_arrays, self.score_callback.dynamics, provenance)
-
-
-def _main_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    for name in ("pixel_values", "input_values", "inputs"):
-        if name in inputs:
-            return inputs[name]
-    tensors = [value for value in inputs.values() if torch.is_tensor(value) and value.is_floating_point()]
-    if len(tensors) != 1:
-        raise ValueError(f"Cannot tell which of the inputs {sorted(inputs)} an input-based score should use.")
-    return tensors[0]
 
 
 def _with_loss(outputs, loss: torch.Tensor, logits: torch.Tensor):

@@ -1,11 +1,10 @@
 """TracIn (Pruthi et al. 2020): the influence of a training example on a prediction, traced through the checkpoints
 of a training run, exactly (per-example gradient dot products over every trainable parameter) or with random
-projections (TracIn-RP), and the self-influence score `tracin_self_influence`."""
+projections (TracIn-RP)."""
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -19,368 +18,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import ClassifierWrapper, forward_logits, unwrap_logits
-from .scores.registry import register_score
+from ..models import ClassifierWrapper, as_model_inputs
+from ..scores.grad_norms import per_example_grad_norms
+from ..scores.gradients import (
+    Inputs,
+    RandomProjector,
+    per_example_cross_entropy,
+    per_example_gradients,
+    select_parameters,
+)
+from .checkpoints import TRAINER_STATE, Checkpoint, load_checkpoint, match_keys, read_learning_rate
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "InfluenceResult",
-    "TracIn",
-    "load_checkpoint",
-    "per_example_gradients",
-    "tracin_self_influence",
-]
-
-# Folders written by `transformers.Trainer` (and so by DataDietTrainer) hold the weights under one of these names.
-_SAFETENSORS = "model.safetensors"
-_SAFETENSORS_INDEX = "model.safetensors.index.json"
-_PICKLED = "pytorch_model.bin"
-_TRAINER_STATE = "trainer_state.json"
-
-Inputs = torch.Tensor | dict[str, torch.Tensor]
-
-
-def _default_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits, targets, reduction="none")
-
-
-@register_score("tracin_self_influence", needs="gradients")
-def tracin_self_influence(model: nn.Module, inputs: Inputs, labels: torch.Tensor) -> torch.Tensor:
-    """Self-influence of each example under ONE model: `‖∇_θ ℓ(f(x), y)‖²` over all trainable parameters, i.e.
-    TracIn's `Σ_c η_c ‖∇ℓ(w_c, z)‖²` (Pruthi et al. 2020, eq. 3 with z' = z) for a single checkpoint and a learning
-    rate of 1. This is what `score_dataset(..., methods=["tracin_self_influence"])` computes; the sum over the
-    checkpoints of a training run, weighted by their learning rates, is `TracIn(model, checkpoints).self_influence`.
-
-    Example:
-    ```python
-    >>> import torch
-    >>> from datadiet.tracin import tracin_self_influence
-    >>> model = torch.nn.Linear(4, 3)
-    >>> tracin_self_influence(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])).shape
-    torch.Size([5])
-
-    ```
-    """
-    from .scores.grad_norms import per_example_grad_norms
-
-    return per_example_grad_norms(model, inputs, labels).pow(2)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Per-example gradients
-
-
-def _call(model: nn.Module, inputs: Inputs) -> torch.Tensor:
-    return forward_logits(model, inputs)
-
-
-def _select_parameters(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
-    """Names of the trainable parameters to differentiate: all of them, or those under the given module/parameter
-    names."""
-    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
-    if not trainable:
-        raise ValueError("The model has no trainable parameters (every parameter has requires_grad=False).")
-    if layers is None:
-        return trainable
-    if isinstance(layers, str):
-        layers = [layers]
-    chosen, unmatched = set(), []
-    for layer in layers:
-        matched = [name for name in trainable if name == layer or name.startswith(layer + ".")]
-        if not matched:
-            unmatched.append(layer)
-        chosen.update(matched)
-    if unmatched:
-        modules = sorted({name.split(".")[0] for name in trainable})
-        raise ValueError(
-            f"layers {unmatched} match no trainable parameter of the model. Give module or parameter names such as "
-            f"{modules[:8]} (see `model.named_parameters()`)."
-        )
-    return [name for name in trainable if name in chosen]
-
-
-def _per_example_gradients_vmap(
-    model: nn.Module,
-    inputs: Inputs,
-    targets: torch.Tensor,
-    names: list[str],
-    loss_fn: Callable,
-    chunk_size: int | None,
-) -> torch.Tensor:
-    from torch.func import functional_call, grad, vmap
-
-    named = dict(model.named_parameters())
-    params = {name: named[name].detach() for name in names}
-    frozen = {name: p.detach() for name, p in named.items() if name not in params}
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
-
-    def example_loss(params, x, y):
-        # One example at a time, as a batch of one: with the model in eval mode (BatchNorm on running statistics,
-        # no dropout) the loss of an example does not depend on the other rows of the batch.
-        x = {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, dict) else x.unsqueeze(0)
-        state = (params, frozen, buffers)
-        output = (
-            functional_call(model, state, kwargs=x) if isinstance(x, dict) else functional_call(model, state, (x,))
-        )
-        return loss_fn(unwrap_logits(output), y.unsqueeze(0)).sum()
-
-    grads = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
-    return torch.cat([grads[name].reshape(len(targets), -1) for name in names], dim=1)
-
-
-def _per_example_gradients_loop(
-    model: nn.Module, inputs: Inputs, targets: torch.Tensor, names: list[str], loss_fn: Callable
-) -> torch.Tensor:
-    named = dict(model.named_parameters())
-    params = [named[name] for name in names]
-    rows = []
-    for i in range(len(targets)):
-        x = {k: v[i : i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i : i + 1]
-        loss = loss_fn(_call(model, x), targets[i : i + 1]).sum()
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows)
-
-
-def per_example_gradients(
-    model: nn.Module,
-    inputs: Inputs,
-    targets: torch.Tensor,
-    *,
-    parameters: Sequence[str] | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    method: str = "auto",
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """The loss gradient of each example, flattened and concatenated over the trainable parameters in
-    `model.named_parameters()` order: a `[batch, num_parameters]` tensor.
-
-    Put the model in eval mode first: in train mode BatchNorm mixes the rows of a batch and the "per-example"
-    gradient is not one. Every trainable parameter counts, BatchNorm's and LayerNorm's included.
-
-    Args:
-        model: a module returning logits (or a `ModelOutput` / tuple whose first item is the logits).
-        inputs: a batch tensor (passed positionally) or a dict of batch tensors (passed as keywords).
-        targets: class indices, shape `[batch]`.
-        parameters: the names of the parameters to differentiate (module names select all their parameters);
-            `None` is every trainable parameter.
-        loss_fn: `loss_fn(logits, targets) -> per-example losses`; cross-entropy by default.
-        method: `"vmap"` (`torch.func.vmap(grad(...))`), `"loop"` (one backward per example) or `"auto"` (vmap, and
-            the loop for models that vmap cannot run).
-        chunk_size: examples per vmap chunk, to bound memory.
-
-    Example:
-    ```python
-    >>> import torch
-    >>> from datadiet.tracin import per_example_gradients
-    >>> model = torch.nn.Linear(4, 3).eval()
-    >>> per_example_gradients(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])).shape
-    torch.Size([5, 15])
-
-    ```
-    """
-    if method not in ("auto", "vmap", "loop"):
-        raise ValueError(f"method={method!r} is not one of 'auto', 'vmap', 'loop'.")
-    names = _select_parameters(model, parameters)
-    loss_fn = loss_fn or _default_loss
-    if method == "loop":
-        return _per_example_gradients_loop(model, inputs, targets, names, loss_fn)
-    try:
-        return _per_example_gradients_vmap(model, inputs, targets, names, loss_fn, chunk_size)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
-        if method == "vmap":
-            raise
-        logger.warning("vmap could not run %s (%s); computing per-example gradients one example at a time.",
-                       type(model).__name__, str(error).splitlines()[0][:200])  # fmt: skip
-        return _per_example_gradients_loop(model, inputs, targets, names, loss_fn)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Random projections (TracIn-RP)
-
-
-class _Projector:
-    """A seeded random linear map `R: R^P -> R^d` with `E[(Rg)·(Rg')] = g·g'` (Johnson-Lindenstrauss), so projected
-    gradient dot products are unbiased estimates of the exact ones (Pruthi et al. 2020, sec. 3.2, TracIn-RP).
-
-    `gaussian` draws R with N(0, 1/d) entries (the paper's choice; P·d floats in memory). `countsketch` hashes each
-    coordinate to one of d buckets with a random sign (Charikar et al. 2002): O(P) memory and time, the same
-    variance to first order, for models whose P·d Gaussian matrix would not fit."""
-
-    def __init__(self, num_parameters: int, dim: int, kind: str, seed: int, max_bytes: int):
-        if kind not in ("gaussian", "countsketch"):
-            raise ValueError(f"projection={kind!r} is not one of 'gaussian', 'countsketch'.")
-        if dim < 1:
-            raise ValueError(f"projection_dim must be >= 1, got {dim}.")
-        generator = torch.Generator().manual_seed(seed)
-        self.kind, self.dim = kind, dim
-        if kind == "gaussian":
-            needed = num_parameters * dim * 4
-            if needed > max_bytes:
-                raise ValueError(
-                    f"A Gaussian projection of {num_parameters:,} parameters to {dim} dimensions needs "
-                    f"{needed / 2**30:.1f} GiB. Use projection='countsketch' (O(P) memory), a smaller "
-                    "projection_dim, or restrict the gradients to some layers with layers=[...]."
-                )
-            self.matrix = torch.randn(num_parameters, dim, generator=generator) / math.sqrt(dim)
-        else:
-            self.bucket = torch.randint(0, dim, (num_parameters,), generator=generator)
-            self.sign = torch.randint(0, 2, (num_parameters,), generator=generator).float().mul_(2).sub_(1)
-
-    def __call__(self, gradients: torch.Tensor) -> torch.Tensor:
-        gradients = gradients.float().cpu()
-        if self.kind == "gaussian":
-            return gradients @ self.matrix
-        out = torch.zeros(len(gradients), self.dim)
-        return out.index_add_(1, self.bucket, gradients * self.sign)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _read_learning_rate(folder: Path) -> float | None:
-    """The learning rate logged at (or last before) the checkpoint's step, from `trainer_state.json`."""
-    path = folder / _TRAINER_STATE
-    if not path.exists():
-        return None
-    state = json.loads(path.read_text())
-    step = state.get("global_step")
-    logged = [
-        entry
-        for entry in state.get("log_history", [])
-        if "learning_rate" in entry and "step" in entry and (step is None or entry["step"] <= step)
-    ]
-    if not logged:
-        return None
-    entry = max(logged, key=lambda e: e["step"])
-    if step is not None and entry["step"] != step:
-        logger.info("%s: using the learning rate logged at step %d for the checkpoint at step %d.",
-                    folder, entry["step"], step)  # fmt: skip
-    return float(entry["learning_rate"])
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    import pickle
-
-    try:
-        # weights_only: never unpickle arbitrary objects from a file a user points at.
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds objects other than tensors, which are not loaded (unpickling arbitrary objects can run "
-            "code). Save the weights with safetensors (`safetensors.torch.save_model`) or as a plain state_dict."
-        ) from error
-    if isinstance(loaded, Mapping) and not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        for key in ("state_dict", "model", "model_state_dict", "net"):
-            nested = loaded.get(key)
-            if isinstance(nested, Mapping) and all(isinstance(v, torch.Tensor) for v in nested.values()):
-                return dict(nested)
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"{path} does not hold a state_dict (a mapping from parameter names to tensors).")
-    return dict(loaded)
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], float | None]:
-    """Read the weights and the learning rate of one checkpoint.
-
-    `path` is a `transformers.Trainer` / `DataDietTrainer` checkpoint folder (`model.safetensors`, sharded
-    safetensors or `pytorch_model.bin`, and `trainer_state.json` whose `log_history` gives the learning rate at that
-    step), or a single `.safetensors` / `.bin` / `.pt` file (learning rate `None`). Pickled files are read with
-    `torch.load(weights_only=True)`: nothing but tensors is unpickled.
-
-    Example:
-    ```python
-    >>> import tempfile, torch
-    >>> from safetensors.torch import save_model
-    >>> from datadiet.tracin import load_checkpoint
-    >>> folder = tempfile.mkdtemp()
-    >>> save_model(torch.nn.Linear(2, 2), f"{folder}/model.safetensors")
-    >>> state_dict, lr = load_checkpoint(folder)
-    >>> sorted(state_dict), lr
-    (['bias', 'weight'], None)
-
-    ```
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        if (path / _SAFETENSORS).exists():
-            state_dict = load_file(path / _SAFETENSORS)
-        elif (path / _SAFETENSORS_INDEX).exists():
-            shards = sorted(set(json.loads((path / _SAFETENSORS_INDEX).read_text())["weight_map"].values()))
-            state_dict = {k: v for shard in shards for k, v in load_file(path / shard).items()}
-        elif (path / _PICKLED).exists():
-            state_dict = _torch_load(path / _PICKLED)
-        else:
-            raise ValueError(
-                f"No weights in {path}: expected {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_PICKLED} (a "
-                "transformers Trainer checkpoint folder such as output_dir/checkpoint-500)."
-            )
-        return state_dict, _read_learning_rate(path)
-    if not path.exists():
-        raise ValueError(f"Checkpoint {str(path)!r} does not exist.")
-    if path.suffix == ".safetensors":
-        return load_file(path), None
-    return _torch_load(path), None
-
-
-def _match_keys(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
-    """Rename the checkpoint's keys to the model's: a timm model trained through `ClassifierWrapper` is saved under
-    the `model.` prefix, a DistributedDataParallel one under `module.`."""
-    wanted = set(model.state_dict())
-    candidates = [dict(state_dict)]
-    for prefix in ("model.", "module.", "module.model."):
-        if any(k.startswith(prefix) for k in state_dict):
-            candidates.append({(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()})
-        candidates.append({prefix + k: v for k, v in state_dict.items()})
-    best = max(candidates, key=lambda c: len(wanted & set(c)))
-    missing = sorted(wanted - set(best))
-    unexpected = sorted(set(best) - wanted)
-    if missing:
-        # safetensors stores a tied weight once; the model shares it, so it is loaded through its twin.
-        shared = _tied_names(model)
-        missing = [name for name in missing if not (shared.get(name, set()) & set(best))]
-    model_state = model.state_dict()
-    mismatched = [
-        f"{name} {tuple(best[name].shape)} vs {tuple(model_state[name].shape)}"
-        for name in sorted(wanted & set(best))
-        if best[name].shape != model_state[name].shape
-    ]
-    if mismatched:
-        raise ValueError(
-            f"Checkpoint {source} does not fit the model: shapes differ for {mismatched[:3]} (checkpoint vs model). "
-            "Pass the architecture the checkpoint was trained with."
-        )
-    if missing or unexpected:
-        raise ValueError(
-            f"Checkpoint {source} does not fit the model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-            f", unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. Pass the architecture the "
-            "checkpoint was trained with (for a timm model trained through ClassifierWrapper, the timm model)."
-        )
-    return best
-
-
-def _tied_names(model: nn.Module) -> dict[str, set[str]]:
-    by_pointer: dict[int, set[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        by_pointer.setdefault(tensor.data_ptr(), set()).add(name)
-    return {name: names - {name} for names in by_pointer.values() for name in names}
-
-
-@dataclass
-class _Checkpoint:
-    source: str
-    learning_rate: float
-    state_dict: dict[str, torch.Tensor] | None = None  # in memory; None: read from `source` when needed
-
-    def load(self) -> dict[str, torch.Tensor]:
-        return self.state_dict if self.state_dict is not None else load_checkpoint(self.source)[0]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# TracIn
+__all__ = ["InfluenceResult", "TracIn"]
 
 
 @dataclass
@@ -477,8 +128,8 @@ class TracIn:
         self.transform = transform
         self.columns = {"image_column": image_column, "text_column": text_column, "label_column": label_column}
         self.batch_size, self.chunk_size = batch_size, chunk_size
-        self.loss_fn = loss_fn or _default_loss
-        self.parameter_names = _select_parameters(self.model, layers)
+        self.loss_fn = loss_fn or per_example_cross_entropy
+        self.parameter_names = select_parameters(self.model, layers)
         self.layers = None if layers is None else list(layers)
         # The copy's other parameters are frozen, so that the exact whole-network norms of `per_example_grad_norms`
         # (which count every parameter with requires_grad) count exactly the chosen ones.
@@ -490,11 +141,11 @@ class TracIn:
         # Check every checkpoint fits the model now rather than after an hour of gradients.
         for checkpoint in self.checkpoints:
             if checkpoint.state_dict is not None:
-                _match_keys(checkpoint.state_dict, self.model, checkpoint.source)
+                match_keys(checkpoint.state_dict, self.model, checkpoint.source)
         logger.info("TracIn over %d checkpoint(s), %s trainable parameters%s.", len(self.checkpoints),
                     f"{self.num_parameters:,}", "" if layers is None else f" in {list(layers)}")  # fmt: skip
 
-    def _checkpoint(self, spec: Any, index: int, learning_rates: Sequence[float] | None) -> _Checkpoint:
+    def _checkpoint(self, spec: Any, index: int, learning_rates: Sequence[float] | None) -> Checkpoint:
         given_lr = None if learning_rates is None else float(learning_rates[index])
         if isinstance(spec, tuple):
             if len(spec) != 2:
@@ -504,7 +155,7 @@ class TracIn:
             if isinstance(weights, Mapping):
                 state_dict = {k: v.detach() for k, v in weights.items()}
                 # A copy: the caller's model may keep training and change the tensors under us.
-                return _Checkpoint(f"#{index}", given_lr, {k: v.clone() for k, v in state_dict.items()})
+                return Checkpoint(f"#{index}", given_lr, {k: v.clone() for k, v in state_dict.items()})
             spec = weights
         if not isinstance(spec, (str, os.PathLike)):
             raise ValueError(
@@ -514,33 +165,31 @@ class TracIn:
         path = Path(spec)
         lr = given_lr
         if lr is None:
-            lr = _read_learning_rate(path) if path.is_dir() else None
+            lr = read_learning_rate(path) if path.is_dir() else None
         if lr is None:
             raise ValueError(
-                f"No learning rate for checkpoint {str(path)!r}: its folder has no {_TRAINER_STATE} with a logged "
+                f"No learning rate for checkpoint {str(path)!r}: its folder has no {TRAINER_STATE} with a logged "
                 "learning_rate. Pass learning_rates=[...] (one per checkpoint) or (path, lr) pairs."
             )
         if lr < 0 or not math.isfinite(lr):
             raise ValueError(f"Checkpoint {str(path)!r} has learning rate {lr}: it must be finite and >= 0.")
         state_dict = load_checkpoint(path)[0]
-        _match_keys(state_dict, self.model, str(path))
-        return _Checkpoint(str(path), lr)
+        match_keys(state_dict, self.model, str(path))
+        return Checkpoint(str(path), lr)
 
     @property
     def learning_rates(self) -> list[float]:
         """The learning rate `η_c` of each checkpoint."""
         return [checkpoint.learning_rate for checkpoint in self.checkpoints]
 
-    def _load(self, checkpoint: _Checkpoint) -> None:
-        state_dict = _match_keys(checkpoint.load(), self.model, checkpoint.source)
+    def _load(self, checkpoint: Checkpoint) -> None:
+        state_dict = match_keys(checkpoint.load(), self.model, checkpoint.source)
         self.model.load_state_dict(state_dict, strict=False)
         self.model.eval()
 
     # -- data ---------------------------------------------------------------------------------------------------------
 
     def _batches(self, data: Any, batch_size: int) -> Iterator[tuple[Inputs, torch.Tensor]]:
-        from .data import as_model_inputs
-
         for inputs, labels in self._raw_batches(data, batch_size):
             if isinstance(inputs, dict):
                 inputs = {k: v.to(self.device) for k, v in inputs.items()}
@@ -563,7 +212,7 @@ class TracIn:
             raise ValueError(
                 f"Expected a datasets.Dataset or an (inputs, labels) pair of tensors, got {type(data).__name__}."
             )
-        from .data import Preprocessor, detect_columns
+        from ..data import Preprocessor, detect_columns
 
         input_column, kind, label_column = detect_columns(data, **self.columns)
         preprocessor = Preprocessor(self.transform, input_column=input_column, kind=kind, label_column=label_column)
@@ -598,8 +247,6 @@ class TracIn:
         Returns:
             float64 array of shape `[num_rows]`, in row order.
         """
-        from .scores.grad_norms import per_example_grad_norms
-
         num_rows = self._num_rows(dataset)
         total = np.zeros(num_rows, dtype=np.float64)
         for index, checkpoint in enumerate(self.checkpoints):
@@ -618,7 +265,7 @@ class TracIn:
     def with_self_influence(self, dataset, column: str = "tracin_self_influence", *, overwrite: bool = False):
         """`dataset` with a float32 column `column` holding `self_influence(dataset)`, and the computation recorded in
         its provenance (checkpoints and learning rates)."""
-        from .provenance import record_provenance
+        from ..provenance import record_provenance
 
         if column in dataset.column_names:
             if not overwrite:
@@ -689,7 +336,7 @@ class TracIn:
     def _projected(self, data: Any, dim: int, kind: str, seed: int, max_bytes: int) -> torch.Tensor:
         """`[rows, num_checkpoints × dim]`: per checkpoint, `sqrt(η_c) R g_c`, so that a dot product of two rows is
         the TracIn-RP influence."""
-        projector = _Projector(self.num_parameters, dim, kind, seed, max_bytes)
+        projector = RandomProjector(self.num_parameters, dim, kind, seed, max_bytes)
         blocks = []
         for checkpoint in self.checkpoints:
             self._load(checkpoint)
