@@ -193,5 +193,5 @@ def test_built_in_net_by_name_in_a_fresh_process(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     from datasets import load_from_disk
 
-    scored = load_from_disk(str(tmp_path / "scores"))
+    scored = load_from_disk(str(tmp_path / "scores" / "dataset"))
     assert "el2n" in scored.column_names and len(scored) == 1347

@@ -384,9 +384,13 @@ class DataDietTrainer(Trainer):
             batch = self._prepare_inputs(batch)
             row_ids = batch.pop(self.args.row_id_column)
             labels = batch.pop(label_name)
-            # The one dispatch of datadiet.scores (finite-logit and label checks included); a wrapped timm model
-            # takes its input tensor as a keyword, so the batch goes in as keywords either way.
-            scores = score_batch(model, batch, labels, self.args.score_methods, row_ids=row_ids.tolist())
+            # The one dispatch of datadiet.scores (finite-logit and label checks included). Scores get the network
+            # itself: a wrapped timm model is scored on its input tensor, a transformers model on its keywords.
+            if isinstance(model, ClassifierWrapper):
+                network, inputs = model.model, batch[model.input_name]
+            else:
+                network, inputs = model, batch
+            scores = score_batch(network, inputs, labels, self.args.score_methods, row_ids=row_ids.tolist())
             for name, value in scores.items():
                 values[name].append(value)
             ids.append(row_ids.cpu())
