@@ -6,6 +6,7 @@ import json
 import re
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,14 +117,14 @@ def test_table_numbers_are_the_runs_mean_and_std(curve):
     assert len(cells) == len(KEEPS) * (1 + 4)
     for (score, strategy, keep), cell in cells.items():
         values = [r["accuracy"] for r in runs if (r["score"], r["strategy"], r["keep"]) == (score, strategy, keep)]
-        mean, std = 100 * statistics.mean(values), 100 * statistics.pstdev(values)
+        mean, std = 100 * statistics.mean(values), 100 * statistics.stdev(values)  # sample std
         match = re.fullmatch(r"([\d.]+) ± ([\d.]+) \(n=(\d+)\)", cell)
         assert match, cell
         assert float(match[1]) == pytest.approx(mean, abs=0.006)
         assert float(match[2]) == pytest.approx(std, abs=0.006)
         assert int(match[3]) == len(SEEDS)
     full = [100 * r["accuracy"] for r in runs if r["score"] == "full"]
-    assert f"**{statistics.mean(full):.2f} ± {statistics.pstdev(full):.2f}**" in table
+    assert f"**{statistics.mean(full):.2f} ± {statistics.stdev(full):.2f}**" in table
     # One plain verdict per score x strategy.
     assert table.count("- **") == 4
     # The per-seed table holds every run, in its seed's column.
@@ -138,25 +139,61 @@ def test_table_numbers_are_the_runs_mean_and_std(curve):
         assert per_seed[(run["score"], run["strategy"], run["keep"], run["seed"])] == round(100 * run["accuracy"], 2)
 
 
-def test_verdicts_say_whether_a_method_beats_random_and_matches_full(tmp_path):
+def _scipy_interval(a, b) -> str:
+    """The paired 95% t-interval of a - b as the report writes it, computed by scipy (an independent reference)."""
+    from scipy import stats
+
+    a, b = np.array(a), np.array(b)
+    low, high = stats.ttest_rel(a, b).confidence_interval(0.95)
+    return f"{100 * (a - b).mean():+.2f} pt, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}], n={len(a)}"
+
+
+def _scipy_equivalent(a, b, margin) -> bool:
+    """Two one-sided tests at 5% with scipy: is the mean of a - b shown to lie within (-margin, +margin)?"""
+    from scipy import stats
+
+    d = np.array(a) - np.array(b)
+    above = stats.ttest_1samp(d, -margin, alternative="greater").pvalue < 0.05
+    below = stats.ttest_1samp(d, margin, alternative="less").pvalue < 0.05
+    return bool(above and below)
+
+
+def test_verdicts_follow_from_paired_intervals(tmp_path):
+    accuracies = {
+        ("full", "full", 1.0): [0.90, 0.92, 0.91, 0.93],
+        ("random", "random", 0.5): [0.88, 0.885, 0.87, 0.89],
+        ("el2n", "hardest", 0.5): [0.905, 0.918, 0.909, 0.93],  # above random, equivalent to full
+        ("grand", "window", 0.5): [0.86, 0.89, 0.85, 0.90],  # its interval against random straddles 0
+        ("loss", "easiest", 0.5): [0.85, 0.86, 0.84, 0.86],  # below random
+    }
     runs = [
-        {"score": "full", "strategy": "full", "keep": 1.0, "seed": s, "accuracy": a} for s, a in [(0, 0.90), (1, 0.92)]
+        {"score": score, "strategy": strategy, "keep": keep, "seed": seed, "accuracy": accuracy}
+        for (score, strategy, keep), values in accuracies.items()
+        for seed, accuracy in enumerate(values)
     ]
-    runs += [{"score": "random", "strategy": "random", "keep": 0.5, "seed": s, "accuracy": 0.88} for s in (0, 1)]
-    runs += [{"score": "el2n", "strategy": "hardest", "keep": 0.5, "seed": s, "accuracy": 0.908} for s in (0, 1)]
-    runs += [{"score": "grand", "strategy": "window", "keep": 0.5, "seed": s, "accuracy": 0.86} for s in (0, 1)]
     summary = summarize_runs(runs)
     full = next(p for p in summary["points"] if p["score"] == "full")
-    assert full["mean"] == pytest.approx(0.91) and full["std"] == pytest.approx(0.01)
+    assert full["std"] == pytest.approx(statistics.stdev(accuracies[("full", "full", 1.0)]), abs=1e-6)  # sample std
     markdown, image = write_curve_report(summary, tmp_path)
     text = markdown.read_text()
+    random, full_runs = accuracies[("random", "random", 0.5)], accuracies[("full", "full", 1.0)]
+    el2n, grand, loss = (
+        accuracies[key] for key in [("el2n", "hardest", 0.5), ("grand", "window", 0.5), ("loss", "easiest", 0.5)]
+    )
+    assert _scipy_equivalent(el2n, full_runs, 0.005) and not _scipy_equivalent(grand, full_runs, 0.005)
     assert (
-        "**el2n / hardest**: at 50% it beats random (+2.80 pt, std 0.00) and within 0.5 pt of full data (-0.20 pt)."
+        f"**el2n / hardest**: at 50% it beats random ({_scipy_interval(el2n, random)}) and matches the full data "
+        f"within ±0.5 pt ({_scipy_interval(el2n, full_runs)})." in text
+    )
+    assert (
+        f"**grand / window**: at 50% it shows no clear difference from random ({_scipy_interval(grand, random)})"
         in text
     )
     assert (
-        "**grand / window**: at 50% it loses to random (-2.00 pt, std 0.00) and not within 0.5 pt of full data" in text
+        f"**loss / easiest**: at 50% it loses to random ({_scipy_interval(loss, random)}) and is below the full data"
+        in text
     )
+    assert "each of the 3 pruned cells" in text and "sample std (ddof = 1)" in text
     assert image.exists()
 
 
@@ -172,7 +209,11 @@ def test_a_point_on_fewer_seeds_is_compared_with_the_baselines_of_its_seeds(tmp_
     ]
     runs += [{"score": "el2n", "strategy": "window", "keep": 0.5, "seed": s, "accuracy": 0.897} for s in (0, 1)]
     text = write_curve_report(summarize_runs(runs), tmp_path)[0].read_text()
-    assert "beats random (+1.70 pt, std 0.00) and within 0.5 pt of full data (-0.30 pt)" in text
+    # Identical differences on both seeds: a zero-width interval, above 0 against random, inside ±0.5 pt of full.
+    assert (
+        "beats random (+1.70 pt, 95% CI [+1.70, +1.70], n=2) and matches the full data within ±0.5 pt (-0.30 pt"
+        in text
+    )
     assert "- 50%: el2n / window 89.70 (n=2), random 88.00, full 90.00" in text
     # The per-seed table pairs each run with the random subset of its seed; seed 2 was not run for el2n.
     assert "| el2n | window | 50% | 89.70 (+1.70) | 89.70 (+1.70) | — |" in text
@@ -297,3 +338,85 @@ def test_a_single_keep_fraction_is_drawn_as_one_row_per_method(tmp_path):
     points.append({"score": "random", "strategy": "random", "keep": 0.3, "mean": 0.8, "std": 0.001})
     with Image.open(plot_pruning_curve(points, tmp_path / "curve.png")) as image:
         assert image.size == (1020, 624)  # several fractions: the curve
+
+
+def test_validation_protocol_never_trains_on_validation_rows_and_confirms_on_fresh_seeds(tmp_path, monkeypatch):
+    """The validation protocol on a tiny slice: every grid run is evaluated on held-out rows, no proxy and no subset
+    ever trains on one of them (checked by recording every image each training step sees), the test split is read
+    only by the confirm stage, and selection.json's choice feeds `read_selection`."""
+    import datadiet.curve.training as training
+    from datadiet.curve import read_selection
+    from datadiet.data import load_digits_dataset
+
+    digits = load_digits_dataset()["train"].select(range(240))
+    validation_images = set()
+    trained_images = set()
+    original_augment = training.CurveData.augment
+
+    def recording_augment(self, images, generator):
+        # Every image any training step (proxies and subsets alike) sees passes through augment.
+        trained_images.update(image.numpy().tobytes() for image in images)
+        return original_augment(self, images, generator)
+
+    monkeypatch.setattr(training.CurveData, "augment", recording_augment)
+    tested = []
+    original_accuracy = training.accuracy_on
+
+    def recording_accuracy(model, data, images, labels, batch_size):
+        tested.append("test" if images is data.x_test else "validation")
+        validation_images.update(image.numpy().tobytes() for image in data.x_validation)
+        return original_accuracy(model, data, images, labels, batch_size)
+
+    monkeypatch.setattr(training, "accuracy_on", recording_accuracy)
+    import datadiet.curve as curve
+
+    monkeypatch.setattr(curve, "accuracy_on", recording_accuracy)
+    args = _arguments(
+        tmp_path / "curve",
+        max_rows=240,
+        max_eval_rows=60,
+        keep_fractions=[0.5],
+        seeds=[0, 1],
+        scoring_seeds=[0],
+        max_steps=10,
+        scoring_epochs=1,
+        batch_size=16,
+        validation_fraction=0.25,
+        confirm_seeds=[5, 6],
+        confirm_scoring_seeds=[3],
+    )
+    run_curve(args)
+    folder = tmp_path / "curve"
+    held_out = json.loads((folder / "validation_rows.json").read_text())
+    labels = np.array(digits["label"])
+    # Class-stratified: each class keeps about a quarter of its rows in the hold-out.
+    for label in np.unique(labels):
+        assert abs(np.isin(np.flatnonzero(labels == label), held_out).sum() - 0.25 * (labels == label).sum()) <= 1
+    assert 0 < len(validation_images) <= len(held_out)
+    assert validation_images and not (validation_images & trained_images)
+    grid = _lines(folder / "runs.jsonl")
+    assert grid and all(run["evaluated_on"] == "validation" for run in grid)
+    # The grid (2 scores x 2 strategies + random, 2 seeds, + full) is evaluated on validation rows; only the confirm
+    # stage (chosen cell, random, full on 2 fresh seeds) reads the test split.
+    assert tested.count("validation") == len(grid) and tested.count("test") == 6
+    selection = json.loads((folder / "selection.json").read_text())
+    assert selection["cells_compared"] == 4 and len(selection["chosen"]) == 1
+    best = max(selection["cells"], key=lambda cell: cell["mean"])
+    chosen = selection["chosen"][0]
+    assert (chosen["score"], chosen["strategy"]) == (best["score"], best["strategy"])
+    assert chosen["std"] == pytest.approx(statistics.stdev(chosen["accuracies"]))
+    assert read_selection(folder / "selection.json") == chosen["prune"]
+    confirm = _lines(folder / "confirm" / "runs.jsonl")
+    assert sorted((run["score"], run["seed"]) for run in confirm) == sorted(
+        (score, seed) for score in ("full", "random", chosen["score"]) for seed in (5, 6)
+    )
+    assert (folder / "confirm" / "scores" / "proxy-seed3.npz").exists()
+    assert "Test accuracy" in (folder / "confirm" / "curve.md").read_text()
+    assert "Validation accuracy" in (folder / "curve.md").read_text()
+
+
+def test_confirm_seeds_must_be_fresh(tmp_path):
+    with pytest.raises(ValueError, match="needs fresh seeds"):
+        _arguments(tmp_path, validation_fraction=0.1, confirm_seeds=[0], confirm_scoring_seeds=[7])
+    with pytest.raises(ValueError, match="set validation_fraction"):
+        _arguments(tmp_path, confirm_seeds=[5], confirm_scoring_seeds=[7])

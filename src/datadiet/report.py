@@ -129,7 +129,7 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
         group = sorted(group, key=lambda p: p["keep"])
         keeps = [100 * p["keep"] for p in group]
         means = [100 * p["mean"] for p in group]
-        stds = [100 * p["std"] for p in group]
+        stds = [100 * (p["std"] or 0.0) for p in group]  # no bar for one seed (std None)
         if score == "random":
             style = {"color": "black", "linestyle": "-", "linewidth": 2.2, "marker": "s", "label": "random"}
         else:
@@ -141,7 +141,7 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
             }
         ax.errorbar(keeps, means, yerr=stds, capsize=3, markersize=4, **style)
     if full is not None:
-        low, high = 100 * (full["mean"] - full["std"]), 100 * (full["mean"] + full["std"])
+        low, high = 100 * (full["mean"] - (full["std"] or 0.0)), 100 * (full["mean"] + (full["std"] or 0.0))
         ax.axhspan(low, high, color="grey", alpha=0.25)
         ax.axhline(100 * full["mean"], color="grey", linewidth=1.5, label=f"full data {100 * full['mean']:.1f}%")
     ax.set_xlabel("training data kept (%)")
@@ -173,7 +173,7 @@ def _plot_one_fraction(plt, points: Sequence[dict], full: dict | None, path: Pat
         ax.errorbar(
             100 * point["mean"],
             y,
-            xerr=100 * point["std"],
+            xerr=100 * (point["std"] or 0.0),
             fmt="s" if colour == "black" else "o",
             color=colour,
             capsize=3,
@@ -190,7 +190,7 @@ def _plot_one_fraction(plt, points: Sequence[dict], full: dict | None, path: Pat
     if random is not None:
         ax.axvline(100 * random["mean"], color="black", linewidth=1, linestyle="--", label="random")
     if full is not None:
-        low, high = 100 * (full["mean"] - full["std"]), 100 * (full["mean"] + full["std"])
+        low, high = 100 * (full["mean"] - (full["std"] or 0.0)), 100 * (full["mean"] + (full["std"] or 0.0))
         ax.axvspan(low, high, color="grey", alpha=0.25)
         ax.axvline(100 * full["mean"], color="grey", linewidth=1.5, label=f"full data {100 * full['mean']:.1f}%")
     ax.set_yticks(

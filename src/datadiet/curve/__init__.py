@@ -12,19 +12,29 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .arguments import CurveArguments, check_steps, strategy_options
+from .selection import choose_cells, read_selection
 from .store import check_config, claim_run, config_digest, planned_runs, read_runs, run_key
 from .summary import summarize_runs, write_curve_report, write_summary
-from .training import CurveData, accuracy_on_test, build_curve_model, proxy_scores, train_on_rows
+from .training import CurveData, accuracy_on, accuracy_on_test, build_curve_model, proxy_scores, train_on_rows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CurveArguments", "config_digest", "run_curve", "strategy_options", "summarize_runs", "write_curve_report"]
+__all__ = [
+    "CurveArguments",
+    "config_digest",
+    "read_selection",
+    "run_curve",
+    "strategy_options",
+    "summarize_runs",
+    "write_curve_report",
+]
 
 
 def _subset(args: CurveArguments, scores: dict[str, np.ndarray], labels: np.ndarray, run) -> np.ndarray:
@@ -74,29 +84,59 @@ def run_curve(args: CurveArguments) -> dict:
 
     ```
     """
-    from tqdm.auto import tqdm
-
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir)
     check_config(args, output_dir)
     runs_path = output_dir / "runs.jsonl"
+    evaluated_on = "validation" if args.validation_fraction else "test"
     if args.report_only:
-        return write_summary(args, output_dir, runs_path)
+        return write_summary(args, output_dir, runs_path, evaluated_on=evaluated_on)
     data = CurveData(args)
     logger.info(
-        "Curve data: %d training rows, %d test rows, %d classes, %d channels.",
+        "Curve data: %d training rows, %d validation rows (never trained on), %d test rows, %d classes, %d channels.",
         len(data.y_train),
+        len(data.validation_rows),
         len(data.y_test),
         data.num_classes,
         data.in_chans,
     )
+    if args.validation_fraction:
+        # Which rows were held out (positions in the training split), for anyone checking the protocol.
+        (output_dir / "validation_rows.json").write_text(json.dumps(data.validation_rows.tolist()))
     scores = proxy_scores(args, data, output_dir)
+    _run_all(args, data, scores, output_dir, planned_runs(args), evaluated_on)
+    summary = write_summary(args, output_dir, runs_path, evaluated_on=evaluated_on)
+    if not args.validation_fraction:
+        return summary
+    finished = {run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in read_runs(runs_path)}
+    missing = [run for run in planned_runs(args) if run_key(*run) not in finished]
+    if missing:
+        logger.info("%d runs of the grid are not finished (another process?): no selection yet.", len(missing))
+        return summary
+    selection = choose_cells(args, summary["points"], len(data.validation_rows))
+    (output_dir / "selection.json").write_text(json.dumps(selection, indent=2))
+    for cell in selection["chosen"]:
+        logger.info(
+            "Chosen on validation rows at keep %g: %s / %s (%.4f).", cell["keep"], cell["score"], cell["strategy"],
+            cell["mean"],
+        )  # fmt: skip
+    if args.confirm_seeds:
+        _confirm(args, data, selection, output_dir / "confirm")
+    return summary
+
+
+def _run_all(args: CurveArguments, data, scores: dict, output_dir: Path, runs: list, evaluated_on: str) -> None:
+    """Train and evaluate every run of `runs` not yet in `output_dir/runs.jsonl` (shared with other processes through
+    claims), on the validation rows or the test split."""
+    from tqdm.auto import tqdm
+
+    runs_path = output_dir / "runs.jsonl"
     labels = data.y_train.numpy()
     done = {run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in read_runs(runs_path)}
-    todo = [run for run in planned_runs(args) if run_key(*run) not in done]
-    logger.info("%d runs planned, %d already finished.", len(planned_runs(args)), len(planned_runs(args)) - len(todo))
-    for run in tqdm(todo, desc="Curve runs"):
+    todo = [run for run in runs if run_key(*run) not in done]
+    logger.info("%d runs planned, %d already finished.", len(runs), len(runs) - len(todo))
+    for index, run in enumerate(tqdm(todo, desc="Curve runs" if evaluated_on == "test" else "Grid runs (validation)")):
         score, strategy, keep, seed = run
         if not claim_run(output_dir, runs_path, run):
             continue  # finished or being run by another process sharing this folder
@@ -108,7 +148,10 @@ def run_curve(args: CurveArguments) -> dict:
             steps = max(1, math.ceil(args.epochs * len(rows) / args.batch_size))
             check_steps(steps, f"epochs={args.epochs} of {len(rows)} rows at batch_size={args.batch_size}")
         model = train_on_rows(build_curve_model(args, data, seed), data, rows, steps, args, seed)
-        accuracy = accuracy_on_test(model, data, args.eval_batch_size)
+        if evaluated_on == "validation":
+            accuracy = accuracy_on(model, data, data.x_validation, data.y_validation, args.eval_batch_size)
+        else:
+            accuracy = accuracy_on_test(model, data, args.eval_batch_size)
         record = {
             "score": score,
             "strategy": strategy,
@@ -119,9 +162,35 @@ def run_curve(args: CurveArguments) -> dict:
             "steps": steps,
             "seconds": round(time.time() - started, 1),
         }
+        if evaluated_on == "validation":
+            record["evaluated_on"] = "validation"
         with runs_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        logger.info("%s %s keep=%g seed=%d: test accuracy %.4f", score, strategy, keep, seed, accuracy)
-        if args.report_every and (todo.index(run) + 1) % args.report_every == 0:
-            write_summary(args, output_dir, runs_path)
-    return write_summary(args, output_dir, runs_path)
+        logger.info("%s %s keep=%g seed=%d: %s accuracy %.4f", score, strategy, keep, seed, evaluated_on, accuracy)
+        if args.report_every and (index + 1) % args.report_every == 0:
+            write_summary(args, output_dir, runs_path, evaluated_on=evaluated_on)
+
+
+def _confirm(args: CurveArguments, data, selection: dict, confirm_dir: Path) -> dict:
+    """The confirm stage: the chosen cell of each keep fraction, random and full, on fresh training seeds with
+    proxies from fresh scoring seeds, each tested once on the test split; its own runs.jsonl and report."""
+    chosen = selection["chosen"]
+    confirm_args = replace(
+        args,
+        seeds=list(args.confirm_seeds),
+        scoring_seeds=list(args.confirm_scoring_seeds),
+        confirm_seeds=[],
+        confirm_scoring_seeds=[],
+        scores=list(dict.fromkeys(cell["score"] for cell in chosen)),
+        strategies=list(dict.fromkeys(cell["strategy"] for cell in chosen)),
+        keep_fractions=[cell["keep"] for cell in chosen],
+        output_dir=str(confirm_dir),
+    )
+    check_config(confirm_args, confirm_dir)
+    scores = proxy_scores(confirm_args, data, confirm_dir)
+    runs = [("full", "full", 1.0, seed) for seed in confirm_args.seeds]
+    for cell in chosen:
+        runs += [("random", "random", cell["keep"], seed) for seed in confirm_args.seeds]
+        runs += [(cell["score"], cell["strategy"], cell["keep"], seed) for seed in confirm_args.seeds]
+    _run_all(confirm_args, data, scores, confirm_dir, runs, "test")
+    return write_summary(confirm_args, confirm_dir, confirm_dir / "runs.jsonl", evaluated_on="test")

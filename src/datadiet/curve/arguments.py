@@ -93,6 +93,30 @@ class CurveArguments(DataArguments):
         default=False, metadata={"help": "Only rewrite curve.md / curve.png from the finished runs in runs.jsonl."}
     )
     report_every: int = field(default=5, metadata={"help": "Rewrite curve.md / curve.png after every n runs."})
+    validation_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of the training split (class-stratified, seeded) as validation rows, "
+            "which no proxy and no subset ever trains on: every grid cell is then compared on them, never on the "
+            "test split, and selection.json names the chosen cell (0: no validation, runs are tested)."
+        },
+    )
+    validation_seed: int = field(default=0, metadata={"help": "Seed of the validation hold-out."})
+    confirm_seeds: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "With validation_fraction: train the chosen cell of each keep fraction, random and full on these "
+            "fresh seeds and test each once on the test split (in <output_dir>/confirm)."
+        },
+    )
+    confirm_scoring_seeds: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Seeds of the fresh proxy models the confirm stage prunes by (none of scoring_seeds)."},
+    )
+    equivalence_margin: float = field(
+        default=0.005,
+        metadata={"help": "Margin (accuracy, 0.005 = 0.5 pt) within which a subset 'matches full data' (TOST, 5%)."},
+    )
     output_dir: str = field(default="outputs/curve", metadata={"help": "Where runs.jsonl, curve.png, curve.md go."})
 
     def __post_init__(self):
@@ -120,6 +144,30 @@ class CurveArguments(DataArguments):
             raise ValueError(f"scoring_epochs must be >= 1 (scores of trained proxies); got {self.scoring_epochs}.")
         if (self.mean is None) != (self.std is None):
             raise ValueError("Give both mean and std, or neither (then they are computed from the training data).")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(
+                f"validation_fraction must be in [0, 1) (e.g. 0.1 holds out 10% of the training split); got "
+                f"{self.validation_fraction}."
+            )
+        if self.confirm_seeds or self.confirm_scoring_seeds:
+            if not self.validation_fraction:
+                raise ValueError(
+                    "confirm_seeds confirm a cell chosen on validation rows: set validation_fraction (e.g. 0.1) too."
+                )
+            if not self.confirm_seeds or not self.confirm_scoring_seeds:
+                raise ValueError("Give both confirm_seeds and confirm_scoring_seeds (fresh proxies for the confirm).")
+            reused = sorted(set(self.confirm_seeds) & set(self.seeds))
+            reused_proxies = sorted(set(self.confirm_scoring_seeds) & set(self.scoring_seeds))
+            if reused or reused_proxies:
+                raise ValueError(
+                    f"The confirm stage needs fresh seeds: confirm_seeds {reused} / confirm_scoring_seeds "
+                    f"{reused_proxies} are also used to choose the cell. Pick seeds outside seeds={self.seeds} and "
+                    f"scoring_seeds={self.scoring_seeds}."
+                )
+        if not 0.0 < self.equivalence_margin < 1.0:
+            raise ValueError(
+                f"equivalence_margin is an accuracy difference such as 0.005; got {self.equivalence_margin}."
+            )
 
 
 # A strategy of the grid may carry its own value of its parameter, so that one curve compares several offsets (or

@@ -13,7 +13,7 @@ from .arguments import CurveArguments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_config", "claim_run", "config_digest", "planned_runs", "read_runs", "run_key"]
+__all__ = ["check_config", "claim_run", "config_digest", "planned_runs", "read_runs", "result_config", "run_key"]
 
 # Fields that change what a finished run or a cached score means: a rerun with other values needs another folder.
 _RESULT_FIELDS = (
@@ -44,6 +44,15 @@ _RESULT_FIELDS = (
     "weight_decay",
     "label_smoothing",
 )
+
+
+def result_config(args: CurveArguments) -> dict:
+    """The values that define the curve's results. The validation hold-out is among them only when it is on, so that
+    curves made before it existed resume unchanged."""
+    config = {name: getattr(args, name) for name in _RESULT_FIELDS}
+    if args.validation_fraction:
+        config.update(validation_fraction=args.validation_fraction, validation_seed=args.validation_seed)
+    return config
 
 
 def run_key(score: str, strategy: str, keep: float, seed: int) -> str:
@@ -129,7 +138,7 @@ def check_config(args: CurveArguments, output_dir: Path) -> None:
             "Use another output_dir, or restore those values to resume."
         )
 
-    config = {name: getattr(args, name) for name in _RESULT_FIELDS}
+    config = result_config(args)
     check_or_write_config(
         output_dir, config, file_name="curve_config.json", new_keys_only=True, sort_keys=False, mismatch=mismatch
     )
@@ -137,5 +146,5 @@ def check_config(args: CurveArguments, output_dir: Path) -> None:
 
 def config_digest(args: CurveArguments) -> str:
     """A short digest of the fields that define the curve's results (for naming folders)."""
-    config = json.dumps({name: getattr(args, name) for name in _RESULT_FIELDS}, sort_keys=True)
+    config = json.dumps(result_config(args), sort_keys=True)
     return hashlib.sha256(config.encode()).hexdigest()[:12]

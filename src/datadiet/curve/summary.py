@@ -10,18 +10,24 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import CurveArguments
+from .statistics import equivalent, paired_interval, sample_std, verdict_against
 from .store import read_runs
 
 __all__ = ["summarize_runs", "write_curve_report", "write_summary"]
 
 
-def write_summary(args: CurveArguments, output_dir: Path, runs_path: Path) -> dict:
+def write_summary(args: CurveArguments, output_dir: Path, runs_path: Path, *, evaluated_on: str = "test") -> dict:
     """Summarise the finished runs in `runs_path` and write `summary.json`, `curve.md` and `curve.png` to `output_dir`;
     return the summary."""
     summary = summarize_runs(read_runs(runs_path))
     summary["arguments"] = asdict(args)
+    summary["evaluated_on"] = evaluated_on
+    summary["std"] = "sample std (ddof = 1) over training seeds"
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_curve_report(summary, output_dir, title=_title(args, summary["points"]))
+    title = _title(args, summary["points"])
+    write_curve_report(
+        summary, output_dir, title=title, evaluated_on=evaluated_on, margin=getattr(args, "equivalence_margin", 0.005)
+    )
     return summary
 
 
@@ -38,7 +44,8 @@ def _title(args: CurveArguments, points: list[dict]) -> str:
 
 
 def summarize_runs(runs: list[dict]) -> dict:
-    """Mean and (population) std of the test accuracy of each (score, strategy, keep) over its seeds.
+    """Mean and sample std (ddof = 1; `None` for a single seed) of the accuracy of each (score, strategy, keep) over
+    its seeds.
 
     Returns `{"points": [{"score", "strategy", "keep", "mean", "std", "n", "seeds", "accuracies"}...]}`, sorted
     (`accuracies[i]` is the run of `seeds[i]`).
@@ -50,7 +57,7 @@ def summarize_runs(runs: list[dict]) -> dict:
     ...         {"score": "full", "strategy": "full", "keep": 1.0, "seed": 1, "accuracy": 0.8}]
     >>> point = summarize_runs(runs)["points"][0]
     >>> point["mean"], point["std"], point["seeds"]
-    (0.85, 0.05, [0, 1])
+    (0.85, 0.070711, [0, 1])
 
     ```
     """
@@ -67,13 +74,17 @@ def summarize_runs(runs: list[dict]) -> dict:
                 "strategy": strategy,
                 "keep": keep,
                 "mean": round(float(values.mean()), 6),
-                "std": round(float(values.std()), 6),
+                "std": round(sample_std(values), 6) if len(values) > 1 else None,
                 "n": len(values),
                 "seeds": sorted(by_seed),
                 "accuracies": [by_seed[s] for s in sorted(by_seed)],
             }
         )
     return {"points": points}
+
+
+def _std_text(point: dict) -> str:
+    return "—" if point.get("std") is None else f"{100 * point['std']:.2f}"
 
 
 def _by_seed(point: dict) -> dict[int, float]:
@@ -89,13 +100,29 @@ def _on_seeds(reference: dict, seeds: list[int]) -> dict:
     if not by_seed or set(seeds) == set(by_seed) or not set(seeds) <= set(by_seed):
         return reference
     values = np.array([by_seed[s] for s in seeds])
-    return {**reference, "mean": float(values.mean()), "std": float(values.std()), "n": len(values)}
+    std = sample_std(values) if len(values) > 1 else None
+    return {**reference, "mean": float(values.mean()), "std": std, "n": len(values)}
 
 
-def _verdicts(points: list[dict], tolerance: float = 0.005) -> list[str]:
-    """One plain sentence per (score, strategy): at each keep fraction, does it beat random (by more than the larger
-    std over seeds; otherwise a tie) and is it within `tolerance` of the full data (or above it)? Both comparisons
-    use the baselines' runs of the same seeds as the point."""
+def _paired(point: dict, reference: dict) -> tuple[list[float], list[float]]:
+    """The accuracies of `point` and `reference` on the seeds both have, in seed order (the pairs of a paired test)."""
+    mine, theirs = _by_seed(point), _by_seed(reference)
+    seeds = sorted(set(mine) & set(theirs))
+    return [mine[s] for s in seeds], [theirs[s] for s in seeds]
+
+
+def _interval_text(interval: dict) -> str:
+    if interval["n"] < 2:
+        return f"{100 * interval['mean']:+.2f} pt, n=1: no interval"
+    low, high = 100 * interval["low"], 100 * interval["high"]
+    return f"{100 * interval['mean']:+.2f} pt, 95% CI [{low:+.2f}, {high:+.2f}], n={interval['n']}"
+
+
+def _verdicts(points: list[dict], margin: float = 0.005) -> list[str]:
+    """One sentence per (score, strategy): at each keep fraction, the paired difference from random and from the full
+    data over the seeds both have, with its 95% t-interval. "beats random" only when the interval lies above 0,
+    "loses to random" when below; "matches full data" only when two one-sided tests at 5% put the difference within
+    ±`margin`."""
     full = next((p for p in points if p["score"] == "full"), None)
     random = {p["keep"]: p for p in points if p["score"] == "random"}
     sentences = []
@@ -105,23 +132,26 @@ def _verdicts(points: list[dict], tolerance: float = 0.005) -> list[str]:
         for point in sorted(
             (p for p in points if (p["score"], p["strategy"]) == (score, strategy)), key=lambda p: -p["keep"]
         ):
-            keep = point["keep"]
             pieces = []
-            if keep in random:
-                baseline = _on_seeds(random[keep], point.get("seeds", []))
-                delta = 100 * (point["mean"] - baseline["mean"])
-                # A difference smaller than the seeds' spread is not a win or a loss: call it a tie.
-                noise = 100 * max(point["std"], baseline["std"])
-                verdict = "ties with" if abs(delta) <= noise else "beats" if delta > 0 else "loses to"
-                pieces.append(f"{verdict} random ({delta:+.2f} pt, std {noise:.2f})")
+            if point["keep"] in random:
+                a, b = _paired(point, random[point["keep"]])
+                if a:
+                    interval = paired_interval(a, b)
+                    pieces.append(f"{verdict_against(interval, 'random')} ({_interval_text(interval)})")
             if full is not None:
-                gap = 100 * (point["mean"] - _on_seeds(full, point.get("seeds", []))["mean"])
-                if gap > 100 * tolerance:
-                    pieces.append(f"is above the full data ({gap:+.2f} pt)")
-                else:
-                    within = abs(gap) <= 100 * tolerance
-                    pieces.append(f"{'within' if within else 'not within'} 0.5 pt of full data ({gap:+.2f} pt)")
-            parts.append(f"at {100 * keep:g}% it " + " and ".join(pieces))
+                a, b = _paired(point, full)
+                if a:
+                    interval = paired_interval(a, b)
+                    if len(a) > 1 and equivalent(a, b, margin):
+                        words = f"matches the full data within ±{100 * margin:g} pt"
+                    elif interval["low"] > 0:
+                        words = "is above the full data"
+                    elif interval["high"] < 0:
+                        words = "is below the full data"
+                    else:
+                        words = f"is not shown to match the full data within ±{100 * margin:g} pt"
+                    pieces.append(f"{words} ({_interval_text(interval)})")
+            parts.append(f"at {100 * point['keep']:g}% it " + " and ".join(pieces))
         sentences.append(f"- **{score} / {strategy}**: " + "; ".join(parts) + ".")
     return sentences
 
@@ -158,7 +188,14 @@ def _per_seed_table(points: list[dict]) -> list[str]:
     return lines
 
 
-def write_curve_report(summary: dict, output_dir: str | Path, *, title: str | None = None) -> tuple[Path, Path]:
+def write_curve_report(
+    summary: dict,
+    output_dir: str | Path,
+    *,
+    title: str | None = None,
+    evaluated_on: str = "test",
+    margin: float = 0.005,
+) -> tuple[Path, Path]:
     """Write `curve.md` (a table of mean ± std test accuracy per score × strategy and keep fraction, then one plain
     verdict per score × strategy) and `curve.png` (see `datadiet.report.plot_pruning_curve`); return both paths."""
     from ..report import plot_pruning_curve
@@ -172,10 +209,29 @@ def write_curve_report(summary: dict, output_dir: str | Path, *, title: str | No
     )
     lookup = {(p["score"], p["strategy"], p["keep"]): p for p in points}
     lines = [f"# Pruning curve{': ' + title if title else ''}", ""]
-    lines.append("Test accuracy (%), mean ± std over training seeds (n = number of seeds).")
+    cells = len({(p["score"], p["strategy"], p["keep"]) for p in points} - {("full", "full", 1.0)}) - len(
+        {p["keep"] for p in points if p["score"] == "random"}
+    )
+    lines.append(
+        f"{evaluated_on.capitalize()} accuracy (%), mean ± sample std (ddof = 1) over training seeds (n = number of "
+        "seeds)."
+        + (
+            " Every run was evaluated on validation rows held out of the training split, never on the test split."
+            if evaluated_on == "validation"
+            else ""
+        )
+    )
+    lines.append("")
+    lines.append(
+        f"Verdicts compare each of the {cells} pruned cells (score × strategy × keep) here with random and with the "
+        'full data on the same seeds: paired differences with 95% Student-t intervals. "Beats random" means the '
+        f'interval lies above 0; "matches the full data" means two one-sided tests at 5% put the difference within '
+        f"±{100 * margin:g} pt. No correction for comparing {cells} cells: about 1 in 20 intervals excludes 0 by "
+        "chance alone, so a cell picked as the best of many needs fresh seeds to confirm it."
+    )
     lines.append("")
     if full is not None:
-        lines.append(f"Full data (100%): **{100 * full['mean']:.2f} ± {100 * full['std']:.2f}** (n={full['n']})")
+        lines.append(f"Full data (100%): **{100 * full['mean']:.2f} ± {_std_text(full)}** (n={full['n']})")
         lines.append("")
     best: dict[float, dict] = {}
     if keeps:
@@ -191,14 +247,17 @@ def write_curve_report(summary: dict, output_dir: str | Path, *, title: str | No
             if point is None:
                 cells.append("—")
                 continue
-            cells.append(f"{100 * point['mean']:.2f} ± {100 * point['std']:.2f} (n={point['n']})")
+            cells.append(f"{100 * point['mean']:.2f} ± {_std_text(point)} (n={point['n']})")
             if score != "random" and point["mean"] > best.get(keep, {"mean": -1.0})["mean"]:
                 best[keep] = point
         lines.append(f"| {score} | {strategy} | " + " | ".join(cells) + " |")
     lines += ["", "## Verdicts", ""]
-    lines += _verdicts(points)
+    lines += _verdicts(points, margin)
     if best:
-        lines += ["", "Best score / strategy per keep fraction (the baselines on the same seeds):"]
+        lines += [
+            "",
+            "Best score / strategy per keep fraction, picked after seeing these runs (exploratory; the baselines on the same seeds):",
+        ]
         for keep in keeps:
             if keep in best:
                 point = best[keep]

@@ -20,7 +20,7 @@ from .arguments import CurveArguments, check_steps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CurveData", "build_curve_model", "proxy_scores", "accuracy_on_test", "train_on_rows"]
+__all__ = ["CurveData", "accuracy_on", "accuracy_on_test", "build_curve_model", "proxy_scores", "train_on_rows"]
 
 
 def _image_array(image) -> np.ndarray:
@@ -67,6 +67,21 @@ class CurveData:
         self.x_test, self.y_test = _to_tensors(test, image_column, label_column)
         feature = train.features[label_column]
         self.num_classes = int(getattr(feature, "num_classes", 0) or int(self.y_train.max()) + 1)
+        # The validation hold-out: its rows leave the training tensors here, so that no proxy and no subset (both
+        # drawn from positions of x_train) can ever train on them. `train_rows` maps positions back to the split.
+        self.train_rows = np.arange(len(self.y_train))
+        self.validation_rows = np.zeros(0, dtype=np.int64)
+        if args.validation_fraction:
+            from ..selection import stratified_split
+
+            rng = np.random.default_rng(args.validation_seed)
+            self.validation_rows = stratified_split(self.y_train.numpy(), args.validation_fraction, rng)
+            keep = np.setdiff1d(self.train_rows, self.validation_rows)
+            self.x_validation, self.y_validation = (
+                self.x_train[self.validation_rows],
+                self.y_train[self.validation_rows],
+            )
+            self.x_train, self.y_train, self.train_rows = self.x_train[keep], self.y_train[keep], keep
         self.in_chans = int(self.x_train.shape[1])
         if args.mean is not None:
             mean, std = torch.tensor(args.mean), torch.tensor(args.std)
@@ -168,17 +183,25 @@ def train_on_rows(
 
 
 @torch.no_grad()
-def accuracy_on_test(model: nn.Module, data: CurveData, batch_size: int) -> float:
-    """Test accuracy; with flips on, the logits of the image and its mirror are averaged (test-time augmentation)."""
+def accuracy_on(
+    model: nn.Module, data: CurveData, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> float:
+    """Accuracy on `images` / `labels` (the test split or the validation rows); with flips on, the logits of the image
+    and its mirror are averaged (test-time augmentation)."""
     model.eval()
     correct = 0
-    for start in range(0, len(data.y_test), batch_size):
-        images = data.normalise(data.x_test[start : start + batch_size])
-        logits = model(images)
+    for start in range(0, len(labels), batch_size):
+        batch = data.normalise(images[start : start + batch_size])
+        logits = model(batch)
         if data.flip:
-            logits = logits + model(images.flip(3))
-        correct += int((logits.argmax(-1) == data.y_test[start : start + batch_size]).sum())
-    return correct / len(data.y_test)
+            logits = logits + model(batch.flip(3))
+        correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
+    return correct / len(labels)
+
+
+def accuracy_on_test(model: nn.Module, data: CurveData, batch_size: int) -> float:
+    """Test accuracy (see `accuracy_on`)."""
+    return accuracy_on(model, data, data.x_test, data.y_test, batch_size)
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Pruning on score columns (`strategies`: hardest, easiest, window, random, stratified CCS, their registry) and
 learned subset selection (`hostcp`: HOST-CP, imported on use)."""
 
-from .strategies import hardness, list_strategies, prune, register_strategy, select_indices
+from .strategies import hardness, list_strategies, prune, register_strategy, select_indices, stratified_split
 
-__all__ = ["hardness", "list_strategies", "prune", "register_strategy", "select_indices"]
+__all__ = ["hardness", "list_strategies", "prune", "register_strategy", "select_indices", "stratified_split"]

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .strategies import budget_from_keep
+from .strategies import budget_from_keep, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def select_hostcp(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
 
-    validation = _stratified_split(labels.numpy(), validation_fraction, rng)
+    validation = stratified_split(labels.numpy(), validation_fraction, rng)
     pool = np.setdiff1d(np.arange(num_rows), validation)
     if budget > len(pool):
         raise ValueError(
@@ -322,16 +322,6 @@ def select_hostcp(
         float(np.median(history["solve_seconds"])) if history["solve_seconds"] else 0.0,
     )
     return HostCPResult(indices=indices, values=values, validation_indices=np.sort(validation), history=history)
-
-
-def _stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A validation split with each class in proportion (at least one row per class with two or more rows)."""
-    chosen = []
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        take = min(len(rows) - 1, max(1, int(round(fraction * len(rows))))) if len(rows) > 1 else 0
-        chosen.append(rng.choice(rows, size=take, replace=False))
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def _existing_distances(

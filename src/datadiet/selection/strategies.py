@@ -13,7 +13,15 @@ from ..provenance import record_provenance
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["budget_from_keep", "hardness", "list_strategies", "prune", "register_strategy", "select_indices"]
+__all__ = [
+    "budget_from_keep",
+    "hardness",
+    "list_strategies",
+    "prune",
+    "register_strategy",
+    "select_indices",
+    "stratified_split",
+]
 
 _STRATEGIES: dict[str, Callable] = {}
 
@@ -165,6 +173,27 @@ def budget_from_keep(keep: float | int, num_rows: int) -> int:
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep={keep} is outside (0, 1]: give a fraction such as 0.5, or an integer row count.")
     return max(1, int(round(keep * num_rows)))
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Positions of a held-out split with each class in proportion (at least one row of every class that has two or
+    more, never all of a class), drawn with `rng`; sorted.
+
+    Example:
+    ```python
+    >>> import numpy as np
+    >>> from datadiet.selection import stratified_split
+    >>> stratified_split(np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1]), 0.5, np.random.default_rng(0)).size
+    5
+
+    ```
+    """
+    chosen = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        take = min(len(rows) - 1, max(1, int(round(fraction * len(rows))))) if len(rows) > 1 else 0
+        chosen.append(rng.choice(rows, size=take, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def select_indices(
