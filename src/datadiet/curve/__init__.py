@@ -91,6 +91,11 @@ def run_curve(args: CurveArguments) -> dict:
     runs_path = output_dir / "runs.jsonl"
     evaluated_on = "validation" if args.validation_fraction else "test"
     if args.report_only:
+        selection_path, confirm_dir = output_dir / "selection.json", output_dir / "confirm"
+        if args.confirm_seeds and selection_path.exists() and (confirm_dir / "runs.jsonl").exists():
+            selection = json.loads(selection_path.read_text())
+            confirm_args = _confirm_arguments(args, selection, confirm_dir)
+            write_summary(confirm_args, confirm_dir, confirm_dir / "runs.jsonl", evaluated_on="test")
         return write_summary(args, output_dir, runs_path, evaluated_on=evaluated_on)
     data = CurveData(args)
     logger.info(
@@ -171,11 +176,10 @@ def _run_all(args: CurveArguments, data, scores: dict, output_dir: Path, runs: l
             write_summary(args, output_dir, runs_path, evaluated_on=evaluated_on)
 
 
-def _confirm(args: CurveArguments, data, selection: dict, confirm_dir: Path) -> dict:
-    """The confirm stage: the chosen cell of each keep fraction, random and full, on fresh training seeds with
-    proxies from fresh scoring seeds, each tested once on the test split; its own runs.jsonl and report."""
+def _confirm_arguments(args: CurveArguments, selection: dict, confirm_dir: Path) -> CurveArguments:
+    """The confirm stage's arguments: the chosen cells' scores, strategies and keep fractions on the fresh seeds."""
     chosen = selection["chosen"]
-    confirm_args = replace(
+    return replace(
         args,
         seeds=list(args.confirm_seeds),
         scoring_seeds=list(args.confirm_scoring_seeds),
@@ -186,6 +190,13 @@ def _confirm(args: CurveArguments, data, selection: dict, confirm_dir: Path) -> 
         keep_fractions=[cell["keep"] for cell in chosen],
         output_dir=str(confirm_dir),
     )
+
+
+def _confirm(args: CurveArguments, data, selection: dict, confirm_dir: Path) -> dict:
+    """The confirm stage: the chosen cell of each keep fraction, random and full, on fresh training seeds with
+    proxies from fresh scoring seeds, each tested once on the test split; its own runs.jsonl and report."""
+    chosen = selection["chosen"]
+    confirm_args = _confirm_arguments(args, selection, confirm_dir)
     check_config(confirm_args, confirm_dir)
     scores = proxy_scores(confirm_args, data, confirm_dir)
     runs = [("full", "full", 1.0, seed) for seed in confirm_args.seeds]

@@ -253,7 +253,9 @@ def write_curve_report(
         lines.append(f"| {score} | {strategy} | " + " | ".join(cells) + " |")
     lines += ["", "## Verdicts", ""]
     lines += _verdicts(points, margin)
-    if best:
+    pruned_cells = [p for p in points if p["score"] not in ("full", "random")]
+    several = any(sum(p["keep"] == keep for p in pruned_cells) > 1 for keep in keeps)
+    if best and several:  # with one cell per keep fraction (a confirmation) there is nothing to pick
         lines += [
             "",
             "Best score / strategy per keep fraction, picked after seeing these runs (exploratory; the baselines on the same seeds):",
