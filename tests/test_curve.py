@@ -208,6 +208,8 @@ def test_a_point_on_fewer_seeds_is_compared_with_the_baselines_of_its_seeds(tmp_
         for s, a in [(0, 0.88), (1, 0.88), (2, 0.97)]
     ]
     runs += [{"score": "el2n", "strategy": "window", "keep": 0.5, "seed": s, "accuracy": 0.897} for s in (0, 1)]
+    # A second cell at the same keep fraction, so there is a best one to name.
+    runs += [{"score": "grand", "strategy": "window", "keep": 0.5, "seed": s, "accuracy": 0.85} for s in (0, 1, 2)]
     text = write_curve_report(summarize_runs(runs), tmp_path)[0].read_text()
     # Identical differences on both seeds: a zero-width interval, above 0 against random, inside ±0.5 pt of full.
     assert (
