@@ -14,20 +14,17 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import has_length
 
 from ..models import ClassifierWrapper
-from ..scores.batch import score_batch
 from ..scores.logits import unwrap_logits
-from .callback import (
-    RowIdDataset,
-    ScoreCallback,
-    TransformedView,
-    add_score_columns,
-    all_gather_objects,
-    has_transform,
-)
+from .callback import ScoreCallback, TransformedView, add_score_columns, has_transform
+from .checkpoint import checkpoint_folder, load_checkpoint_state, save_checkpoint_state, write_final_scores
 from .config import DataDietConfig
 from .dynamic import DynamicPruningSampler, EpochProgressScheduler, plan_epoch, steps_in_epoch
+from .scoring_pass import score_rows
 
 logger = logging.getLogger(__name__)
+
+# The file name of the trainer's own score state (scoring passes, dynamic pruning) in a checkpoint folder.
+TRAINER_STATE = "datadiet_trainer"
 
 __all__ = ["DataDietTrainer"]
 
@@ -54,6 +51,9 @@ class _EpochHooks(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer._on_train_end()
 
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer._on_save()
+
 
 class DataDietTrainer(Trainer):
     """A drop-in [`~transformers.Trainer`] for classifiers that tracks every training example's scores as it trains,
@@ -68,8 +68,12 @@ class DataDietTrainer(Trainer):
       and divided by the number of examples in the whole accumulated batch, so that gradient accumulation gives the
       same losses and gradients as one large batch whatever the model's forward signature (the stock Trainer
       inflates them for models whose forward takes `**kwargs`, transformers #47688);
-    - each batch carries its rows' positions under `row_id_column`; a training set preprocessed with `set_transform`
-      works with `remove_unused_columns=True`, unused keys being dropped after the transform;
+    - each batch's rows are known from the indices the training sampler yields in each process, so any
+      `data_collator` works; a training set preprocessed with `set_transform` works with `remove_unused_columns=True`,
+      unused keys being dropped after the transform;
+    - each checkpoint holds the score state (history, scoring passes, dynamic pruning), which
+      `train(resume_from_checkpoint=...)` restores; after `train()` the scores are also written to
+      `<output_dir>/scores/`, which `datadiet.load_scores` reads;
     - a timm model is wrapped in [`~datadiet.models.ClassifierWrapper`] (`pixel_values` / `labels` in, loss and
       logits out).
 
@@ -176,12 +180,10 @@ class DataDietTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        keep = [self.args.row_id_column]
-        if isinstance(self.model, ClassifierWrapper):
-            keep.append(self.model.input_name)
-        self._signature_columns += [name for name in keep if name not in self._signature_columns]
+        if isinstance(self.model, ClassifierWrapper) and self.model.input_name not in self._signature_columns:
+            self._signature_columns.append(self.model.input_name)
 
-    def _row_id_view(self, dataset, description: str) -> RowIdDataset:
+    def _map_style(self, dataset, description: str):
         if not has_length(dataset):
             raise ValueError(
                 "DataDietTrainer needs a map-style training set with a length (each example is tracked by its "
@@ -190,7 +192,7 @@ class DataDietTrainer(Trainer):
         if hasattr(dataset, "column_names") and hasattr(dataset, "remove_columns") and not has_transform(dataset):
             # No transform: unused columns can go before reading (cheaper than after, in the collator).
             dataset = self._remove_unused_columns(dataset, description=description)
-        return RowIdDataset(dataset, self.args.row_id_column)
+        return dataset
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
         if has_transform(dataset) and self.args.remove_unused_columns:
@@ -208,7 +210,7 @@ class DataDietTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("DataDietTrainer: training requires a train_dataset.")
         return self._get_dataloader(
-            dataset=self._row_id_view(self.train_dataset, "Training"),
+            dataset=self._map_style(self.train_dataset, "Training"),
             description="Training",
             batch_size=self._train_batch_size,
             sampler_fn=self._get_train_sampler,
@@ -239,7 +241,7 @@ class DataDietTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        row_ids = inputs.pop(self.args.row_id_column, None)
+        inputs.pop(self.args.row_id_column, None)
         label_name = self.args.label_names[0]
         labels = inputs.pop(label_name, None)
         if labels is None:
@@ -256,7 +258,8 @@ class DataDietTrainer(Trainer):
                 f"({labels.dtype})."
             )
         training = model.training
-        if training and row_ids is not None:
+        row_ids = self.score_callback.next_row_ids(len(labels)) if training else None
+        if training:
             self.score_callback.record(row_ids, logits, labels)
 
         if self.compute_loss_func is not None:
@@ -288,6 +291,8 @@ class DataDietTrainer(Trainer):
         self.scoring_columns = {}
         self.pruning_history = []
         self._pruning_weights = None
+        if self.state.global_step > 0:
+            self._restore_state()
         num_batches = len(train_dataloader) if train_dataloader is not None and has_length(train_dataloader) else 1
         accumulation = self.args.gradient_accumulation_steps
         self._steps_per_epoch = max(num_batches // accumulation + int(num_batches % accumulation > 0), 1)
@@ -305,6 +310,32 @@ class DataDietTrainer(Trainer):
         if completed in self.args.score_epochs:
             self._scoring_pass(completed)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # The folder `train(resume_from_checkpoint=...)` resumes from, where the score state is restored from.
+        self.score_callback.resume_folder = resume_from_checkpoint
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _on_save(self) -> None:
+        if not self.state.is_world_process_zero:
+            return
+        meta = {"pruning_history": self.pruning_history, "scoring_columns": list(self.scoring_columns)}
+        folder = checkpoint_folder(self._get_output_dir(None), self.state.global_step)
+        save_checkpoint_state(folder, TRAINER_STATE, dict(self.scoring_columns), meta)
+
+    def _restore_state(self) -> None:
+        """The scoring-pass columns and pruning history of the checkpoint training resumes from (the history of the
+        online scores is restored by the ScoreCallback)."""
+        folder = self.score_callback.resume_folder
+        stored = load_checkpoint_state(folder, TRAINER_STATE) if folder is not None else None
+        if stored is None:
+            logger.warning(
+                "The checkpoint %s holds no DataDietTrainer state: scoring passes before it are lost.", folder
+            )
+            return
+        arrays, meta = stored
+        self.scoring_columns = {name: arrays[name] for name in meta["scoring_columns"]}
+        self.pruning_history = list(meta["pruning_history"])
+
     def _on_train_end(self) -> None:
         missing = sorted(
             set(self.args.score_epochs) - {int(name.rsplit("_epoch", 1)[1]) for name in self.scoring_columns}
@@ -315,6 +346,14 @@ class DataDietTrainer(Trainer):
             skipped = float(np.mean([entry["skipped_fraction"] for entry in self.pruning_history]))
             logger.info("Dynamic pruning skipped %.1f%% of the example presentations overall.", 100 * skipped)
         self._pruning_weights = None
+        if self.args.should_save and (self.score_callback.track_scores or self.scoring_columns):
+            scores = self.scores
+            folder = write_final_scores(
+                self.args.output_dir,
+                {name: np.asarray(scores[name]) for name in scores.column_names},
+                seed=self.args.seed,
+            )
+            logger.info("Wrote the scores of %d rows to %s (datadiet.load_scores reads them).", len(scores), folder)
 
     # ---- dynamic pruning --------------------------------------------------------------------------------------------
 
@@ -370,45 +409,24 @@ class DataDietTrainer(Trainer):
                 "the same rows in the same order."
             )
         loader = self._get_dataloader(
-            dataset=self._row_id_view(dataset, "Scoring"),
+            dataset=self._map_style(dataset, "Scoring"),
             description="Scoring",
             batch_size=self.args.eval_batch_size,
             sampler_fn=self._get_eval_sampler,
         )
-        model = self.model
-        was_training = model.training
-        model.eval()
-        label_name = self.args.label_names[0]
-        ids, values = [], {method: [] for method in self.args.score_methods}
-        for batch in loader:
-            batch = self._prepare_inputs(batch)
-            row_ids = batch.pop(self.args.row_id_column)
-            labels = batch.pop(label_name)
-            # The one dispatch of datadiet.scores (finite-logit and label checks included). Scores get the network
-            # itself: a wrapped timm model is scored on its input tensor, a transformers model on its keywords.
-            if isinstance(model, ClassifierWrapper):
-                network, inputs = model.model, batch[model.input_name]
-            else:
-                network, inputs = model, batch
-            scores = score_batch(network, inputs, labels, self.args.score_methods, row_ids=row_ids.tolist())
-            for name, value in scores.items():
-                values[name].append(value)
-            ids.append(row_ids.cpu())
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-        local = (
-            torch.cat(ids).numpy() if ids else np.zeros(0, np.int64),
-            {name: torch.cat(parts).numpy() if parts else np.zeros(0, np.float32) for name, parts in values.items()},
+        columns = score_rows(
+            self.model,
+            loader,
+            self.args.score_methods,
+            num_rows=len(dataset),
+            label_name=self.args.label_names[0],
+            prepare=self._prepare_inputs,
+            drop_keys=[self.args.row_id_column],
         )
-        gathered = all_gather_objects(local)
-        all_ids = np.concatenate([part[0] for part in gathered])
-        # Keep the first value of each row: distributed samplers pad with wrap-around duplicates.
-        unique_ids, first = np.unique(all_ids, return_index=True)
-        for name in values:
-            column = np.full(len(dataset), np.nan, dtype=np.float32)
-            column[unique_ids] = np.concatenate([part[1][name] for part in gathered])[first]
+        for name, column in columns.items():
             self.scoring_columns[f"{name}_epoch{epoch}"] = column
-        logger.info("Scored %d rows with %s after epoch %d.", len(unique_ids), self.args.score_methods, epoch)
+        scored = int(np.isfinite(next(iter(columns.values()))).sum()) if columns else 0
+        logger.info("Scored %d rows with %s after epoch %d.", scored, self.args.score_methods, epoch)
 
     # ---- results ----------------------------------------------------------------------------------------------------
 
