@@ -493,60 +493,6 @@ def test_data_map_plot_from_trainer_scores(tmp_path):
 
 # ---- distributed ----------------------------------------------------------------------------------------------------
 
-_DISTRIBUTED_SCRIPT = """
-import sys
-
-import numpy as np
-import torch
-from datasets import Dataset
-from sklearn.datasets import load_digits
-from torch import nn
-
-from datadiet.models import ClassifierWrapper
-from datadiet.trainer import DataDietConfig, DataDietTrainer
-
-torch.set_num_threads(1)
-output, batch_size = sys.argv[1], int(sys.argv[2])
-digits = load_digits()
-_, first = np.unique(digits.data, axis=0, return_index=True)
-rows = np.sort(first)[:50]
-data = Dataset.from_dict(
-    {"pixel_values": (digits.data[rows] / 16.0).astype(np.float32), "labels": digits.target[rows]}
-).with_format("torch")
-torch.manual_seed(0)
-model = ClassifierWrapper(nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)))
-seen = []
-
-
-def count(module, args, kwargs, out):
-    if module.training:
-        seen.append(len(out["logits"]))
-
-
-model.register_forward_hook(count, with_kwargs=True)
-config = DataDietConfig(
-    output_dir=output + ".out", num_train_epochs=2, per_device_train_batch_size=batch_size, learning_rate=0.05,
-    optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, save_strategy="no",
-    disable_tqdm=True, logging_strategy="no", seed=0, score_epochs=[2], score_methods=["el2n"],
-)
-trainer = DataDietTrainer(model, config, train_dataset=data)
-trainer.train()
-total = torch.tensor(sum(seen))
-if torch.distributed.is_initialized():
-    torch.distributed.all_reduce(total)
-if trainer.is_world_process_zero():
-    scores = trainer.scores
-    np.savez(
-        output,
-        world_size=trainer.args.world_size,
-        forward_rows=int(total),
-        **{"history_" + name: values for name, values in trainer.score_history.items()},
-        **{name: np.asarray(scores[name]) for name in scores.column_names},
-    )
-if torch.distributed.is_initialized():  # end cleanly: no communication thread left running at exit
-    torch.distributed.destroy_process_group()
-"""
-
 
 @pytest.mark.slow
 def test_two_processes_gather_every_row_once(tmp_path):
@@ -556,9 +502,8 @@ def test_two_processes_gather_every_row_once(tmp_path):
     import sys
     from pathlib import Path
 
-    script = tmp_path / "train_digits.py"
-    script.write_text(_DISTRIBUTED_SCRIPT)
     repo = Path(__file__).resolve().parents[1]
+    script = repo / "tests" / "scripts" / "train_digits.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
     one = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "one.npz"), "8"], env=env, capture_output=True, text=True
@@ -568,8 +513,9 @@ def test_two_processes_gather_every_row_once(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    flags += ["--dynamo_backend", "no", "--main_process_port", str(port)]
+    # The repository's own config, and a script that does not set use_cpu: DataDietConfig trains data-parallel.
+    flags = ["--config_file", str(repo / "recipes" / "accelerate_configs" / "cpu_2proc.yaml")]
+    flags += ["--main_process_port", str(port)]
     two = subprocess.run(
         [accelerate, "launch", *flags, str(script), str(tmp_path / "two.npz"), "4"],
         env=env,
@@ -580,6 +526,11 @@ def test_two_processes_gather_every_row_once(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     single, double = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert int(single["world_size"]) == 1 and int(double["world_size"]) == 2
+    # Data-parallel, not two independent runs: each process steps through half the rows (the global batch of 2 x 4
+    # rows), as many steps as one process with batches of 8, half as many as one with batches of 4 (13 a epoch).
+    assert int(double["global_step"]) == int(single["global_step"]) == 2 * 7
+    # The scores written to output_dir cover every row once.
+    assert list(double["on_disk_row_id"]) == list(range(50))
     # 50 rows over 2 processes x 4 per batch: the sampler pads each epoch with wrap-around duplicates...
     assert int(single["forward_rows"]) == 100 and int(double["forward_rows"]) > 100
     # ...which are dropped: every row exactly once per epoch, and the scoring pass covers every row.

@@ -227,7 +227,7 @@ def _digits(num_rows: int) -> Dataset:
 
 def test_stop_and_resume_continues_the_score_history(tmp_path):
     data = _digits(64)
-    settings = dict(num_train_epochs=3, learning_rate=0.1, save_strategy="epoch", score_epochs=[1, 3])
+    settings = dict(num_train_epochs=3, learning_rate=0.1, save_strategy="epoch", score_epochs=[0, 1, 3])
     settings["score_methods"] = ["el2n"]
 
     def trainer(folder, callbacks=None):
@@ -245,9 +245,9 @@ def test_stop_and_resume_continues_the_score_history(tmp_path):
     for name, history in resumed.score_history.items():
         assert history.shape == (64, 3), name
         np.testing.assert_allclose(history[:, :2], whole.score_history[name][:, :2], rtol=0, atol=1e-5, err_msg=name)
-    # Forgetting, AUM and the scoring passes of epochs 1 (before the stop) and 3 (after) cover all three epochs.
+    # Forgetting, AUM and the scoring passes of epochs 0, 1 (before the stop) and 3 (after) cover all three epochs.
     _assert_same_scores(resumed.scores, whole.scores)
-    assert {"el2n_epoch1", "el2n_epoch3", "forgetting", "aum"} <= set(resumed.scores.column_names)
+    assert {"el2n_epoch0", "el2n_epoch1", "el2n_epoch3", "forgetting", "aum"} <= set(resumed.scores.column_names)
     # The scores are on disk in the keyed layout, every row.
     on_disk = load_scores(tmp_path / "stopped" / "scores")
     assert list(on_disk["row_id"]) == list(range(64))

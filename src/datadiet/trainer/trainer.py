@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import has_length
 
+from ..engine.process import get_process_state
 from ..models import ClassifierWrapper
 from ..scores.logits import unwrap_logits
 from .callback import ScoreCallback, TransformedView, add_score_columns, has_transform
@@ -160,6 +161,7 @@ class DataDietTrainer(Trainer):
             )
         finally:
             args.label_smoothing_factor = label_smoothing
+        get_process_state()  # refuses a launch giving one process, or N each training on all data (as scoring does)
         # The loss is computed here from the logits; the model is never asked to normalise it.
         self.model_accepts_loss_kwargs = False
         self.scoring_dataset = scoring_dataset
@@ -291,14 +293,14 @@ class DataDietTrainer(Trainer):
         self.scoring_columns = {}
         self.pruning_history = []
         self._pruning_weights = None
-        if self.state.global_step > 0:
-            self._restore_state()
         num_batches = len(train_dataloader) if train_dataloader is not None and has_length(train_dataloader) else 1
         accumulation = self.args.gradient_accumulation_steps
         self._steps_per_epoch = max(num_batches // accumulation + int(num_batches % accumulation > 0), 1)
         if isinstance(self.lr_scheduler, EpochProgressScheduler):
             self.lr_scheduler.steps_per_epoch = self._steps_per_epoch
-        if 0 in self.args.score_epochs:
+        if self.state.global_step > 0:
+            self._restore_state()
+        elif 0 in self.args.score_epochs:
             self._scoring_pass(0)
 
     def _on_epoch_begin(self) -> None:
@@ -325,11 +327,11 @@ class DataDietTrainer(Trainer):
     def _restore_state(self) -> None:
         """The scoring-pass columns and pruning history of the checkpoint training resumes from (the history of the
         online scores is restored by the ScoreCallback)."""
-        folder = self.score_callback.resume_folder
-        stored = load_checkpoint_state(folder, TRAINER_STATE) if folder is not None else None
+        folder = self.score_callback.resume_folder or checkpoint_folder(self.args.output_dir, self.state.global_step)
+        stored = load_checkpoint_state(folder, TRAINER_STATE)
         if stored is None:
             logger.warning(
-                "The checkpoint %s holds no DataDietTrainer state: scoring passes before it are lost.", folder
+                "The checkpoint %s holds no DataDietTrainer state: earlier scoring passes are lost.", folder
             )
             return
         arrays, meta = stored
