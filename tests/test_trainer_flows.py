@@ -253,3 +253,50 @@ def test_stop_and_resume_continues_the_score_history(tmp_path):
     assert list(on_disk["row_id"]) == list(range(64))
     for name in resumed.scores.column_names:
         np.testing.assert_array_equal(np.asarray(on_disk[name]), np.asarray(resumed.scores[name]), err_msg=name)
+
+
+# ---- timm checkpoints ------------------------------------------------------------------------------------------------
+
+
+def test_timm_checkpoint_loads_back_with_timm_alone(tmp_path, cifar10_train, tiny_timm):
+    import json
+
+    import timm
+    from torchvision import transforms
+
+    to_tensor = transforms.ToTensor()
+
+    def inputs_only(batch):
+        return {"pixel_values": [to_tensor(image.convert("RGB")) for image in batch["img"]], "labels": batch["label"]}
+
+    train = cifar10_train.select(range(32)).with_transform(inputs_only)
+    config = DataDietConfig(**_settings(tmp_path / "out", save_strategy="epoch"))
+    trainer = DataDietTrainer(tiny_timm(10), config, train_dataset=train)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    images = torch.stack([train[i]["pixel_values"] for i in range(4)])
+    network = trainer.model.model.eval()
+    with torch.no_grad():
+        expected = network(images)
+    for folder in (tmp_path / "final", tmp_path / "out" / "checkpoint-8"):
+        assert json.loads((folder / "config.json").read_text())["architecture"] == "test_resnet"
+        # timm alone, no datadiet: from the folder (timm reads its config.json), and from the architecture's name and
+        # the file (the overlay's num_classes keeps the trained classifier instead of a new one).
+        file = str(folder / "model.safetensors")
+        for loaded in (
+            timm.create_model(f"local-dir:{folder}", pretrained=True),
+            timm.create_model(
+                "test_resnet", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=file, num_classes=10)
+            ),
+        ):
+            with torch.no_grad():
+                torch.testing.assert_close(loaded.eval()(images), expected)
+    # And back into the trainer: resuming loads the checkpoint's weights (strictly) and continues.
+    resumed = DataDietTrainer(
+        tiny_timm(10, seed=1),
+        DataDietConfig(**_settings(tmp_path / "out", save_strategy="epoch")),
+        train_dataset=train,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    assert resumed.state.global_step == 8 and resumed.score_history["loss"].shape == (32, 2)
+    np.testing.assert_allclose(resumed.score_history["loss"], trainer.score_history["loss"], rtol=0, atol=1e-5)

@@ -4,6 +4,7 @@ and the final scores written to `<output_dir>/scores/` in the keyed Parquet layo
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -12,15 +13,21 @@ import numpy as np
 from ..engine.store import SCORING_CONFIG_FILE, check_or_write_config, write_shard
 from ..scores.trackers import TRACKED_QUANTITIES, TrainingDynamics
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "checkpoint_folder",
     "dynamics_from_history",
     "load_checkpoint_state",
+    "load_trainer_state",
     "save_checkpoint_state",
+    "save_trainer_state",
     "write_final_scores",
 ]
 
 SCORES_FOLDER = "scores"
+# The file name of DataDietTrainer's own score state (scoring passes, dynamic pruning) in a checkpoint folder.
+TRAINER_STATE = "datadiet_trainer"
 
 
 def checkpoint_folder(output_dir: str | os.PathLike, global_step: int) -> Path:
@@ -53,6 +60,23 @@ def load_checkpoint_state(folder: str | os.PathLike, name: str) -> tuple[dict[st
     return arrays, json.loads((folder / f"{name}.json").read_text())
 
 
+def save_trainer_state(
+    folder: str | os.PathLike, scoring_columns: dict[str, np.ndarray], pruning_history: list[dict]
+) -> None:
+    """Save `DataDietTrainer`'s scoring-pass columns and dynamic-pruning history into a checkpoint `folder`."""
+    meta = {"pruning_history": pruning_history, "scoring_columns": list(scoring_columns)}
+    save_checkpoint_state(folder, TRAINER_STATE, dict(scoring_columns), meta)
+
+
+def load_trainer_state(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[dict]] | None:
+    """The scoring-pass columns and pruning history [`save_trainer_state`] saved in `folder`, or None."""
+    stored = load_checkpoint_state(folder, TRAINER_STATE)
+    if stored is None:
+        return None
+    arrays, meta = stored
+    return {name: arrays[name] for name in meta["scoring_columns"]}, list(meta["pruning_history"])
+
+
 def dynamics_from_history(history: dict[str, np.ndarray], num_rows: int) -> TrainingDynamics:
     """A `TrainingDynamics` holding the per-epoch `history` (`{quantity: [num_rows, num_epochs]}`, NaN where a row
     was not seen), as `TrainingDynamics.history` returns it: a resumed run continues from it.
@@ -76,8 +100,9 @@ def dynamics_from_history(history: dict[str, np.ndarray], num_rows: int) -> Trai
     return dynamics
 
 
-def write_final_scores(output_dir: str | os.PathLike, scores: dict[str, np.ndarray], *, seed: int) -> Path:
-    """Write one float32 column per score (row `i` = training example `i`) under `<output_dir>/scores/`, in the
+def write_final_scores(output_dir: str | os.PathLike, scores, *, seed: int) -> Path:
+    """Write the columns of `scores` (a `datasets.Dataset` or a dict of arrays; row `i` = training example `i`) as
+    float32 under `<output_dir>/scores/`, in the
     keyed layout of `datadiet.score_dataset` (its config file and one Parquet shard keyed by row position), so that
     `datadiet.load_scores(f"{output_dir}/scores")` reads them. A second `train()` replaces them.
 
@@ -92,6 +117,7 @@ def write_final_scores(output_dir: str | os.PathLike, scores: dict[str, np.ndarr
 
     ```
     """
+    scores = {name: np.asarray(scores[name], dtype=np.float32) for name in getattr(scores, "column_names", scores)}
     folder = Path(output_dir) / SCORES_FOLDER
     config = {"methods": list(scores), "seeds": [seed], "source": "DataDietTrainer"}
     if (folder / SCORING_CONFIG_FILE).exists():
@@ -105,6 +131,7 @@ def write_final_scores(output_dir: str | os.PathLike, scores: dict[str, np.ndarr
         folder / f"seed-{seed}" / "scores",
         0,
         [np.arange(num_rows, dtype=np.int64)],
-        [{name: np.asarray(values, dtype=np.float32) for name, values in scores.items()}],
+        [scores],
     )
+    logger.info("Wrote the scores of %d rows to %s (datadiet.load_scores reads them).", num_rows, folder)
     return folder

@@ -17,21 +17,15 @@ from ..engine.process import get_process_state
 from ..models import ClassifierWrapper
 from ..scores.logits import unwrap_logits
 from .callback import ScoreCallback, TransformedView, add_score_columns, has_transform
-from .checkpoint import checkpoint_folder, load_checkpoint_state, save_checkpoint_state, write_final_scores
+from .checkpoint import checkpoint_folder, load_trainer_state, save_trainer_state, write_final_scores
 from .config import DataDietConfig
 from .dynamic import DynamicPruningSampler, EpochProgressScheduler, plan_epoch, steps_in_epoch
 from .scoring_pass import score_rows
+from .timm_checkpoint import is_timm_model, load_timm_weights, save_timm_model, wrapped_timm_model
 
 logger = logging.getLogger(__name__)
 
-# The file name of the trainer's own score state (scoring passes, dynamic pruning) in a checkpoint folder.
-TRAINER_STATE = "datadiet_trainer"
-
 __all__ = ["DataDietTrainer"]
-
-
-def _is_timm_model(model) -> bool:
-    return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
 
 
 class _EpochHooks(TrainerCallback):
@@ -136,7 +130,7 @@ class DataDietTrainer(Trainer):
                 "Dynamic pruning reweights each example's loss, which a custom compute_loss_func cannot receive: "
                 "drop compute_loss_func or set dynamic_pruning=False."
             )
-        if model is not None and _is_timm_model(model):
+        if model is not None and is_timm_model(model):
             logger.info("Wrapping the timm model %s in ClassifierWrapper.", type(model).__name__)
             model = ClassifierWrapper(model)
         # Label smoothing is applied in `compute_loss`; the stock constructor's LabelSmoother setup reads
@@ -312,31 +306,42 @@ class DataDietTrainer(Trainer):
         if completed in self.args.score_epochs:
             self._scoring_pass(completed)
 
+    # ---- checkpoints: a wrapped timm model is saved and loaded as timm does it ------------------------------------
+
+    def _save(self, output_dir=None, state_dict=None):
+        network = wrapped_timm_model(self.model)
+        if network is None:
+            return super()._save(output_dir, state_dict)
+        save_timm_model(network, output_dir if output_dir is not None else self.args.output_dir, self.args)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # The folder `train(resume_from_checkpoint=...)` resumes from, where the score state is restored from.
         self.score_callback.resume_folder = resume_from_checkpoint
-        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        network = wrapped_timm_model(self.model) if model is None else None
+        if network is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_timm_weights(network, resume_from_checkpoint)
+
+    def _load_best_model(self):
+        network = wrapped_timm_model(self.model)
+        if network is None:
+            return super()._load_best_model()
+        load_timm_weights(network, self.state.best_model_checkpoint)
 
     def _on_save(self) -> None:
-        if not self.state.is_world_process_zero:
-            return
-        meta = {"pruning_history": self.pruning_history, "scoring_columns": list(self.scoring_columns)}
-        folder = checkpoint_folder(self._get_output_dir(None), self.state.global_step)
-        save_checkpoint_state(folder, TRAINER_STATE, dict(self.scoring_columns), meta)
+        if self.state.is_world_process_zero:
+            folder = checkpoint_folder(self._get_output_dir(None), self.state.global_step)
+            save_trainer_state(folder, self.scoring_columns, self.pruning_history)
 
     def _restore_state(self) -> None:
-        """The scoring-pass columns and pruning history of the checkpoint training resumes from (the history of the
-        online scores is restored by the ScoreCallback)."""
+        """The scoring-pass columns and pruning history of the checkpoint training resumes from (the online scores'
+        history is restored by the ScoreCallback)."""
         folder = self.score_callback.resume_folder or checkpoint_folder(self.args.output_dir, self.state.global_step)
-        stored = load_checkpoint_state(folder, TRAINER_STATE)
+        stored = load_trainer_state(folder)
         if stored is None:
-            logger.warning(
-                "The checkpoint %s holds no DataDietTrainer state: earlier scoring passes are lost.", folder
-            )
+            logger.warning("The checkpoint %s has no DataDietTrainer state: earlier scoring passes are lost.", folder)
             return
-        arrays, meta = stored
-        self.scoring_columns = {name: arrays[name] for name in meta["scoring_columns"]}
-        self.pruning_history = list(meta["pruning_history"])
+        self.scoring_columns, self.pruning_history = stored
 
     def _on_train_end(self) -> None:
         missing = sorted(
@@ -349,13 +354,7 @@ class DataDietTrainer(Trainer):
             logger.info("Dynamic pruning skipped %.1f%% of the example presentations overall.", 100 * skipped)
         self._pruning_weights = None
         if self.args.should_save and (self.score_callback.track_scores or self.scoring_columns):
-            scores = self.scores
-            folder = write_final_scores(
-                self.args.output_dir,
-                {name: np.asarray(scores[name]) for name in scores.column_names},
-                seed=self.args.seed,
-            )
-            logger.info("Wrote the scores of %d rows to %s (datadiet.load_scores reads them).", len(scores), folder)
+            write_final_scores(self.args.output_dir, self.scores, seed=self.args.seed)
 
     # ---- dynamic pruning --------------------------------------------------------------------------------------------
 
