@@ -177,6 +177,12 @@ def test_text_flow_with_padding_collator_under_both_trainers(tmp_path):
     )
     ours.train()
     _assert_every_row_scored(ours, 64, num_epochs=2)
+    # float32 columns on the user's dataset, and a model card tagged datadiet.
+    scored = ours.add_scores(tokenized)
+    assert {scored.features[name].dtype for name in ours.scores.column_names} == {"float32"}
+    ours.create_model_card()
+    card = (tmp_path / "ours" / "README.md").read_text()
+    assert "- datadiet" in card.split("---")[1]
     callback = ScoreCallback()
     stock = Trainer(
         _tiny_bert(vocab_size),
@@ -300,3 +306,23 @@ def test_timm_checkpoint_loads_back_with_timm_alone(tmp_path, cifar10_train, tin
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
     assert resumed.state.global_step == 8 and resumed.score_history["loss"].shape == (32, 2)
     np.testing.assert_allclose(resumed.score_history["loss"], trainer.score_history["loss"], rtol=0, atol=1e-5)
+
+
+def test_score_transform_columns_are_float32_and_reach_the_card(cifar10_train, tiny_timm, tmp_path):
+    import yaml
+
+    from datadiet import ScoreTransform
+    from datadiet.hub import save_pruned
+
+    rows = cifar10_train.select(range(8))
+    transform = ScoreTransform.for_dataset(rows, tiny_timm(10), ["el2n", "loss"])
+    assert rows.map(transform, batched=True, batch_size=4).features["el2n"].dtype == "float32"
+    scored = transform.apply(rows, batch_size=4)
+    assert scored.features["el2n"].dtype == scored.features["loss"].dtype == "float32"
+    folder = save_pruned(scored, tmp_path / "card", source="uoft-cs/cifar10")
+    metadata = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+    assert metadata["task_categories"] == ["image-classification"]
+    assert metadata["source_datasets"] == ["uoft-cs/cifar10"]
+    assert "uoft-cs/cifar10" in metadata["pretty_name"]
+    scoring = metadata["datadiet"]["scoring"]
+    assert scoring["model"] == "ResNet" and scoring["methods"] == ["el2n", "loss"]

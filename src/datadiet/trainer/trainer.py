@@ -63,14 +63,12 @@ class DataDietTrainer(Trainer):
       and divided by the number of examples in the whole accumulated batch, so that gradient accumulation gives the
       same losses and gradients as one large batch whatever the model's forward signature (the stock Trainer
       inflates them for models whose forward takes `**kwargs`, transformers #47688);
-    - each batch's rows are known from the indices the training sampler yields in each process, so any
-      `data_collator` works; a training set preprocessed with `set_transform` works with `remove_unused_columns=True`,
-      unused keys being dropped after the transform;
-    - each checkpoint holds the score state (history, scoring passes, dynamic pruning), which
-      `train(resume_from_checkpoint=...)` restores; after `train()` the scores are also written to
-      `<output_dir>/scores/`, which `datadiet.load_scores` reads;
+    - each batch's rows are the indices the sampler yields, so any `data_collator` works; a `set_transform` training
+      set works with `remove_unused_columns=True` (unused keys are dropped after the transform);
+    - checkpoints hold the score state, which `train(resume_from_checkpoint=...)` restores; after `train()` the
+      scores are also in `<output_dir>/scores/` (`datadiet.load_scores` reads them);
     - a timm model is wrapped in [`~datadiet.models.ClassifierWrapper`] (`pixel_values` / `labels` in, loss and
-      logits out).
+      logits out) and saved as timm saves it; model cards carry the `datadiet` tag.
 
     After `train()`, `trainer.scores` is a `datasets.Dataset` aligned with `train_dataset` (one column per score),
     `trainer.score_history` holds the per-epoch histories, and `trainer.add_scores(train_dataset)` returns the
@@ -306,10 +304,8 @@ class DataDietTrainer(Trainer):
         if completed in self.args.score_epochs:
             self._scoring_pass(completed)
 
-    # ---- checkpoints: a wrapped timm model is saved and loaded as timm does it ------------------------------------
-
     def _save(self, output_dir=None, state_dict=None):
-        network = wrapped_timm_model(self.model)
+        network = wrapped_timm_model(self.model)  # a wrapped timm model is saved and loaded as timm does it
         if network is None:
             return super()._save(output_dir, state_dict)
         save_timm_model(network, output_dir if output_dir is not None else self.args.output_dir, self.args)
@@ -327,6 +323,10 @@ class DataDietTrainer(Trainer):
         if network is None:
             return super()._load_best_model()
         load_timm_weights(network, self.state.best_model_checkpoint)
+
+    def create_model_card(self, *args, tags=None, **kwargs):
+        tags = [tags] if isinstance(tags, str) else list(tags or [])  # transformers 5 no longer reads _tag_names
+        return super().create_model_card(*args, tags=tags + [t for t in self._tag_names if t not in tags], **kwargs)
 
     def _on_save(self) -> None:
         if self.state.is_world_process_zero:
