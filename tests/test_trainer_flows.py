@@ -326,3 +326,31 @@ def test_score_transform_columns_are_float32_and_reach_the_card(cifar10_train, t
     assert "uoft-cs/cifar10" in metadata["pretty_name"]
     scoring = metadata["datadiet"]["scoring"]
     assert scoring["model"] == "ResNet" and scoring["methods"] == ["el2n", "loss"]
+
+
+class _StopAtStep(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_from_a_checkpoint_in_the_middle_of_an_epoch(tmp_path):
+    data = _digits(64)
+    settings = dict(num_train_epochs=3, learning_rate=0.1, save_strategy="steps", save_steps=4)
+
+    def trainer(folder, callbacks=None):
+        config = DataDietConfig(**_settings(tmp_path / folder, **settings))
+        return DataDietTrainer(ClassifierWrapper(_MLP()), config, train_dataset=data, callbacks=callbacks)
+
+    whole = trainer("whole")
+    whole.train()
+    trainer("stopped", callbacks=[_StopAtStep(12)]).train()  # 8 steps an epoch: half-way through the second
+    resumed = trainer("stopped")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "stopped" / "checkpoint-12"))
+    # The second epoch's rows seen before the checkpoint keep their records; the rest are recorded after it.
+    for name, history in resumed.score_history.items():
+        assert history.shape == (64, 3) and not np.isnan(history).any(), name
+        np.testing.assert_allclose(history, whole.score_history[name], rtol=0, atol=1e-5, err_msg=name)

@@ -239,7 +239,6 @@ class ScoreTransform:
     >>> scored = ds.map(ScoreTransform(model, ["el2n", "loss"]), batched=True, batch_size=2)
     >>> scored.column_names
     ['img', 'label', 'el2n', 'loss']
-    >>> # The same, with the model and methods recorded for a dataset card:
     >>> scored = ScoreTransform(model, ["el2n", "loss"]).apply(ds, batch_size=2)
 
     ```

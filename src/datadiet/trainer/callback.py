@@ -170,7 +170,8 @@ class ScoreCallback(TrainerCallback):
             [`with_row_ids`]; the rows are known from the sampler).
         label_name: the batch key holding the labels.
 
-    Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics):
+    Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics; `remove_unused_columns=False`
+    is for `ClassifierWrapper`, whose forward takes `**inputs`, not for the rows, which come from the sampler):
     ```python
     >>> import tempfile, torch
     >>> from datasets import Dataset
@@ -180,8 +181,6 @@ class ScoreCallback(TrainerCallback):
     >>> train_dataset = Dataset.from_dict({"pixel_values": torch.randn(16, 4), "labels": [0, 1] * 8})
     >>> train_dataset = train_dataset.with_format("torch")
     >>> callback = ScoreCallback(["forgetting", "aum"])
-    >>> # remove_unused_columns=False for ClassifierWrapper, whose forward takes **inputs (a transformers model needs
-    >>> # nothing: the rows come from the sampler)
     >>> args = TrainingArguments(tempfile.mkdtemp(), num_train_epochs=2, per_device_train_batch_size=8, report_to=[],
     ...                          label_names=["labels"], remove_unused_columns=False)
     >>> trainer = Trainer(ClassifierWrapper(torch.nn.Linear(4, 2)), args, train_dataset=train_dataset,
