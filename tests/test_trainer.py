@@ -1,6 +1,6 @@
 """DataDietTrainer, DataDietConfig and ScoreCallback on real data (scikit-learn digits, CIFAR-10 rows) with tiny
 models: online scores against a recomputation from the logits of the same steps, gradient-accumulation invariance,
-stock Trainer + ScoreCallback equivalence, timm / ViT / text classifiers, scoring passes and dynamic pruning."""
+stock Trainer + ScoreCallback equivalence, timm classifiers (ViT, text: test_trainer_flows.py), scoring passes and dynamic pruning."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 
 from datadiet.models import ClassifierWrapper
 from datadiet.provenance import read_provenance
-from datadiet.trainer import DataDietConfig, DataDietTrainer, ScoreCallback, train_proxy_model, with_row_ids
+from datadiet.trainer import DataDietConfig, DataDietTrainer, ScoreCallback, train_proxy_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -149,8 +149,10 @@ def _train_mlp(tmp_path, trainer_class, name, **overrides):
     settings = _settings(tmp_path / name, num_train_epochs=2, **overrides)
     if trainer_class is Trainer:
         callback = ScoreCallback()
+        # The rows come from the sampler, not from the batch. (ClassifierWrapper's forward takes **inputs, which a stock
+        # Trainer's column removal cannot see: hence remove_unused_columns=False here, not for the row ids.)
         args = TrainingArguments(**settings, remove_unused_columns=False, label_names=["labels"])
-        trainer = Trainer(model, args, train_dataset=with_row_ids(data), callbacks=[callback])
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[callback])
         trainer.train()
         return trainer, callback, model
     trainer = trainer_class(model, DataDietConfig(**settings), train_dataset=data)
@@ -193,12 +195,26 @@ def test_stock_trainer_with_score_callback_gives_the_same_scores(tmp_path):
         np.testing.assert_allclose(ours_scores[name], stock_scores[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_score_callback_explains_missing_row_ids(tmp_path):
+def test_untrackable_rows_fail_before_or_at_the_first_step(tmp_path):
     data = _digits(16)
-    args = TrainingArguments(**_settings(tmp_path), remove_unused_columns=False)
-    trainer = Trainer(ClassifierWrapper(_MLP()), args, train_dataset=data, callbacks=[ScoreCallback()])
-    with pytest.raises(ValueError, match="with_row_ids"):
+    args = TrainingArguments(**_settings(tmp_path, max_steps=2), label_names=["labels"])
+    # A streaming set has no positions: refused before training.
+    stream = data.to_iterable_dataset()
+    trainer = Trainer(ClassifierWrapper(_MLP()), args, train_dataset=stream, callbacks=[ScoreCallback()])
+    with pytest.raises(ValueError, match="materialise it first"):
         trainer.train()
+    assert trainer.state.global_step == 0
+    # A collator that drops examples leaves rows without scores: refused at the first step.
+
+    def drop_last_example(features):
+        return torch.utils.data.default_collate(features[:-1])
+
+    trainer = DataDietTrainer(
+        ClassifierWrapper(_MLP()), _config(tmp_path, max_steps=2), train_dataset=data, data_collator=drop_last_example
+    )
+    with pytest.raises(ValueError, match="collator added or dropped"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 # ---- real models on real images and text ----------------------------------------------------------------------------
@@ -282,75 +298,6 @@ def test_timm_model_with_set_transform_and_scoring_passes(tmp_path, cifar10_trai
     assert provenance["epochs"] == 2
 
 
-def test_transformers_vit_from_config(tmp_path, cifar10_train):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    raw, train, _ = _cifar_views(cifar10_train, 32)
-    torch.manual_seed(0)
-    vit = ViTForImageClassification(
-        ViTConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            num_labels=10,
-        )
-    )
-    trainer = DataDietTrainer(vit, _config(tmp_path, num_train_epochs=2, learning_rate=0.01), train_dataset=train)
-    trainer.train()
-    _check_scores_for_every_row(trainer, raw, num_epochs=2)
-
-
-def test_tiny_text_classifier(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        DataCollatorWithPadding,
-        PreTrainedTokenizerFast,
-    )
-
-    positive, negative = ["good", "great", "fine", "happy"], ["bad", "awful", "sad", "poor"]
-    neutral = ["the", "film", "was", "and", "very", "plot"]
-    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *positive, *negative, *neutral])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
-    rng = np.random.default_rng(0)
-    texts, labels = [], []
-    for i in range(40):
-        label = i % 2
-        words = list(rng.choice(neutral, size=rng.integers(2, 7))) + [rng.choice(positive if label else negative)]
-        rng.shuffle(words)
-        texts.append(" ".join(words))
-        labels.append(label)
-    raw = Dataset.from_dict({"text": texts, "label": labels})
-    tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True)
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=32,
-            num_labels=2,
-        )
-    )
-    trainer = DataDietTrainer(
-        bert,
-        _config(tmp_path, num_train_epochs=2, learning_rate=0.05),
-        train_dataset=tokenized,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
-    )
-    trainer.train()
-    _check_scores_for_every_row(trainer, raw, num_epochs=2)
-
-
 # ---- dynamic pruning ------------------------------------------------------------------------------------------------
 
 
@@ -427,12 +374,17 @@ def test_dynamic_pruning_rescales_kept_easy_examples(tmp_path):
     weights = torch.ones(16)
     weights[[1, 4, 5]] = 1 / (1 - 0.75)
     trainer._pruning_weights = weights
-    batch = {**data[:8], "datadiet_row_id": torch.arange(8)}
+    # The first batch of the trainer's own (shuffled) training loader; its rows are found by their images (distinct).
+    loader = trainer.get_train_dataloader()
+    trainer.score_callback.on_train_begin(trainer.args, trainer.state, trainer.control, train_dataloader=loader)
+    batch = next(iter(loader))
+    images = data[:]["pixel_values"]
+    rows = [int((images == image).all(dim=1).nonzero()) for image in batch["pixel_values"]]
     loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(8))
     logits = model(pixel_values=batch["pixel_values"])["logits"]
     per_example = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
     loss, per_example = loss.detach(), per_example.detach()
-    assert float(loss) == pytest.approx(float((per_example * weights[:8]).sum() / 8), rel=1e-6)
+    assert float(loss) == pytest.approx(float((per_example * weights[rows]).sum() / 8), rel=1e-6)
     assert float(loss) > float(per_example.mean()) * (1 + 1e-3)
 
 
@@ -443,8 +395,10 @@ def test_label_smoothing_applies_to_the_training_loss_not_the_tracked_loss(tmp_p
     trainer = DataDietTrainer(ClassifierWrapper(_MLP()), config, train_dataset=data)
     assert trainer.args.label_smoothing_factor == 0.2
     model = trainer.model.train()
-    batch = {**data[:8], "datadiet_row_id": torch.arange(8)}
-    trainer.score_callback._in_training = True  # as during train(): record this batch
+    # As during train(): the first batch of the trainer's own training loader, recorded.
+    loader = trainer.get_train_dataloader()
+    trainer.score_callback.on_train_begin(trainer.args, trainer.state, trainer.control, train_dataloader=loader)
+    batch = next(iter(loader))
     loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(8)).detach()
     logits = model(pixel_values=batch["pixel_values"])["logits"].detach()
     smoothed = nn.functional.cross_entropy(logits, batch["labels"], label_smoothing=0.2)
@@ -539,60 +493,6 @@ def test_data_map_plot_from_trainer_scores(tmp_path):
 
 # ---- distributed ----------------------------------------------------------------------------------------------------
 
-_DISTRIBUTED_SCRIPT = """
-import sys
-
-import numpy as np
-import torch
-from datasets import Dataset
-from sklearn.datasets import load_digits
-from torch import nn
-
-from datadiet.models import ClassifierWrapper
-from datadiet.trainer import DataDietConfig, DataDietTrainer
-
-torch.set_num_threads(1)
-output, batch_size = sys.argv[1], int(sys.argv[2])
-digits = load_digits()
-_, first = np.unique(digits.data, axis=0, return_index=True)
-rows = np.sort(first)[:50]
-data = Dataset.from_dict(
-    {"pixel_values": (digits.data[rows] / 16.0).astype(np.float32), "labels": digits.target[rows]}
-).with_format("torch")
-torch.manual_seed(0)
-model = ClassifierWrapper(nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)))
-seen = []
-
-
-def count(module, args, kwargs, out):
-    if module.training:
-        seen.append(len(out["logits"]))
-
-
-model.register_forward_hook(count, with_kwargs=True)
-config = DataDietConfig(
-    output_dir=output + ".out", num_train_epochs=2, per_device_train_batch_size=batch_size, learning_rate=0.05,
-    optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, save_strategy="no",
-    disable_tqdm=True, logging_strategy="no", seed=0, score_epochs=[2], score_methods=["el2n"],
-)
-trainer = DataDietTrainer(model, config, train_dataset=data)
-trainer.train()
-total = torch.tensor(sum(seen))
-if torch.distributed.is_initialized():
-    torch.distributed.all_reduce(total)
-if trainer.is_world_process_zero():
-    scores = trainer.scores
-    np.savez(
-        output,
-        world_size=trainer.args.world_size,
-        forward_rows=int(total),
-        **{"history_" + name: values for name, values in trainer.score_history.items()},
-        **{name: np.asarray(scores[name]) for name in scores.column_names},
-    )
-if torch.distributed.is_initialized():  # end cleanly: no communication thread left running at exit
-    torch.distributed.destroy_process_group()
-"""
-
 
 @pytest.mark.slow
 def test_two_processes_gather_every_row_once(tmp_path):
@@ -602,9 +502,8 @@ def test_two_processes_gather_every_row_once(tmp_path):
     import sys
     from pathlib import Path
 
-    script = tmp_path / "train_digits.py"
-    script.write_text(_DISTRIBUTED_SCRIPT)
     repo = Path(__file__).resolve().parents[1]
+    script = repo / "tests" / "scripts" / "train_digits.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
     one = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "one.npz"), "8"], env=env, capture_output=True, text=True
@@ -614,8 +513,9 @@ def test_two_processes_gather_every_row_once(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    flags += ["--dynamo_backend", "no", "--main_process_port", str(port)]
+    # The repository's own config, and a script that does not set use_cpu: DataDietConfig trains data-parallel.
+    flags = ["--config_file", str(repo / "recipes" / "accelerate_configs" / "cpu_2proc.yaml")]
+    flags += ["--main_process_port", str(port)]
     two = subprocess.run(
         [accelerate, "launch", *flags, str(script), str(tmp_path / "two.npz"), "4"],
         env=env,
@@ -626,6 +526,11 @@ def test_two_processes_gather_every_row_once(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     single, double = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert int(single["world_size"]) == 1 and int(double["world_size"]) == 2
+    # Data-parallel, not two independent runs: each process steps through half the rows (the global batch of 2 x 4
+    # rows), as many steps as one process with batches of 8, half as many as one with batches of 4 (13 a epoch).
+    assert int(double["global_step"]) == int(single["global_step"]) == 2 * 7
+    # The scores written to output_dir cover every row once.
+    assert list(double["on_disk_row_id"]) == list(range(50))
     # 50 rows over 2 processes x 4 per batch: the sampler pads each epoch with wrap-around duplicates...
     assert int(single["forward_rows"]) == 100 and int(double["forward_rows"]) > 100
     # ...which are dropped: every row exactly once per epoch, and the scoring pass covers every row.

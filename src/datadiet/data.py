@@ -12,7 +12,8 @@ import torch
 from datasets import ClassLabel, Dataset, Image, Value
 from torch import nn
 
-from .models import as_model_inputs, num_labels_of
+from .models import as_model_inputs, num_labels_of, weights_fingerprint
+from .provenance import record_provenance
 from .scores.batch import score_batch, validate_methods
 
 logger = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ class ScoreTransform:
     >>> scored = ds.map(ScoreTransform(model, ["el2n", "loss"]), batched=True, batch_size=2)
     >>> scored.column_names
     ['img', 'label', 'el2n', 'loss']
+    >>> scored = ScoreTransform(model, ["el2n", "loss"]).apply(ds, batch_size=2)
 
     ```
     """
@@ -286,6 +288,26 @@ class ScoreTransform:
         columns = {"text_column" if kind == "text" else "image_column": input_column, "label_column": label_column}
         return cls(model, methods, **columns, **kwargs)
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What the scores come from (the `scoring` provenance a dataset card records): methods, model class, its
+        config when it has one, and a fingerprint of its weights."""
+        config = getattr(self.model, "config", None)
+        return {
+            "methods": list(self.methods),
+            "model": type(self.model).__name__,
+            "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
+            "weights_sha256": weights_fingerprint(self.model),
+            "input_column": self.image_column or self.text_column,
+            "label_column": self.label_column,
+        }
+
+    def apply(self, dataset: Dataset, **map_kwargs) -> Dataset:
+        """`dataset.map(self, batched=True, **map_kwargs)` with the scoring provenance recorded on the result (what
+        `map` alone cannot do), so that `save_pruned` / `push_to_hub` cards name the model and methods."""
+        scored = dataset.map(self, batched=True, **map_kwargs)
+        return record_provenance(scored, scoring=self.provenance)
+
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if self._preprocessor is None and (self.label_column is None or not (self.image_column or self.text_column)):
             # Detect the columns from the batch itself: images are PIL objects, text are strings.
@@ -305,7 +327,8 @@ class ScoreTransform:
             )
         finally:
             self.model.train(was_training)
-        return {name: values.numpy().tolist() for name, values in scores.items()}
+        # float32 arrays: Arrow columns of float32 (Python floats would make them float64).
+        return {name: values.detach().float().cpu().numpy() for name, values in scores.items()}
 
     def _detect_from_batch(self, batch: dict[str, list]) -> None:
         for name, values in batch.items():

@@ -161,10 +161,14 @@ def build_card(
         info.dataset_size += ds._estimate_nbytes()
     info.size_in_bytes = info.download_size + info.dataset_size
 
+    fields = _card_fields(block, splits, main_split, scores_only, row_id_column, commands, repo_id, pretty_name)
+    source = block.get("source") if isinstance(block.get("source"), Mapping) else {}
     data = DatasetCardData(
-        pretty_name=pretty_name,
-        license=license,
+        pretty_name=fields["title"],
+        license=license or source.get("license"),
         size_categories=_size_category(sum(rows_after.values())),
+        task_categories=_task_categories(splits[main_split]),
+        source_datasets=_source_datasets(source),
         tags=["datadiet", "data-pruning", "example-difficulty"],
     )
     # The same `dataset_info` and `configs` metadata `Dataset.push_to_hub` writes: `load_dataset` reads its data
@@ -177,10 +181,29 @@ def build_card(
         }
     ]
     data["datadiet"] = block
-    fields = _card_fields(block, splits, main_split, scores_only, row_id_column, commands, repo_id, pretty_name)
     fields["scores"] = _scores_section(block, main_split, histogram_file)
     template = Template(CARD_TEMPLATE_PATH.read_text(encoding="utf-8"))
     return DatasetCard(template.substitute(metadata=data.to_yaml(), **fields))
+
+
+def _task_categories(dataset: Dataset) -> list[str] | None:
+    """The Hub task of a classification dataset, from its input feature: images or text."""
+    from datasets import Image, Value
+
+    features = dataset.features.values()
+    if any(isinstance(feature, Image) for feature in features):
+        return ["image-classification"]
+    if any(isinstance(feature, Value) and feature.dtype in ("string", "large_string") for feature in features):
+        return ["text-classification"]
+    return None
+
+
+def _source_datasets(source: Mapping) -> list[str] | None:
+    """The Hub dataset the data come from, when the recorded source is a Hub id (not a local path or files)."""
+    path = source.get("path") or source.get("name")
+    if isinstance(path, str) and path.count("/") == 1 and not Path(path).exists() and not path.startswith((".", "~")):
+        return [path]
+    return None
 
 
 def _card_fields(

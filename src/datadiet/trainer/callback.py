@@ -21,6 +21,8 @@ from ..scores.trackers import (
     TrainingDynamics,
     training_quantities,
 )
+from .batch_indices import BatchIndexRecorder, record_batch_indices
+from .checkpoint import checkpoint_folder, dynamics_from_history, load_checkpoint_state, save_checkpoint_state
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ __all__ = [
 ]
 
 DEFAULT_ROW_ID_COLUMN = "datadiet_row_id"
+# The file names of the score state in a Trainer checkpoint folder.
+DYNAMICS_STATE = "datadiet_dynamics"
+EPOCH_BUFFER_STATE = "datadiet_epoch_buffer_rank{rank}"
 
 
 class RowIdDataset(torch.utils.data.Dataset):
@@ -151,30 +156,34 @@ class ScoreCallback(TrainerCallback):
     The values come from the model in training mode, on the augmented inputs it is trained on, at the step where the
     example is seen (as in those papers), not from a separate eval-mode pass.
 
-    The model is hooked at the start of training: each training forward must receive the row id of every example
-    under `row_id_column` (the hook removes it before the model sees it) and the labels under `label_name`. Wrap the
-    training set with [`with_row_ids`] and set `remove_unused_columns=False` (or use [`DataDietTrainer`], which does
-    both and needs no hook). Under distributed training the records of all processes are gathered at the end of
-    every epoch and the sampler's wrap-around duplicates dropped by row id.
+    Each example is known by its position in the training set, read from the indices the training data loader's
+    sampler yields in this process (see [`~datadiet.trainer.batch_indices.BatchIndexRecorder`]), so that any data
+    collator, `with_transform` or `remove_unused_columns` works: the batch itself carries no row id. The model is
+    hooked at the start of training and needs the labels under `label_name` in its forward call. Under distributed
+    training the records of all processes are gathered at the end of every epoch and the sampler's wrap-around
+    duplicates dropped by row id. Each checkpoint holds the recorded history, restored by
+    `trainer.train(resume_from_checkpoint=...)`.
 
     Args:
         track_scores: the summary scores `scores` returns (see [`DataDietConfig`]); all by default.
-        row_id_column: the batch key holding each example's position in the training set.
+        row_id_column: a batch key removed before the model's forward call, if present (the row ids of
+            [`with_row_ids`]; the rows are known from the sampler).
         label_name: the batch key holding the labels.
 
-    Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics):
+    Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics; `remove_unused_columns=False`
+    is for `ClassifierWrapper`, whose forward takes `**inputs`, not for the rows, which come from the sampler):
     ```python
     >>> import tempfile, torch
     >>> from datasets import Dataset
     >>> from transformers import Trainer, TrainingArguments
     >>> from datadiet.models import ClassifierWrapper
-    >>> from datadiet.trainer import ScoreCallback, with_row_ids
+    >>> from datadiet.trainer import ScoreCallback
     >>> train_dataset = Dataset.from_dict({"pixel_values": torch.randn(16, 4), "labels": [0, 1] * 8})
     >>> train_dataset = train_dataset.with_format("torch")
     >>> callback = ScoreCallback(["forgetting", "aum"])
     >>> args = TrainingArguments(tempfile.mkdtemp(), num_train_epochs=2, per_device_train_batch_size=8, report_to=[],
-    ...                          remove_unused_columns=False, label_names=["labels"])
-    >>> trainer = Trainer(ClassifierWrapper(torch.nn.Linear(4, 2)), args, train_dataset=with_row_ids(train_dataset),
+    ...                          label_names=["labels"], remove_unused_columns=False)
+    >>> trainer = Trainer(ClassifierWrapper(torch.nn.Linear(4, 2)), args, train_dataset=train_dataset,
     ...                   callbacks=[callback])
     >>> _ = trainer.train()  # doctest: +ELLIPSIS
     {'train_runtime': ...}
@@ -205,6 +214,11 @@ class ScoreCallback(TrainerCallback):
         self._always_record = False
         self._hooks: list = []
         self._pending = None
+        self._indices: BatchIndexRecorder | None = None
+        # The checkpoint a resumed training restores the history from (DataDietTrainer sets it; a stock Trainer's
+        # resumed checkpoint is found as <output_dir>/checkpoint-<global_step>).
+        self.resume_folder = None
+        self._resumed_buffer = None
         self._in_training = False
         self._reset_buffer()
 
@@ -233,17 +247,9 @@ class ScoreCallback(TrainerCallback):
         if self.dynamics is None or not self.recording:
             self._reset_buffer()
             return
-        if self._buffer_ids:
-            ids = torch.cat(self._buffer_ids).cpu().numpy()
-            # The position of each record's micro-batch in this process's epoch.
-            order = np.concatenate([np.full(len(batch), i) for i, batch in enumerate(self._buffer_ids)])
-            values = {
-                name: torch.cat([batch[name] for batch in self._buffer_values]).cpu().numpy()
-                for name in TRACKED_QUANTITIES
-            }
-        else:
-            ids, order = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-            values = {name: np.zeros(0, np.float32) for name in TRACKED_QUANTITIES}
+        ids, values = self._buffered()
+        # The position of each record's micro-batch in this process's epoch.
+        order = np.concatenate([np.full(len(batch), i) for i, batch in enumerate(self._buffer_ids)] or [np.zeros(0)])
         self._reset_buffer()
         gathered = all_gather_objects((ids, order, values))
         all_ids = np.concatenate([part[0] for part in gathered])
@@ -257,17 +263,17 @@ class ScoreCallback(TrainerCallback):
 
     # ---- forward hooks (stock Trainer) -----------------------------------------------------------------------------
 
+    def next_row_ids(self, batch_size: int) -> torch.Tensor:
+        """The training-set positions of the next training micro-batch, of `batch_size` examples, from the sampler."""
+        if self._indices is None:
+            raise ValueError("ScoreCallback saw a training batch before training began: add it to the Trainer.")
+        return torch.as_tensor(self._indices.pop(batch_size), dtype=torch.long)
+
     def _pre_hook(self, module, args, kwargs):
-        # The row id is never a model input: remove it whether training or evaluating.
-        row_ids = kwargs.pop(self.row_id_column, None)
-        if not (module.training and self.recording):
+        # A row id from `with_row_ids` is never a model input: remove it whether training or evaluating.
+        kwargs.pop(self.row_id_column, None)
+        if not module.training:
             return args, kwargs
-        if row_ids is None:
-            raise ValueError(
-                f"ScoreCallback found no {self.row_id_column!r} in the training batch (inputs: {sorted(kwargs)}). "
-                "Wrap the training set with `datadiet.trainer.with_row_ids(train_dataset)` and set "
-                "`remove_unused_columns=False`, or train with `DataDietTrainer`, which does both."
-            )
         labels = kwargs.get(self.label_name)
         if labels is None:
             raise ValueError(
@@ -275,7 +281,9 @@ class ScoreCallback(TrainerCallback):
                 f"has {sorted(kwargs)}. (A stock Trainer removes them when label_smoothing_factor > 0 or "
                 "compute_loss_func is set: use DataDietTrainer then.)"
             )
-        self._pending = (row_ids, labels)
+        row_ids = self.next_row_ids(len(labels))
+        if self.recording:
+            self._pending = (row_ids, labels)
         return args, kwargs
 
     def _post_hook(self, module, args, kwargs, output):
@@ -292,26 +300,90 @@ class ScoreCallback(TrainerCallback):
     # ---- Trainer events --------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        num_rows = None
-        dataset = getattr(train_dataloader, "dataset", None)
-        if dataset is not None and hasattr(dataset, "__len__"):
-            num_rows = len(dataset)
-        if num_rows is None:
-            raise ValueError("ScoreCallback needs a training set with a length (a map-style dataset).")
+        if train_dataloader is None:
+            raise ValueError(
+                "ScoreCallback needs the Trainer's training data loader: add it to a Trainer's callbacks."
+            )
+        # Refuses a training set whose rows cannot be known (a streaming one), with the fix.
+        self._indices = record_batch_indices(train_dataloader)
+        num_rows = len(train_dataloader.dataset)
         self.dynamics = TrainingDynamics(num_rows)
         self.epoch = -1
         self._in_training = True
         self._reset_buffer()
         self._remove_hooks()
+        if state.global_step > 0:
+            self._resume(args, state, len(train_dataloader), num_rows)
         if self._record_from_hooks and model is not None:
             self._hooks = [
                 model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                 model.register_forward_hook(self._post_hook, with_kwargs=True),
             ]
 
+    def _resume(self, args, state, num_batches: int, num_rows: int) -> None:
+        """Continue from the checkpoint of `state.global_step`: its history, its epoch and, mid-epoch, the records
+        of the epoch so far; the batches the resumed epoch skips unread are not expected."""
+        accumulation = args.gradient_accumulation_steps
+        steps_per_epoch = max(num_batches // accumulation + int(num_batches % accumulation > 0), 1)
+        epochs_trained = state.global_step // steps_per_epoch
+        self.epoch = epochs_trained - 1
+        if not args.ignore_data_skip:
+            self._indices.skip_next((state.global_step % steps_per_epoch) * accumulation)
+        folder = self.resume_folder or checkpoint_folder(args.output_dir, state.global_step)
+        stored = load_checkpoint_state(folder, DYNAMICS_STATE)
+        if stored is None:
+            logger.warning(
+                "The checkpoint %s holds no training-dynamics state (saved without ScoreCallback?): the score history "
+                "restarts at epoch %d and covers only the epochs trained from now on.",
+                folder,
+                epochs_trained,
+            )
+            return
+        history, meta = stored
+        if meta["num_rows"] != num_rows:
+            raise ValueError(
+                f"The checkpoint {folder} recorded {meta['num_rows']} training rows but the training set has "
+                f"{num_rows}: resume with the training set it was trained on."
+            )
+        self.dynamics = dynamics_from_history(history, num_rows)
+        if self.dynamics.num_epochs != epochs_trained:
+            raise ValueError(
+                f"The checkpoint {folder} holds {self.dynamics.num_epochs} epochs of scores but the Trainer resumes "
+                f"after {epochs_trained}: it was saved with another batch size or number of processes."
+            )
+        rank = args.process_index
+        self._resumed_buffer = load_checkpoint_state(folder, EPOCH_BUFFER_STATE.format(rank=rank))
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.dynamics is None:
+            return
+        folder = checkpoint_folder(args.output_dir, state.global_step)
+        if state.is_world_process_zero:
+            history = {name: self.dynamics.history(name) for name in TRACKED_QUANTITIES}
+            save_checkpoint_state(folder, DYNAMICS_STATE, history, {"num_rows": self.dynamics.num_rows})
+        # This process's records of the epoch in progress (a checkpoint saved mid-epoch).
+        ids, values = self._buffered()
+        save_checkpoint_state(folder, EPOCH_BUFFER_STATE.format(rank=args.process_index), {"ids": ids, **values}, {})
+
+    def _buffered(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if not self._buffer_ids:
+            return np.zeros(0, dtype=np.int64), {name: np.zeros(0, np.float32) for name in TRACKED_QUANTITIES}
+        ids = torch.cat(self._buffer_ids).cpu().numpy()
+        values = {
+            name: torch.cat([batch[name] for batch in self._buffer_values]).cpu().numpy()
+            for name in TRACKED_QUANTITIES
+        }
+        return ids, values
+
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.epoch += 1
         self._reset_buffer()
+        if self._resumed_buffer is not None:
+            arrays, _ = self._resumed_buffer
+            self._resumed_buffer = None
+            if len(arrays["ids"]):
+                self._buffer_ids.append(torch.as_tensor(arrays["ids"]))
+                self._buffer_values.append({name: torch.as_tensor(arrays[name]) for name in TRACKED_QUANTITIES})
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._commit_epoch()
@@ -386,7 +458,7 @@ def add_score_columns(
             f"The dataset has {len(dataset)} rows but the scores cover {len(scores)} training rows: pass the training "
             "set itself (same rows, same order)."
         )
-    columns = {name: scores[name] for name in scores.column_names}
+    columns = {name: np.asarray(scores[name], dtype=np.float32) for name in scores.column_names}
     if history is not None:
         columns.update({f"{name}_history": [row.tolist() for row in values] for name, values in history.items()})
     clashing = [name for name in columns if name in dataset.column_names]

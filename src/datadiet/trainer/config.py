@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field, fields
 
+import torch
 from transformers import TrainingArguments
 
 from ..scores.trackers import TRACKED_SCORES
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DataDietConfig"]
 
@@ -87,6 +92,11 @@ class DataDietConfig(TrainingArguments):
     def __post_init__(self):
         if self.label_names is None:
             self.label_names = ["labels"]
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Several processes launched on a machine without GPU (e.g. recipes/accelerate_configs/cpu_2proc.yaml):
+            # without CPU mode each process would set up alone and train on all the data, N independent runs.
+            logger.info("Several processes and no GPU: training data-parallel on CPU (use_cpu=True, gloo backend).")
+            self.use_cpu = True
         super().__post_init__()
         self.track_scores = _as_list(self.track_scores)
         self.score_methods = _as_list(self.score_methods)

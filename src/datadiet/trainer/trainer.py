@@ -13,27 +13,19 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import has_length
 
+from ..engine.process import get_process_state
 from ..models import ClassifierWrapper
-from ..scores.batch import score_batch
 from ..scores.logits import unwrap_logits
-from .callback import (
-    RowIdDataset,
-    ScoreCallback,
-    TransformedView,
-    add_score_columns,
-    all_gather_objects,
-    has_transform,
-)
+from .callback import ScoreCallback, TransformedView, add_score_columns, has_transform
+from .checkpoint import checkpoint_folder, load_trainer_state, save_trainer_state, write_final_scores
 from .config import DataDietConfig
 from .dynamic import DynamicPruningSampler, EpochProgressScheduler, plan_epoch, steps_in_epoch
+from .scoring_pass import score_rows
+from .timm_checkpoint import is_timm_model, load_timm_weights, save_timm_model, wrapped_timm_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DataDietTrainer"]
-
-
-def _is_timm_model(model) -> bool:
-    return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
 
 
 class _EpochHooks(TrainerCallback):
@@ -54,6 +46,9 @@ class _EpochHooks(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer._on_train_end()
 
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer._on_save()
+
 
 class DataDietTrainer(Trainer):
     """A drop-in [`~transformers.Trainer`] for classifiers that tracks every training example's scores as it trains,
@@ -68,10 +63,12 @@ class DataDietTrainer(Trainer):
       and divided by the number of examples in the whole accumulated batch, so that gradient accumulation gives the
       same losses and gradients as one large batch whatever the model's forward signature (the stock Trainer
       inflates them for models whose forward takes `**kwargs`, transformers #47688);
-    - each batch carries its rows' positions under `row_id_column`; a training set preprocessed with `set_transform`
-      works with `remove_unused_columns=True`, unused keys being dropped after the transform;
+    - each batch's rows are the indices the sampler yields, so any `data_collator` works; a `set_transform` training
+      set works with `remove_unused_columns=True` (unused keys are dropped after the transform);
+    - checkpoints hold the score state, which `train(resume_from_checkpoint=...)` restores; after `train()` the
+      scores are also in `<output_dir>/scores/` (`datadiet.load_scores` reads them);
     - a timm model is wrapped in [`~datadiet.models.ClassifierWrapper`] (`pixel_values` / `labels` in, loss and
-      logits out).
+      logits out) and saved as timm saves it; model cards carry the `datadiet` tag.
 
     After `train()`, `trainer.scores` is a `datasets.Dataset` aligned with `train_dataset` (one column per score),
     `trainer.score_history` holds the per-epoch histories, and `trainer.add_scores(train_dataset)` returns the
@@ -131,7 +128,7 @@ class DataDietTrainer(Trainer):
                 "Dynamic pruning reweights each example's loss, which a custom compute_loss_func cannot receive: "
                 "drop compute_loss_func or set dynamic_pruning=False."
             )
-        if model is not None and _is_timm_model(model):
+        if model is not None and is_timm_model(model):
             logger.info("Wrapping the timm model %s in ClassifierWrapper.", type(model).__name__)
             model = ClassifierWrapper(model)
         # Label smoothing is applied in `compute_loss`; the stock constructor's LabelSmoother setup reads
@@ -156,6 +153,7 @@ class DataDietTrainer(Trainer):
             )
         finally:
             args.label_smoothing_factor = label_smoothing
+        get_process_state()  # refuses a launch giving one process, or N each training on all data (as scoring does)
         # The loss is computed here from the logits; the model is never asked to normalise it.
         self.model_accepts_loss_kwargs = False
         self.scoring_dataset = scoring_dataset
@@ -176,12 +174,10 @@ class DataDietTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        keep = [self.args.row_id_column]
-        if isinstance(self.model, ClassifierWrapper):
-            keep.append(self.model.input_name)
-        self._signature_columns += [name for name in keep if name not in self._signature_columns]
+        if isinstance(self.model, ClassifierWrapper) and self.model.input_name not in self._signature_columns:
+            self._signature_columns.append(self.model.input_name)
 
-    def _row_id_view(self, dataset, description: str) -> RowIdDataset:
+    def _map_style(self, dataset, description: str):
         if not has_length(dataset):
             raise ValueError(
                 "DataDietTrainer needs a map-style training set with a length (each example is tracked by its "
@@ -190,7 +186,7 @@ class DataDietTrainer(Trainer):
         if hasattr(dataset, "column_names") and hasattr(dataset, "remove_columns") and not has_transform(dataset):
             # No transform: unused columns can go before reading (cheaper than after, in the collator).
             dataset = self._remove_unused_columns(dataset, description=description)
-        return RowIdDataset(dataset, self.args.row_id_column)
+        return dataset
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
         if has_transform(dataset) and self.args.remove_unused_columns:
@@ -208,7 +204,7 @@ class DataDietTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("DataDietTrainer: training requires a train_dataset.")
         return self._get_dataloader(
-            dataset=self._row_id_view(self.train_dataset, "Training"),
+            dataset=self._map_style(self.train_dataset, "Training"),
             description="Training",
             batch_size=self._train_batch_size,
             sampler_fn=self._get_train_sampler,
@@ -239,7 +235,7 @@ class DataDietTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        row_ids = inputs.pop(self.args.row_id_column, None)
+        inputs.pop(self.args.row_id_column, None)
         label_name = self.args.label_names[0]
         labels = inputs.pop(label_name, None)
         if labels is None:
@@ -256,7 +252,8 @@ class DataDietTrainer(Trainer):
                 f"({labels.dtype})."
             )
         training = model.training
-        if training and row_ids is not None:
+        row_ids = self.score_callback.next_row_ids(len(labels)) if training else None
+        if training:
             self.score_callback.record(row_ids, logits, labels)
 
         if self.compute_loss_func is not None:
@@ -293,7 +290,9 @@ class DataDietTrainer(Trainer):
         self._steps_per_epoch = max(num_batches // accumulation + int(num_batches % accumulation > 0), 1)
         if isinstance(self.lr_scheduler, EpochProgressScheduler):
             self.lr_scheduler.steps_per_epoch = self._steps_per_epoch
-        if 0 in self.args.score_epochs:
+        if self.state.global_step > 0:
+            self._restore_state()
+        elif 0 in self.args.score_epochs:
             self._scoring_pass(0)
 
     def _on_epoch_begin(self) -> None:
@@ -305,6 +304,45 @@ class DataDietTrainer(Trainer):
         if completed in self.args.score_epochs:
             self._scoring_pass(completed)
 
+    def _save(self, output_dir=None, state_dict=None):
+        network = wrapped_timm_model(self.model)  # a wrapped timm model is saved and loaded as timm does it
+        if network is None:
+            return super()._save(output_dir, state_dict)
+        save_timm_model(network, output_dir if output_dir is not None else self.args.output_dir, self.args)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # The folder `train(resume_from_checkpoint=...)` resumes from, where the score state is restored from.
+        self.score_callback.resume_folder = resume_from_checkpoint
+        network = wrapped_timm_model(self.model) if model is None else None
+        if network is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_timm_weights(network, resume_from_checkpoint)
+
+    def _load_best_model(self):
+        network = wrapped_timm_model(self.model)
+        if network is None:
+            return super()._load_best_model()
+        load_timm_weights(network, self.state.best_model_checkpoint)
+
+    def create_model_card(self, *args, tags=None, **kwargs):
+        tags = [tags] if isinstance(tags, str) else list(tags or [])  # transformers 5 no longer reads _tag_names
+        return super().create_model_card(*args, tags=tags + [t for t in self._tag_names if t not in tags], **kwargs)
+
+    def _on_save(self) -> None:
+        if self.state.is_world_process_zero:
+            folder = checkpoint_folder(self._get_output_dir(None), self.state.global_step)
+            save_trainer_state(folder, self.scoring_columns, self.pruning_history)
+
+    def _restore_state(self) -> None:
+        """The scoring-pass columns and pruning history of the checkpoint training resumes from (the online scores'
+        history is restored by the ScoreCallback)."""
+        folder = self.score_callback.resume_folder or checkpoint_folder(self.args.output_dir, self.state.global_step)
+        stored = load_trainer_state(folder)
+        if stored is None:
+            logger.warning("The checkpoint %s has no DataDietTrainer state: earlier scoring passes are lost.", folder)
+            return
+        self.scoring_columns, self.pruning_history = stored
+
     def _on_train_end(self) -> None:
         missing = sorted(
             set(self.args.score_epochs) - {int(name.rsplit("_epoch", 1)[1]) for name in self.scoring_columns}
@@ -315,6 +353,8 @@ class DataDietTrainer(Trainer):
             skipped = float(np.mean([entry["skipped_fraction"] for entry in self.pruning_history]))
             logger.info("Dynamic pruning skipped %.1f%% of the example presentations overall.", 100 * skipped)
         self._pruning_weights = None
+        if self.args.should_save and (self.score_callback.track_scores or self.scoring_columns):
+            write_final_scores(self.args.output_dir, self.scores, seed=self.args.seed)
 
     # ---- dynamic pruning --------------------------------------------------------------------------------------------
 
@@ -370,45 +410,24 @@ class DataDietTrainer(Trainer):
                 "the same rows in the same order."
             )
         loader = self._get_dataloader(
-            dataset=self._row_id_view(dataset, "Scoring"),
+            dataset=self._map_style(dataset, "Scoring"),
             description="Scoring",
             batch_size=self.args.eval_batch_size,
             sampler_fn=self._get_eval_sampler,
         )
-        model = self.model
-        was_training = model.training
-        model.eval()
-        label_name = self.args.label_names[0]
-        ids, values = [], {method: [] for method in self.args.score_methods}
-        for batch in loader:
-            batch = self._prepare_inputs(batch)
-            row_ids = batch.pop(self.args.row_id_column)
-            labels = batch.pop(label_name)
-            # The one dispatch of datadiet.scores (finite-logit and label checks included). Scores get the network
-            # itself: a wrapped timm model is scored on its input tensor, a transformers model on its keywords.
-            if isinstance(model, ClassifierWrapper):
-                network, inputs = model.model, batch[model.input_name]
-            else:
-                network, inputs = model, batch
-            scores = score_batch(network, inputs, labels, self.args.score_methods, row_ids=row_ids.tolist())
-            for name, value in scores.items():
-                values[name].append(value)
-            ids.append(row_ids.cpu())
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-        local = (
-            torch.cat(ids).numpy() if ids else np.zeros(0, np.int64),
-            {name: torch.cat(parts).numpy() if parts else np.zeros(0, np.float32) for name, parts in values.items()},
+        columns = score_rows(
+            self.model,
+            loader,
+            self.args.score_methods,
+            num_rows=len(dataset),
+            label_name=self.args.label_names[0],
+            prepare=self._prepare_inputs,
+            drop_keys=[self.args.row_id_column],
         )
-        gathered = all_gather_objects(local)
-        all_ids = np.concatenate([part[0] for part in gathered])
-        # Keep the first value of each row: distributed samplers pad with wrap-around duplicates.
-        unique_ids, first = np.unique(all_ids, return_index=True)
-        for name in values:
-            column = np.full(len(dataset), np.nan, dtype=np.float32)
-            column[unique_ids] = np.concatenate([part[1][name] for part in gathered])[first]
+        for name, column in columns.items():
             self.scoring_columns[f"{name}_epoch{epoch}"] = column
-        logger.info("Scored %d rows with %s after epoch %d.", len(unique_ids), self.args.score_methods, epoch)
+        scored = int(np.isfinite(next(iter(columns.values()))).sum()) if columns else 0
+        logger.info("Scored %d rows with %s after epoch %d.", scored, self.args.score_methods, epoch)
 
     # ---- results ----------------------------------------------------------------------------------------------------
 
