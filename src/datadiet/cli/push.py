@@ -27,7 +27,7 @@ class PushArguments:
     scores_only: bool = field(
         default=False, metadata={"help": "Publish only the row id and score columns, not the data."}
     )
-    private: bool | None = field(default=None, metadata={"help": "Create the Hub repository as private."})
+    private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
     revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if missing)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier save in a non-empty `output_dir`."})
 
@@ -71,7 +71,7 @@ def run_push(args: PushArguments) -> dict[str, Any]:
         )
     if args.repo_id:
         result["commit"] = push_to_hub(
-            dataset, args.repo_id, private=args.private, revision=args.revision, scores_only=args.scores_only
+            dataset, args.repo_id, private=args.private or None, revision=args.revision, scores_only=args.scores_only
         )
     return result
 
