@@ -62,7 +62,7 @@ def parse_config(dataclass_types: tuple, argv: list[str], *, prog: str | None = 
             ) from None
         if not isinstance(values, dict):
             raise ValueError(f"Recipe {config_path!r} must be a YAML mapping of argument names to values.")
-        known = {f.name for cls in dataclass_types for f in fields(cls)}
+        known = {f.name for cls in dataclass_types for f in fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown key(s) {unknown} in {config_path!r}. Valid keys: {sorted(known)}.")

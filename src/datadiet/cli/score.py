@@ -33,19 +33,16 @@ class ScoreArguments(ModelArguments, DataArguments):
     output_dir: str = field(default="outputs/scores", metadata={"help": "The scored dataset (save_to_disk)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace existing score columns."})
 
+    # DataArguments' test-split fields mean nothing to `datadiet score` (it scores one split): left out of its
+    # --help, its flags and its recipe keys (init=False), rather than listed and then refused.
+    eval_dataset_name: str | None = field(default=None, init=False, repr=False)
+    eval_data_files: str | None = field(default=None, init=False, repr=False)
+    eval_split: str = field(default="test", init=False, repr=False)
+    max_eval_rows: int | None = field(default=None, init=False, repr=False)
+
     def __post_init__(self):
         super().__post_init__()
         check_positive_int("batch_size", self.batch_size)
-        # The test-split fields of DataArguments mean nothing here: refuse them rather than ignore them.
-        test_split = {
-            "eval_dataset_name": self.eval_dataset_name,
-            "eval_data_files": self.eval_data_files,
-            "eval_split": None if self.eval_split == "test" else self.eval_split,
-            "max_eval_rows": self.max_eval_rows,
-        }
-        given = sorted(name for name, value in test_split.items() if value is not None)
-        if given:
-            raise ValueError(f"`datadiet score` scores one split (`split`); it takes no test split, got {given}.")
 
 
 def run_score(args: ScoreArguments, *, command: str | None = None):
