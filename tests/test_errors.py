@@ -208,6 +208,19 @@ def test_an_empty_saved_dataset(tmp_path, capsys):
     assert "no dataset in it" in cli_error(["prune", "--dataset_name", str(tmp_path / "nothing")], capsys)
 
 
+def test_mistakes_of_the_same_kind_in_other_commands(scored_folder, tmp_path, capsys):
+    Dataset.from_dict({"el2n": []}).save_to_disk(str(tmp_path / "empty"))
+    message = cli_error(["push", "--dataset_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "holds an empty dataset (0 rows)" in message
+    message = cli_error(["report", "hist", "--dataset_name", str(scored_folder), "--columns", "image"], capsys)
+    assert message == "Column(s) ['image'] are not score columns of the dataset: pass --columns with some of ['el2n']."
+    message = cli_error(["report", "hist", "--dataset_name", str(scored_folder), "--bins", "0"], capsys)
+    assert message.startswith("bins must be a whole number >= 1")
+    # An unknown score method is refused before any data is read (the dataset name here does not exist).
+    message = cli_error(["score", "--dataset_name", str(tmp_path / "nothing"), "--methods", "el2nn"], capsys)
+    assert message.startswith("Unknown score method 'el2nn'. Valid methods: el2n,")
+
+
 def test_a_refused_launch_is_one_clean_line(digits_slice, tmp_path, monkeypatch, capsys):
     # The launch checks' message, once, without a traceback (WORLD_SIZE without a launcher is one of them).
     monkeypatch.setenv("WORLD_SIZE", "2")

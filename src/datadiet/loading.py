@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from datasets import Dataset
 
-__all__ = ["BUILT_IN_DATASETS", "load_data", "load_digits_dataset"]
+__all__ = ["BUILT_IN_DATASETS", "load_data", "load_digits_dataset", "load_saved"]
 
 # Names datadiet reads without a download.
 BUILT_IN_DATASETS = ("sklearn-digits",)
@@ -91,7 +91,7 @@ def load_data(
             raise ValueError(f"Data file(s) not found: {missing}.")
         dataset = load_dataset(builder, data_files={split: files}, split=split)
     elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        dataset = _load_saved(path, split)
+        dataset = load_saved(path, split)
     elif path.is_dir():
         dataset = _load_folder(path, split)
     else:
@@ -111,20 +111,39 @@ def _check_split(name: str, split: str, available: list[str]) -> None:
         )
 
 
-def _load_saved(path, split: str) -> Dataset:
-    """A `save_to_disk` folder: a `DatasetDict` (pick `split`) or a single `Dataset` (one split: asking for another
-    one is refused rather than ignored)."""
+def load_saved(path, split: str | None = None):
+    """A `save_to_disk` folder, refusing one that holds an empty dataset (which `load_from_disk` cannot read). With
+    `split`, a `DatasetDict`'s split (named splits checked) or a single `Dataset` (asking it for a split other than
+    its own is refused rather than ignored); without, what the folder holds.
+
+    Example:
+    ```python
+    >>> import tempfile
+    >>> from datasets import Dataset
+    >>> from datadiet.loading import load_saved
+    >>> folder = tempfile.mkdtemp()
+    >>> Dataset.from_dict({"x": [1, 2]}).save_to_disk(folder)
+    >>> len(load_saved(folder)), len(load_saved(folder, split="train"))
+    (2, 2)
+
+    ```
+    """
     import json
+    from pathlib import Path
 
     from datasets import DatasetDict, load_from_disk
 
-    state = path / "state.json"
-    if state.exists() and not json.loads(state.read_text()).get("_data_files"):
-        raise ValueError(
-            f"{str(path)!r} holds an empty dataset (0 rows): there is nothing to read. Point at a folder with rows, or "
-            "rerun the step that wrote it."
-        )
+    path = Path(path)
+    states = [path / "state.json"] if (path / "state.json").exists() else sorted(path.glob("*/state.json"))
+    for state in states:
+        if not json.loads(state.read_text()).get("_data_files"):
+            raise ValueError(
+                f"{str(state.parent)!r} holds an empty dataset (0 rows): there is nothing to read. Point at a folder "
+                "with rows, or rerun the step that wrote it."
+            )
     dataset = load_from_disk(str(path))
+    if split is None:
+        return dataset
     if isinstance(dataset, DatasetDict):
         _check_split(str(path), split, list(dataset))
         return dataset[split]
@@ -134,8 +153,6 @@ def _load_saved(path, split: str) -> Dataset:
             f"{str(path)!r} holds a single split ({own}), not {split!r}: leave out --split (split=... in Python), "
             "or point at the folder that holds that split."
         )
-    if len(dataset) == 0:
-        raise ValueError(f"{str(path)!r} holds an empty dataset (0 rows): there is nothing to read.")
     return dataset
 
 

@@ -57,13 +57,12 @@ def run_push(args: PushArguments) -> dict[str, Any]:
 
     ```
     """
-    from datasets import load_from_disk
-
     from ..hub import push_to_hub, save_pruned
+    from ..loading import load_saved
 
     if not Path(args.dataset_path).is_dir():
         raise ValueError(f"dataset_path={args.dataset_path!r} is not a folder; pass a `Dataset.save_to_disk` folder.")
-    dataset = load_from_disk(args.dataset_path)
+    dataset = load_saved(args.dataset_path)
     result: dict[str, Any] = {"output_dir": None, "commit": None}
     if args.output_dir:
         result["output_dir"] = save_pruned(

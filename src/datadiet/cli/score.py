@@ -41,8 +41,11 @@ class ScoreArguments(ModelArguments, DataArguments):
     max_eval_rows: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        from ..scores import validate_methods
+
         super().__post_init__()
         check_positive_int("batch_size", self.batch_size)
+        validate_methods(self.methods)  # before any data is read or model built
 
 
 def run_score(args: ScoreArguments, *, command: str | None = None):
