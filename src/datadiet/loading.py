@@ -119,12 +119,12 @@ def load_saved(path, split: str | None = None):
     Example:
     ```python
     >>> import tempfile
-    >>> from datasets import Dataset
+    >>> from datasets import Dataset, DatasetDict
     >>> from datadiet.loading import load_saved
-    >>> folder = tempfile.mkdtemp()
-    >>> Dataset.from_dict({"x": [1, 2]}).save_to_disk(folder)
-    >>> len(load_saved(folder)), len(load_saved(folder, split="train"))
-    (2, 2)
+    >>> splits = DatasetDict(train=Dataset.from_dict({"x": [1, 2]}), test=Dataset.from_dict({"x": [3]}))
+    >>> splits.save_to_disk(folder := tempfile.mkdtemp())
+    >>> sorted(load_saved(folder)), len(load_saved(folder, split="test"))
+    (['test', 'train'], 1)
 
     ```
     """
