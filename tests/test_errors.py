@@ -210,7 +210,9 @@ def test_an_empty_saved_dataset(tmp_path, capsys):
 
 def test_mistakes_of_the_same_kind_in_other_commands(scored_folder, tmp_path, capsys):
     Dataset.from_dict({"el2n": []}).save_to_disk(str(tmp_path / "empty"))
-    message = cli_error(["push", "--dataset_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")], capsys)
+    message = cli_error(
+        ["push", "--dataset_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")], capsys
+    )
     assert "holds an empty dataset (0 rows)" in message
     message = cli_error(["report", "hist", "--dataset_name", str(scored_folder), "--columns", "image"], capsys)
     assert message == "Column(s) ['image'] are not score columns of the dataset: pass --columns with some of ['el2n']."
@@ -265,16 +267,21 @@ def test_boolean_flags_take_no_value():
 # --- Deterministic scores get no spread ----------------------------------------------------------------------------
 
 
-def test_a_score_of_the_inputs_alone_has_no_std_column(digits):
+def test_a_score_of_the_inputs_alone_has_no_std_column(digits, tmp_path):
     # Before: `input_norm_std` was a column of zeros.
     subset = digits["train"].select(range(16))
-    scored = score_dataset(
-        subset,
+    common = dict(
         methods=["el2n", "input_norm"],
         model_init=lambda seed: build_model("test_resnet", num_classes=10, in_chans=1, seed=seed),
         seeds=[0, 1],
     )
-    assert "el2n_std" in scored.column_names and "input_norm_std" not in scored.column_names
-    assert np.asarray(scored["el2n_std"]).max() > 0
     pixels = np.stack([np.asarray(image, dtype=np.float64).ravel() / 255 for image in subset["image"]])
-    np.testing.assert_allclose(scored["input_norm"], np.linalg.norm(pixels, axis=1), rtol=1e-5)
+    # In memory, and streamed through the resumable shards (the other place the spread over seeds is taken).
+    stream = subset.add_column("row_id", list(range(16))).to_iterable_dataset()
+    for scored in (
+        score_dataset(subset, **common),
+        score_dataset(stream, row_id_column="row_id", output_dir=tmp_path / "stream", **common).sort("row_id"),
+    ):
+        assert "el2n_std" in scored.column_names and "input_norm_std" not in scored.column_names
+        assert np.asarray(scored["el2n_std"]).max() > 0
+        np.testing.assert_allclose(scored["input_norm"], np.linalg.norm(pixels, axis=1), rtol=1e-5)

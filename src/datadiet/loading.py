@@ -178,10 +178,12 @@ def _is_hub_id(name: str) -> bool:
     )
 
 
-def _hub_offline() -> bool:
+def _offline_variable() -> str | None:
+    """The environment variable that puts `datasets` offline, if one does."""
     import os
 
-    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in _OFFLINE_VARIABLES)
+    on = ("1", "ON", "YES", "TRUE")
+    return next((name for name in _OFFLINE_VARIABLES if os.environ.get(name, "").upper() in on), None)
 
 
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -212,7 +214,8 @@ def _load_from_hub(name: str, split: str) -> Dataset:
     try:
         return load_dataset(name, split=split)
     except (ConnectionError, FileNotFoundError) as error:
-        where = "the local cache (offline: HF_HUB_OFFLINE is set)" if _hub_offline() else "the Hub"
+        offline = _offline_variable()
+        where = f"the local cache (offline: {offline} is set)" if offline else "the Hub"
         raise ValueError(
             f"No dataset {name!r} ({tried}, not in {where}: {type(error).__name__}){hint}. {instead}"
         ) from error
