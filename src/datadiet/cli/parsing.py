@@ -13,17 +13,19 @@ from pathlib import Path
 __all__ = ["command_line", "dataset_folder", "parse_config", "set_program"]
 
 # The `prog` of the argument parsers, "datadiet <command>", set by the dispatcher for the command it runs.
-_PROGRAM: list[str | None] = [None]
+_program: str | None = None
 
 
 def set_program(program: str | None) -> None:
     """Name the command being run (e.g. `datadiet score`) in the usage line of `--help` and of argument errors."""
-    _PROGRAM[0] = program
+    global _program
+    _program = program
 
 
-def parse_config(dataclass_types: tuple, argv: list[str], *, prog: str | None = None, epilog: str | None = None):
+def parse_config(dataclass_types: tuple, argv: list[str], *, epilog: str | None = None) -> tuple:
     """Parse `argv` into instances of `dataclass_types`: `--config recipe.yaml` sets defaults, flags override them.
-    A YAML key or flag that no dataclass knows is an error (a typo must not be silently ignored).
+    A YAML key or flag that no dataclass knows is an error (a typo must not be silently ignored); `epilog` ends
+    `--help` (e.g. the valid score methods).
 
     Example:
     ```python
@@ -38,7 +40,7 @@ def parse_config(dataclass_types: tuple, argv: list[str], *, prog: str | None = 
     import yaml
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types, prog=prog or _PROGRAM[0], epilog=epilog)
+    parser = HfArgumentParser(dataclass_types, prog=_program, epilog=epilog)
     parser.add_argument(
         "--config", metavar="RECIPE.yaml", help="A recipe YAML whose values are the defaults; flags override them."
     )
