@@ -57,10 +57,16 @@ def report_main(argv: Sequence[str]) -> int:
         from ..selection.strategies import score_columns
 
         present = score_columns(dataset)
-        missing = [c for c in args.columns if c not in present]
+        missing = [c for c in args.columns if c not in dataset.column_names]
         if missing:
             raise ValueError(
-                f"Column(s) {missing} are not score columns of the dataset: pass --columns with some of {present}."
+                f"Column(s) {missing} are not in the dataset (its columns are {dataset.column_names}): pass --columns "
+                f"with some of its score columns {present}."
+            )
+        not_scores = [c for c in args.columns if c not in present]
+        if not_scores:
+            raise ValueError(
+                f"Column(s) {not_scores} are not score columns of the dataset: pass --columns with some of {present}."
             )
         path = plot_score_histogram({c: dataset[c] for c in args.columns}, args.output, bins=args.bins)
         print(f"histogram written to {path}")
