@@ -178,5 +178,10 @@ def test_shared_argument_fields_keep_each_command_s_order_and_defaults():
     assert ScoreArguments("x").model_name == TrainArguments("x", epochs=1).model_name == "resnet18"
     with pytest.raises(ValueError, match="model_library"):
         TrainArguments("x", epochs=1, model_library="keras")
-    with pytest.raises(ValueError, match="no test split"):
+    # `datadiet score` scores one split: the test-split fields are neither flags nor recipe keys there.
+    split_only = ["dataset_name", "data_files", "split", "max_rows", "image_column", "label_column"]
+    assert [f.name for f in fields(ScoreArguments) if f.init][:6] == split_only
+    with pytest.raises(TypeError, match="eval_split"):
         ScoreArguments("x", eval_split="validation")
+    with pytest.raises(ValueError, match="eval_split"):
+        parse_config((ScoreArguments,), ["--dataset_name", "x", "--eval_split", "validation"])

@@ -21,11 +21,13 @@ MAX_LINES = 500
 # below, never a higher one. The longest matching prefix decides a module's floor.
 FLOORS = {
     "datadiet.scores": 0,
+    "datadiet.validation": 0,
     "datadiet.provenance": 1,
     "datadiet.models": 1,
     "datadiet.nets": 1,
     "datadiet.metrics": 1,
     "datadiet.data": 2,
+    "datadiet.loading": 2,
     "datadiet.arguments": 2,
     "datadiet.engine": 3,
     "datadiet.selection": 3,

@@ -12,6 +12,7 @@ import torch
 from datasets import ClassLabel, Dataset, Image, Value
 from torch import nn
 
+from .loading import BUILT_IN_DATASETS, load_data, load_digits_dataset
 from .models import as_model_inputs, num_labels_of, weights_fingerprint
 from .provenance import record_provenance
 from .scores.batch import score_batch, validate_methods
@@ -19,9 +20,11 @@ from .scores.batch import score_batch, validate_methods
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BUILT_IN_DATASETS",
     "Preprocessor",
     "ScoreTransform",
     "build_image_transform",
+    "check_input_channels",
     "column_values",
     "detect_columns",
     "detect_label_column",
@@ -201,6 +204,22 @@ class Preprocessor:
     def fingerprint(self) -> str:
         """A stable description of the preprocessing, for caches and resumable runs."""
         return f"{self.kind}:{self.input_column}:{self.label_column}:{self.max_length}:{_describe(self.transform)}"
+
+
+def check_input_channels(dataset: Dataset, preprocessor: Preprocessor, in_chans: int | None) -> None:
+    """Refuse a model built for `in_chans` input channels when `dataset`'s first row, preprocessed, has another number
+    (1-channel digits or MNIST through a 3-channel model), saying which `in_chans` to build with. Done before any
+    training or scoring, so the mistake costs nothing."""
+    if in_chans is None or not isinstance(dataset, Dataset) or len(dataset) == 0 or preprocessor.kind == "text":
+        return
+    inputs, _ = preprocessor(dataset.select_columns(preprocessor.columns).with_format(None)[:1])
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4 or inputs.shape[1] == in_chans:
+        return
+    channels = inputs.shape[1]
+    raise ValueError(
+        f"The images in column {preprocessor.input_column!r} have {channels} channel(s) but the model takes {in_chans}: "
+        f"build it with in_chans={channels} (`--in_chans {channels}` on the command line)."
+    )
 
 
 def _describe(transform: Any) -> str:
@@ -388,95 +407,6 @@ def build_image_transform(
             raise ValueError("Give both mean and std to normalise, or neither.")
         steps.append(v2.Normalize(mean=list(mean), std=list(std)))
     return v2.Compose(steps)
-
-
-def load_digits_dataset(test_size: float = 0.25, seed: int = 0):
-    """scikit-learn's digits (1,797 8×8 grey images) as a `DatasetDict` with an `Image` column `image` and a
-    `ClassLabel` column `label`, split into train/test (stratified, fixed seed).
-
-    Example:
-    ```python
-    >>> from datadiet.data import load_digits_dataset
-    >>> splits = load_digits_dataset()
-    >>> len(splits["train"]), len(splits["test"])
-    (1347, 450)
-
-    ```
-    """
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-    from PIL import Image as PILImage
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = [PILImage.fromarray((image * (255 / 16)).round().astype(np.uint8), mode="L") for image in digits.images]
-    train_idx, test_idx = train_test_split(
-        np.arange(len(images)), test_size=test_size, random_state=seed, stratify=digits.target
-    )
-    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-
-    def build(indices):
-        indices = np.sort(indices)
-        return Dataset.from_dict(
-            {"image": [images[i] for i in indices], "label": digits.target[indices].tolist()}, features=features
-        )
-
-    return DatasetDict(train=build(train_idx), test=build(test_idx))
-
-
-def load_data(
-    name_or_path: str,
-    *,
-    split: str = "train",
-    data_files: str | Sequence[str] | None = None,
-    max_rows: int | None = None,
-) -> Dataset:
-    """Load a split from a `save_to_disk` folder, data files (Parquet, CSV, JSON), a dataset folder such as one
-    written by `save_pruned`, a Hub id, or `"sklearn-digits"` (scikit-learn's bundled digits, no download);
-    optionally only its first `max_rows` rows.
-
-    Example:
-    ```python
-    >>> import tempfile
-    >>> from datasets import Dataset
-    >>> from datadiet.data import load_data
-    >>> folder = tempfile.mkdtemp()
-    >>> Dataset.from_dict({"x": [1, 2, 3]}).save_to_disk(folder)
-    >>> list(load_data(folder, max_rows=2)["x"])
-    [1, 2]
-
-    ```
-    """
-    from pathlib import Path
-
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    path = Path(name_or_path)
-    if name_or_path == "sklearn-digits" and data_files is None and not path.exists():
-        dataset = load_digits_dataset()[split]
-    elif data_files is not None:
-        files = [data_files] if isinstance(data_files, str) else list(data_files)
-        suffix = Path(files[0]).suffix.lstrip(".")
-        builder = {"parquet": "parquet", "csv": "csv", "json": "json", "jsonl": "json", "arrow": "arrow"}.get(suffix)
-        if builder is None:
-            raise ValueError(f"Cannot tell the format of data file {files[0]!r}: use .parquet, .csv, .json or .arrow.")
-        missing = [f for f in files if "*" not in f and not Path(f).exists()]
-        if missing:
-            raise ValueError(f"Data file(s) not found: {missing}.")
-        dataset = load_dataset(builder, data_files={split: files}, split=split)
-    elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        dataset = load_from_disk(str(path))
-        if isinstance(dataset, DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{name_or_path!r} has splits {list(dataset)}, not {split!r}: pass split=... .")
-            dataset = dataset[split]
-    else:
-        dataset = load_dataset(name_or_path, split=split)
-    if max_rows is not None:
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}.")
-        dataset = dataset.select(range(min(max_rows, len(dataset))))
-    return dataset
 
 
 def training_view(dataset: Dataset, preprocessor: Preprocessor) -> Dataset:

@@ -16,6 +16,7 @@ __all__ = [
     "as_model_inputs",
     "build_model",
     "forward_logits",
+    "input_channels_of",
     "model_accepts_keyword",
     "num_labels_of",
     "unwrap_logits",
@@ -45,6 +46,14 @@ def weights_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def input_channels_of(model: nn.Module) -> int | None:
+    """The number of input channels of the model's first convolution (`None` for a model without one)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None
 
 
 def num_labels_of(model: nn.Module) -> int | None:
@@ -125,6 +134,13 @@ def build_model(
 
         from . import nets  # noqa: F401  (registers datadiet's built-in nets with timm)
 
+        if ":" not in name and not timm.is_model(name):  # `hf-hub:` / `local-dir:` names are timm's to resolve
+            from .validation import closest_names
+
+            close = closest_names(name, timm.list_models(), n=5)
+            suggestion = f"did you mean {', '.join(close)}?" if close else "timm.list_models('*net*') lists them."
+            own = ", ".join(timm.list_models("datadiet_*"))
+            raise ValueError(f"Unknown timm model {name!r}: {suggestion} (datadiet's own nets: {own})")
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
     if library == "transformers":
         from pathlib import Path

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import sys
 
-from .parsing import parse_config
+from ..validation import LaunchError
+from .parsing import parse_config, set_program
 from .prune import PruneArguments, run_prune
 from .score import ScoreArguments, run_score
 
 __all__ = ["PruneArguments", "ScoreArguments", "main", "parse_config", "run_prune", "run_score"]
 
-_USAGE = """usage: datadiet <command> [--config recipe.yaml] [--flag value ...]
+_USAGE = """usage: datadiet <command> [--config recipe.yaml] [--flag value ...] [--debug]
 
 commands:
   score   score a dataset (EL2N, GraNd, ...) and save it with score columns
@@ -22,6 +23,8 @@ commands:
   train   train a fresh model on a dataset and report test accuracy
   report  plots: `report curve` (pruning curves), `report hist` (score histograms)
   demo    the whole chain on scikit-learn's digits (no download)
+
+`datadiet <command> --help` lists a command's flags; --debug shows the traceback behind an error.
 """
 
 
@@ -46,9 +49,12 @@ def _command(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `datadiet <command> ...` (`argv` defaults to `sys.argv[1:]`) and return the exit code: 2 for a bad command
-    or a `ValueError` (printed as `datadiet <command>: error: ...`)."""
+    """Run `datadiet <command> ...` (`argv` defaults to `sys.argv[1:]`) and return the exit code: 2 for a bad command,
+    a `ValueError` or a refused launch, printed as one line `datadiet <command>: error: ...` on stderr (with
+    `--debug`, raised with its traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -56,16 +62,23 @@ def main(argv: list[str] | None = None) -> int:
         print(_USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    program = f"datadiet {command}"
+    if command == "report" and rest and not rest[0].startswith("-"):
+        program += f" {rest[0]}"
+    set_program(program)
     try:
         run = _command(command)
         if run is None:
             print(f"Unknown command {command!r}.\n\n{_USAGE}", file=sys.stderr)
             return 2
         return run(rest)
-    except ValueError as error:
-        print(f"datadiet {command}: error: {error}", file=sys.stderr)
+    except (ValueError, LaunchError) as error:
+        if debug:
+            raise
+        print(f"{program}: error: {error}", file=sys.stderr)
         return 2
     finally:
+        set_program(None)
         _end_processes()
 
 

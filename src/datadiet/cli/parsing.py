@@ -3,18 +3,29 @@ override (TRL / alignment-handbook style), parsed into argument dataclasses."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-__all__ = ["command_line", "dataset_folder", "parse_config"]
+__all__ = ["command_line", "dataset_folder", "parse_config", "set_program"]
+
+# The `prog` of the argument parsers, "datadiet <command>", set by the dispatcher for the command it runs.
+_program: str | None = None
 
 
-def parse_config(dataclass_types: tuple, argv: list[str]) -> tuple:
+def set_program(program: str | None) -> None:
+    """Name the command being run (e.g. `datadiet score`) in the usage line of `--help` and of argument errors."""
+    global _program
+    _program = program
+
+
+def parse_config(dataclass_types: tuple, argv: list[str], *, epilog: str | None = None) -> tuple:
     """Parse `argv` into instances of `dataclass_types`: `--config recipe.yaml` sets defaults, flags override them.
-    A YAML key or flag that no dataclass knows is an error (a typo must not be silently ignored).
+    A YAML key or flag that no dataclass knows is an error (a typo must not be silently ignored); `epilog` ends
+    `--help` (e.g. the valid score methods).
 
     Example:
     ```python
@@ -29,7 +40,10 @@ def parse_config(dataclass_types: tuple, argv: list[str]) -> tuple:
     import yaml
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(dataclass_types, prog=_program, epilog=epilog)
+    parser.add_argument(
+        "--config", metavar="RECIPE.yaml", help="A recipe YAML whose values are the defaults; flags override them."
+    )
     argv = list(argv)
     if "--config" in argv:
         position = argv.index("--config")
@@ -39,10 +53,18 @@ def parse_config(dataclass_types: tuple, argv: list[str]) -> tuple:
         del argv[position : position + 2]
         if not Path(config_path).exists():
             raise ValueError(f"Recipe {config_path!r} not found.")
-        values = yaml.safe_load(Path(config_path).read_text()) or {}
+        try:
+            values = yaml.safe_load(Path(config_path).read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{config_path}:{mark.line + 1}:{mark.column + 1}" if mark else config_path
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(
+                f"{where}: the recipe is not valid YAML ({problem}): write one `key: value` per line, lists as [a, b]."
+            ) from None
         if not isinstance(values, dict):
             raise ValueError(f"Recipe {config_path!r} must be a YAML mapping of argument names to values.")
-        known = {f.name for cls in dataclass_types for f in fields(cls)}
+        known = {f.name for cls in dataclass_types for f in fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown key(s) {unknown} in {config_path!r}. Valid keys: {sorted(known)}.")
@@ -53,7 +75,8 @@ def parse_config(dataclass_types: tuple, argv: list[str]) -> tuple:
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    return tuple(item for item in parsed if not isinstance(item, argparse.Namespace))  # drop --config's namespace
 
 
 def command_line() -> str:

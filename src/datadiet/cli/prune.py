@@ -20,12 +20,22 @@ class PruneArguments:
     dataset_name: str = field(metadata={"help": "A scored dataset (the output_dir of `datadiet score`)."})
     by: str | None = field(default="el2n", metadata={"help": "Score column to prune by."})
     keep: float = field(default=0.5, metadata={"help": "Fraction in (0, 1], or a row count if > 1."})
-    strategy: str = field(default="hardest", metadata={"help": "hardest, easiest, random, window, stratified."})
+    strategy: str = field(
+        default="hardest", metadata={"help": "hardest, easiest, random, window, stratified (see the list below)."}
+    )
     offset: float = field(default=0.0, metadata={"help": "window: fraction of hardest rows to skip."})
     class_balanced: bool = field(default=False, metadata={"help": "Apply the strategy per class."})
     hard_cutoff: float = field(default=0.0, metadata={"help": "stratified: fraction of hardest rows dropped."})
     seed: int = field(default=0, metadata={"help": "Seed of the random draws."})
     output_dir: str = field(default="outputs/pruned", metadata={"help": "The pruned dataset (save_to_disk)."})
+
+    def __post_init__(self):
+        from ..selection.strategies import check_prune_options
+
+        # The same check as `prune(...)`, so that the command and the Python API never disagree.
+        self.keep = check_prune_options(
+            self.keep, strategy=self.strategy, offset=self.offset, hard_cutoff=self.hard_cutoff
+        )
 
 
 def run_prune(args: PruneArguments, *, command: str | None = None):
@@ -35,11 +45,10 @@ def run_prune(args: PruneArguments, *, command: str | None = None):
     from ..selection import prune
 
     dataset = load_data(args.dataset_name)
-    keep = int(args.keep) if args.keep > 1 else args.keep
     pruned = prune(
         dataset,
         args.by,
-        keep,
+        args.keep,
         strategy=args.strategy,
         offset=args.offset,
         class_balanced=args.class_balanced,
@@ -54,7 +63,9 @@ def run_prune(args: PruneArguments, *, command: str | None = None):
 
 def main(argv: list[str]) -> int:
     """`datadiet prune [--config recipe.yaml] [--flag value ...]`; returns the exit code."""
-    (args,) = parse_config((PruneArguments,), argv)
+    from ..selection import list_strategies
+
+    (args,) = parse_config((PruneArguments,), argv, epilog=f"strategies: {', '.join(list_strategies())}")
     args.dataset_name = dataset_folder(args.dataset_name)
     run_prune(args, command="datadiet " + shlex.join(["prune", *argv]))
     return 0

@@ -27,7 +27,7 @@ class PushArguments:
     scores_only: bool = field(
         default=False, metadata={"help": "Publish only the row id and score columns, not the data."}
     )
-    private: bool | None = field(default=None, metadata={"help": "Create the Hub repository as private."})
+    private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
     revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if missing)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier save in a non-empty `output_dir`."})
 
@@ -57,13 +57,12 @@ def run_push(args: PushArguments) -> dict[str, Any]:
 
     ```
     """
-    from datasets import load_from_disk
-
     from ..hub import push_to_hub, save_pruned
+    from ..loading import load_saved
 
     if not Path(args.dataset_path).is_dir():
         raise ValueError(f"dataset_path={args.dataset_path!r} is not a folder; pass a `Dataset.save_to_disk` folder.")
-    dataset = load_from_disk(args.dataset_path)
+    dataset = load_saved(args.dataset_path)
     result: dict[str, Any] = {"output_dir": None, "commit": None}
     if args.output_dir:
         result["output_dir"] = save_pruned(
@@ -71,7 +70,7 @@ def run_push(args: PushArguments) -> dict[str, Any]:
         )
     if args.repo_id:
         result["commit"] = push_to_hub(
-            dataset, args.repo_id, private=args.private, revision=args.revision, scores_only=args.scores_only
+            dataset, args.repo_id, private=args.private or None, revision=args.revision, scores_only=args.scores_only
         )
     return result
 

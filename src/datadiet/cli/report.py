@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..validation import check_positive_int
 from .parsing import dataset_folder, parse_config
 
 __all__ = ["HistArguments", "report_main"]
@@ -27,6 +28,9 @@ class HistArguments:
     columns: list[str] = field(default_factory=lambda: ["el2n"], metadata={"help": "Score columns to plot."})
     output: str = field(default="hist.png", metadata={"help": "Where the PNG goes."})
     bins: int = field(default=50, metadata={"help": "Histogram bins."})
+
+    def __post_init__(self):
+        check_positive_int("bins", self.bins)
 
 
 def report_main(argv: Sequence[str]) -> int:
@@ -50,9 +54,20 @@ def report_main(argv: Sequence[str]) -> int:
 
         (args,) = parse_config((HistArguments,), rest)
         dataset = load_data(dataset_folder(args.dataset_name))
+        from ..selection.strategies import score_columns
+
+        present = score_columns(dataset)
         missing = [c for c in args.columns if c not in dataset.column_names]
         if missing:
-            raise ValueError(f"Column(s) {missing} not in the dataset; its columns are {dataset.column_names}.")
+            raise ValueError(
+                f"Column(s) {missing} are not in the dataset (its columns are {dataset.column_names}): pass --columns "
+                f"with some of its score columns {present}."
+            )
+        not_scores = [c for c in args.columns if c not in present]
+        if not_scores:
+            raise ValueError(
+                f"Column(s) {not_scores} are not score columns of the dataset: pass --columns with some of {present}."
+            )
         path = plot_score_histogram({c: dataset[c] for c in args.columns}, args.output, bins=args.bins)
         print(f"histogram written to {path}")
         return 0

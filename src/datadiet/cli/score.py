@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arguments import DataArguments, ModelArguments
+from ..validation import check_positive_int
 from .parsing import command_line, parse_config
 
 logger = logging.getLogger("datadiet")
@@ -32,23 +33,31 @@ class ScoreArguments(ModelArguments, DataArguments):
     output_dir: str = field(default="outputs/scores", metadata={"help": "The scored dataset (save_to_disk)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace existing score columns."})
 
+    # DataArguments' test-split fields mean nothing to `datadiet score` (it scores one split): left out of its
+    # --help, its flags and its recipe keys (init=False), rather than listed and then refused.
+    eval_dataset_name: str | None = field(default=None, init=False, repr=False)
+    eval_data_files: str | None = field(default=None, init=False, repr=False)
+    eval_split: str = field(default="test", init=False, repr=False)
+    max_eval_rows: int | None = field(default=None, init=False, repr=False)
+
     def __post_init__(self):
+        from ..scores import validate_methods
+
         super().__post_init__()
-        # The test-split fields of DataArguments mean nothing here: refuse them rather than ignore them.
-        test_split = {
-            "eval_dataset_name": self.eval_dataset_name,
-            "eval_data_files": self.eval_data_files,
-            "eval_split": None if self.eval_split == "test" else self.eval_split,
-            "max_eval_rows": self.max_eval_rows,
-        }
-        given = sorted(name for name, value in test_split.items() if value is not None)
-        if given:
-            raise ValueError(f"`datadiet score` scores one split (`split`); it takes no test split, got {given}.")
+        check_positive_int("batch_size", self.batch_size)
+        validate_methods(self.methods)  # before any data is read or model built
 
 
 def run_score(args: ScoreArguments, *, command: str | None = None):
     """Load, score and save a dataset as `ScoreArguments` say; returns the scored dataset."""
-    from ..data import build_image_transform, detect_columns, load_data, num_classes_of
+    from ..data import (
+        Preprocessor,
+        build_image_transform,
+        check_input_channels,
+        detect_columns,
+        load_data,
+        num_classes_of,
+    )
     from ..engine import score_dataset
     from ..models import model_init_from_arguments
     from ..provenance import record_provenance
@@ -56,11 +65,15 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
     dataset = load_data(
         args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows
     )
-    _, _, label_column = detect_columns(dataset, image_column=args.image_column, label_column=args.label_column)
+    input_column, kind, label_column = detect_columns(
+        dataset, image_column=args.image_column, label_column=args.label_column
+    )
+    transform = build_image_transform(args.image_size, mean=args.mean, std=args.std)
+    preprocessor = Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
+    check_input_channels(dataset, preprocessor, args.in_chans)  # before any model is built or trained
     model_init = model_init_from_arguments(args, num_classes_of(dataset, label_column))
     model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
 
-    transform = build_image_transform(args.image_size, mean=args.mean, std=args.std)
     common = dict(
         methods=args.methods,
         transform=transform,
@@ -108,6 +121,8 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
 
 def main(argv: list[str]) -> int:
     """`datadiet score [--config recipe.yaml] [--flag value ...]`; returns the exit code."""
-    (args,) = parse_config((ScoreArguments,), argv)
+    from ..scores import list_scores
+
+    (args,) = parse_config((ScoreArguments,), argv, epilog=f"methods: {', '.join(list_scores())}")
     run_score(args, command="datadiet " + shlex.join(["score", *argv]))
     return 0

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..arguments import DataArguments, ModelArguments
+from ..validation import check_positive_int
 from .parsing import parse_config
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class TrainArguments(ModelArguments, DataArguments):
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("Give exactly one training budget: max_steps (fixed steps) or epochs.")
         super().__post_init__()
+        check_positive_int("batch_size", self.batch_size)
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one training seed.")
 
@@ -44,21 +46,28 @@ def run_train(args: TrainArguments) -> dict:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from ..data import build_image_transform, column_values, detect_columns, load_data, num_classes_of
+    from ..data import (
+        Preprocessor,
+        build_image_transform,
+        check_input_channels,
+        column_values,
+        detect_columns,
+        load_data,
+        num_classes_of,
+    )
     from ..models import model_init_from_arguments
     from ..report import plot_data_map
     from ..trainer.proxy import evaluate_accuracy, fit
 
     train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
-    test = load_data(
-        args.eval_dataset_name or args.dataset_name,
-        split=args.eval_split,
-        data_files=args.eval_data_files or None,
-        max_rows=args.max_eval_rows,
+    test = _load_test_split(args, train)
+    input_column, kind, label_column = detect_columns(
+        train, image_column=args.image_column, label_column=args.label_column
     )
-    _, _, label_column = detect_columns(train, image_column=args.image_column, label_column=args.label_column)
     model_init = model_init_from_arguments(args, num_classes_of(train, label_column))
     eval_transform = build_image_transform(args.image_size, mean=args.mean, std=args.std)
+    preprocessor = Preprocessor(eval_transform, input_column=input_column, kind=kind, label_column=label_column)
+    check_input_channels(train, preprocessor, args.in_chans)  # before any model is built or trained
     train_transform = build_image_transform(args.image_size, mean=args.mean, std=args.std, augment=args.augment)
     accuracies = []
     for seed in tqdm(args.seeds, desc="Training seeds"):
@@ -99,11 +108,47 @@ def run_train(args: TrainArguments) -> dict:
         "accuracy_std": float(np.std(accuracies)),
         "train_rows": len(train),
         "test_rows": len(test),
+        "test_split": f"{args.eval_dataset_name or args.dataset_name} ({args.eval_split})",
         "arguments": asdict(args),
     }
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _load_test_split(args: TrainArguments, train):
+    """The test split, refused when there is none or when it is the training data itself: a test accuracy measured
+    on the training rows would be silently wrong, and datadiet does not hold rows out by itself, since a held-out part
+    of a pruned subset is a biased test set (its rows were chosen by score) and shrinks the training budget compared."""
+    from ..data import load_data
+    from ..provenance import read_provenance
+
+    source = (read_provenance(train).get("source") or {}).get("path")
+    if source and source != args.dataset_name:
+        fix = f"--eval_dataset_name {source} --eval_split test (the source it was scored from)"
+    else:
+        fix = "--eval_dataset_name <the test data> --eval_split <its split>"
+    given = args.eval_dataset_name is not None or args.eval_data_files is not None
+    try:
+        test = load_data(
+            args.eval_dataset_name or args.dataset_name,
+            split=args.eval_split,
+            data_files=args.eval_data_files or None,
+            max_rows=args.max_eval_rows,
+        )
+    except ValueError as error:
+        if given:
+            raise
+        raise ValueError(
+            f"{args.dataset_name!r} has no {args.eval_split!r} split to test on, and datadiet does not hold rows out of "
+            f"a training set (a held-out part of a pruned subset is a biased test set). Pass {fix}."
+        ) from error
+    if test._fingerprint == train._fingerprint or (not given and args.eval_split == args.split):
+        raise ValueError(
+            f"The test split is the training data ({args.dataset_name!r}, {args.split!r}): its accuracy would not be "
+            f"a test accuracy. Pass {fix}."
+        )
+    return test
 
 
 def main(argv: list[str]) -> int:
@@ -112,6 +157,7 @@ def main(argv: list[str]) -> int:
     results = run_train(args)
     print(
         f"test accuracy {results['accuracy_mean']:.4f} ± {results['accuracy_std']:.4f} "
-        f"over seeds {args.seeds} ({results['train_rows']} training rows)"
+        f"over seeds {args.seeds} ({results['train_rows']} training rows; tested on {results['test_rows']} rows of "
+        f"{results['test_split']})"
     )
     return 0

@@ -115,7 +115,9 @@ class CurveArguments(DataArguments):
     )
     equivalence_margin: float = field(
         default=0.005,
-        metadata={"help": "Margin (accuracy, 0.005 = 0.5 pt) within which a subset 'matches full data' (two one-sided t-tests at level 0.05)."},
+        metadata={
+            "help": "Margin (accuracy, 0.005 = 0.5 pt) within which a subset 'matches full data' (two one-sided t-tests at level 0.05)."
+        },
     )
     output_dir: str = field(default="outputs/curve", metadata={"help": "Where runs.jsonl, curve.png, curve.md go."})
 

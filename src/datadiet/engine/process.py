@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..validation import LaunchError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["get_process_state"]
@@ -99,14 +101,14 @@ def get_process_state():
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and "RANK" not in os.environ and not PartialState._shared_state:
-        raise RuntimeError(
+        raise LaunchError(
             f"The environment says WORLD_SIZE={world_size} but gives no RANK: these processes were not started by a "
             f"launcher, so there is no process group to join. Unset WORLD_SIZE for one process, or launch with "
             f"{_working_cpu_launch(world_size)}."
         )
     state = PartialState(cpu=not torch.cuda.is_available())
     if world_size > 1 and state.num_processes != world_size:
-        raise RuntimeError(
+        raise LaunchError(
             f"The environment says WORLD_SIZE={world_size} but accelerate's process state holds "
             f"{state.num_processes} process(es), so each process would score every row. This happens when an "
             "`Accelerator()` / `PartialState()` is created before datadiet without `cpu=True` on a machine with no "
@@ -115,7 +117,7 @@ def get_process_state():
         )
     requested = _requested_cpu_processes()
     if requested > 1 and state.num_processes == 1:
-        raise RuntimeError(
+        raise LaunchError(
             f"`accelerate launch` was asked for {requested} processes but started one: without `--multi_gpu` (or "
             "with `--cpu` / `use_cpu: true`) accelerate starts several processes only on several GPUs or through "
             "mpirun, so this single process would score every row alone with one thread. Start "

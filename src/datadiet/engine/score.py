@@ -18,10 +18,12 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import Preprocessor, detect_columns
-from ..models import as_model_inputs, num_labels_of, weights_fingerprint
+from ..data import Preprocessor, check_input_channels, detect_columns
+from ..models import as_model_inputs, input_channels_of, num_labels_of, weights_fingerprint
 from ..provenance import record_provenance
 from ..scores.batch import score_batch, validate_methods
+from ..scores.registry import varies_with_the_model
+from ..validation import check_positive_int
 from .process import get_process_state
 from .store import (
     check_or_write_config,
@@ -349,6 +351,7 @@ def score_dataset(
         raise ValueError(f"mixed_precision must be None, 'no' or 'bf16', got {mixed_precision!r}.")
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1 (batches between two shard writes), got {save_every}.")
+    check_positive_int("batch_size", batch_size)
     autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
     input_column, kind, label_column = detect_columns(
         dataset, image_column=image_column, text_column=text_column, label_column=label_column
@@ -372,6 +375,8 @@ def score_dataset(
             seed_model = model_init(seed)
         else:
             seed_model = copy.deepcopy(model) if train_epochs > 0 else model
+        if seed == seeds[0]:
+            check_input_channels(dataset, preprocessor, input_channels_of(seed_model))
         identities.append(_model_identity(seed_model))
         seed_dir = output_dir / f"seed-{seed}" if output_dir is not None else None
         if output_dir is not None and seed == seeds[0]:
@@ -459,7 +464,7 @@ def score_dataset(
     for method in methods:
         stacked = np.stack([scores[method] for scores in per_seed]).astype(np.float64)
         scored = scored.add_column(method, stacked.mean(axis=0).astype(np.float32))
-        if len(seeds) > 1:
+        if len(seeds) > 1 and varies_with_the_model(method):
             scored = scored.add_column(f"{method}_std", stacked.std(axis=0).astype(np.float32))
     return record_provenance(scored, scoring=provenance)
 

@@ -15,6 +15,7 @@ import numpy as np
 from datasets import Dataset, Features, IterableDataset, Value
 
 from ..data import column_values
+from ..scores.registry import varies_with_the_model
 
 __all__ = [
     "SCORING_CONFIG_FILE",
@@ -314,7 +315,7 @@ def load_scores(output_dir: str | os.PathLike, *, row_id_column: str = "row_id")
     for method in methods:
         mean = totals.pop(method) / len(seeds)
         columns[method] = mean.astype(np.float32)
-        if len(seeds) > 1:
+        if len(seeds) > 1 and varies_with_the_model(method):
             variance = np.maximum(squares.pop(method) / len(seeds) - mean**2, 0.0)  # population variance
             columns[f"{method}_std"] = np.sqrt(variance).astype(np.float32)
     # Typed numpy columns become int64 / float32 Arrow columns directly; passing `features` would encode every value

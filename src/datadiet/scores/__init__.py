@@ -7,7 +7,7 @@ from .functional import el2n, entropy, input_norm, loss, margin
 from .grad_norms import grand, per_example_grad_norms
 from .gradients import RandomProjector, per_example_gradients, tracin_self_influence
 from .logits import forward_logits, unwrap_logits
-from .registry import ScoreSpec, get_score, get_score_spec, list_scores, register_score
+from .registry import ScoreSpec, get_score, get_score_spec, list_scores, register_score, varies_with_the_model
 from .trackers import (
     TrainingDynamics,
     area_under_margin,
@@ -42,6 +42,7 @@ __all__ = [
     "register_score",
     "score_batch",
     "tracin_self_influence",
+    "varies_with_the_model",
     "training_quantities",
     "unwrap_logits",
     "validate_methods",

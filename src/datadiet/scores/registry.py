@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["ScoreSpec", "register_score", "get_score", "get_score_spec", "list_scores"]
+__all__ = ["ScoreSpec", "register_score", "get_score", "get_score_spec", "list_scores", "varies_with_the_model"]
 
 # What a score needs from a batch: the logits (and labels), the model inputs, or the model itself (gradients).
 _NEEDS = ("logits", "inputs", "gradients")
@@ -73,3 +73,10 @@ def get_score(name: str) -> Callable:
 def list_scores() -> list[str]:
     """The names of all registered scores, sorted."""
     return sorted(_REGISTRY)
+
+
+def varies_with_the_model(name: str) -> bool:
+    """Whether the score `name` depends on the model (and so spreads over seeds). A score of the inputs alone, such as
+    `input_norm`, is the same for every seed: it gets no `<name>_std` column. Names that are not registered scores
+    (e.g. tracked summaries) are taken to depend on the model."""
+    return name not in _REGISTRY or _REGISTRY[name].needs != "inputs"

@@ -10,15 +10,18 @@ import numpy as np
 from datasets import Dataset
 
 from ..provenance import record_provenance
+from ..validation import check_fraction, check_keep
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "budget_from_keep",
+    "check_prune_options",
     "hardness",
     "list_strategies",
     "prune",
     "register_strategy",
+    "score_columns",
     "select_indices",
     "stratified_split",
 ]
@@ -111,15 +114,64 @@ def _keep_stratified(
     return np.concatenate(chosen)
 
 
+def score_columns(dataset: Dataset) -> list[str]:
+    """The columns of `dataset` that can be pruned by: numeric columns other than the label column (registered scores,
+    tracked scores, their `_std` columns, or any float column of your own).
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from datadiet.selection.strategies import score_columns
+    >>> score_columns(Dataset.from_dict({"image": ["a"], "label": [0], "el2n": [0.5]}))
+    ['el2n']
+
+    ```
+    """
+    from datasets import ClassLabel, Value
+
+    from ..scores.registry import list_scores
+    from ..scores.trackers import TRACKED_SCORES
+
+    known = set(list_scores()) | set(TRACKED_SCORES)
+    found = []
+    for name, feature in dataset.features.items():
+        if isinstance(feature, ClassLabel) or name in ("label", "labels") or not isinstance(feature, Value):
+            continue
+        base = name[: -len("_std")] if name.endswith("_std") else name
+        if feature.dtype.startswith("float") or (base in known and feature.dtype.startswith(("int", "uint"))):
+            found.append(name)
+    return found
+
+
+def _check_score_column(dataset: Dataset, by: str) -> None:
+    """Refuse a `by` that is not a numeric score column, saying which columns are."""
+    from datasets import ClassLabel, Value
+
+    present = score_columns(dataset)
+    instead = (
+        f"prune by a score column: {', '.join(present)}"
+        if present
+        else "the dataset has no score column yet: score it first (`datadiet score` or datadiet.score_dataset)"
+    )
+    if by not in dataset.column_names:
+        raise ValueError(f"Column {by!r} is not in the dataset (its columns are {dataset.column_names}): {instead}.")
+    feature = dataset.features[by]
+    if isinstance(feature, ClassLabel) or by in ("label", "labels"):
+        raise ValueError(
+            f"Column {by!r} holds the class labels, not a score: {instead} (class_balanced=True keeps the classes' "
+            "proportions)."
+        )
+    if not isinstance(feature, Value) or not feature.dtype.startswith(("float", "int", "uint")):
+        kind = type(feature).__name__ if not isinstance(feature, Value) else feature.dtype
+        raise ValueError(f"Column {by!r} holds {kind} values, not a numeric score: {instead}.")
+
+
 def hardness(dataset: Dataset, by: str) -> np.ndarray:
     """The column `by` as float64, oriented so that higher = harder (a registered score whose low values are hard,
-    such as `margin`, is negated)."""
+    such as `margin`, is negated). The label column and non-numeric columns are refused."""
     from ..data import column_values
 
-    if by not in dataset.column_names:
-        raise ValueError(
-            f"Column {by!r} is not in the dataset; its columns are {dataset.column_names}. Score it first."
-        )
+    _check_score_column(dataset, by)
     values = np.asarray(column_values(dataset, by), dtype=np.float64)
     if values.ndim != 1:
         raise ValueError(f"Column {by!r} must hold one number per row, not shape {values.shape[1:]}.")
@@ -164,14 +216,11 @@ def budget_from_keep(keep: float | int, num_rows: int) -> int:
 
     ```
     """
-    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):
-        raise ValueError(f"keep must be a fraction in (0, 1] or a row count, got {keep!r}.")
-    if isinstance(keep, (int, np.integer)):
-        if not 1 <= keep <= num_rows:
-            raise ValueError(f"keep={keep} rows is outside [1, {num_rows}] (the dataset has {num_rows} rows).")
-        return int(keep)
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep} is outside (0, 1]: give a fraction such as 0.5, or an integer row count.")
+    keep = check_keep(keep)
+    if isinstance(keep, int):
+        if keep > num_rows:
+            raise ValueError(f"keep={keep} rows is more than the dataset's {num_rows} rows: give at most {num_rows}.")
+        return keep
     return max(1, int(round(keep * num_rows)))
 
 
@@ -194,6 +243,54 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
         take = min(len(rows) - 1, max(1, int(round(fraction * len(rows))))) if len(rows) > 1 else 0
         chosen.append(rng.choice(rows, size=take, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def check_prune_options(
+    keep: float | int,
+    *,
+    strategy: str = "hardest",
+    offset: float = 0.0,
+    hard_cutoff: float = 0.0,
+    num_rows: int | None = None,
+) -> float | int:
+    """The one validation of `prune`'s options, shared by `prune` and `datadiet prune`: a known strategy, `keep` a
+    fraction in (0, 1] or a row count (returned normalised, see `datadiet.validation.check_keep`), `offset` and
+    `hard_cutoff` in [0, 1), and a window or stratified cut that leaves room for `keep` (`offset + keep <= 1`, never
+    silently moved). With `num_rows`, row counts are checked against the dataset too.
+
+    Example:
+    ```python
+    >>> from datadiet.selection.strategies import check_prune_options
+    >>> check_prune_options(0.5, strategy="window", offset=0.8)
+    Traceback (most recent call last):
+        ...
+    ValueError: window: offset=0.8 skips 80% of the rows, leaving 20%, less than keep=0.5. Lower the offset to at most 0.5, or keep at most 0.2.
+
+    ```
+    """
+    if strategy not in _STRATEGIES:
+        raise _unknown_strategy(strategy)
+    keep = check_keep(keep)
+    check_fraction("offset", offset)
+    check_fraction("hard_cutoff", hard_cutoff)
+    skipped = {"window": ("offset", offset), "stratified": ("hard_cutoff", hard_cutoff)}.get(strategy)
+    if skipped is None or skipped[1] == 0:
+        return keep
+    name, skip = skipped
+    if isinstance(keep, int):
+        if num_rows is None:
+            return keep
+        if keep > num_rows:
+            budget_from_keep(keep, num_rows)  # raises, naming the row count
+        fraction = keep / num_rows
+    else:
+        fraction = keep
+    if skip + fraction > 1 + 1e-9:
+        raise ValueError(
+            f"{strategy}: {name}={skip:g} skips {skip:.0%} of the rows, leaving {1 - skip:.0%}, less than "
+            f"keep={keep}. Lower the {name} to at most {1 - fraction:g}, or keep at most {1 - skip:g}."
+        )
+    return keep
 
 
 def select_indices(
@@ -273,12 +370,7 @@ def prune(
     num_rows = len(dataset)
     if num_rows == 0:
         raise ValueError("The dataset is empty: there is nothing to prune.")
-    if strategy not in _STRATEGIES:
-        raise _unknown_strategy(strategy)
-    if not 0.0 <= offset < 1.0:
-        raise ValueError(f"offset={offset} is outside [0, 1).")
-    if not 0.0 <= hard_cutoff < 1.0:
-        raise ValueError(f"hard_cutoff={hard_cutoff} is outside [0, 1).")
+    keep = check_prune_options(keep, strategy=strategy, offset=offset, hard_cutoff=hard_cutoff, num_rows=num_rows)
     if by is None:
         if strategy != "random":
             raise ValueError(f"strategy={strategy!r} needs a score column: pass by='el2n' (or another column).")

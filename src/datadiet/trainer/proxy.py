@@ -13,8 +13,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.trainer_callback import PrinterCallback
 
-from ..data import Preprocessor, detect_columns, training_view
-from ..models import ClassifierWrapper, as_model_inputs, forward_logits
+from ..data import Preprocessor, check_input_channels, detect_columns, training_view
+from ..models import ClassifierWrapper, as_model_inputs, forward_logits, input_channels_of
+from ..validation import check_positive_int
 from .config import DataDietConfig
 from .trainer import DataDietTrainer
 
@@ -170,7 +171,9 @@ def fit(
     """
     if (epochs is None) == (max_steps is None):
         raise ValueError("Give exactly one training budget: epochs=... or max_steps=... .")
+    check_positive_int("batch_size", batch_size)
     preprocessor = _preprocessor_of(dataset, preprocessor, transform, image_column, text_column, label_column)
+    check_input_channels(dataset, preprocessor, input_channels_of(model))
     if max_steps is not None:
         training_kwargs["max_steps"] = int(max_steps)
     training_kwargs.setdefault("disable_tqdm", not progress_bar)
@@ -202,6 +205,7 @@ def evaluate_accuracy(
     `preprocessor`), through the packaged `evaluate` accuracy metric."""
     from ..metrics import load_metric
 
+    check_positive_int("batch_size", batch_size)
     preprocessor = _preprocessor_of(dataset, preprocessor, transform, image_column, text_column, label_column)
     source = dataset.select_columns(preprocessor.columns).with_format(None)
     metric = load_metric("accuracy")
