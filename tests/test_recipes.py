@@ -121,9 +121,13 @@ def test_every_readme_command_runs(readme, tmp_path, monkeypatch):
     has_gpu = torch.cuda.is_available()
     for command in commands:
         launcher, arguments, subcommand = _split(command)
-        arguments = [*arguments, *TINY[subcommand]]
+        tiny = TINY[subcommand]
+        if "--epochs" in arguments:  # a budget in epochs stays one (max_steps with epochs is refused)
+            tiny = [*tiny[: tiny.index("--max_steps")], "--epochs", "0.05", *tiny[tiny.index("--max_steps") + 2 :]]
+        arguments = [*arguments, *tiny]
         if launcher and any(Path(t).name in GPU_CONFIGS for t in launcher) and not has_gpu:
             _check_gpu_command(launcher, arguments)
+            continue  # parsed, not run: nothing to read back
         elif launcher:
             _launch(launcher, arguments, root)
         else:
