@@ -22,7 +22,8 @@ MNIST_TRAIN = SHARED_DATA / "mnist" / "train-00000-of-00001.parquet"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def _require(path: Path) -> None:
+def require_shared_data(path: Path) -> None:
+    """Skip the test when a shared data file is absent (fail instead under CI, where ../shared must be there)."""
     if path.exists():
         return
     message = f"shared data file {path} is absent (tests on real CIFAR-10/MNIST need ../shared/data)"
@@ -35,7 +36,7 @@ def _require(path: Path) -> None:
 @pytest.fixture(scope="session")
 def cifar10_train():
     """The first 2,000 rows of the real CIFAR-10 training split (Image column `img`, ClassLabel `label`)."""
-    _require(CIFAR10_TRAIN)
+    require_shared_data(CIFAR10_TRAIN)
     from datasets import load_dataset
 
     return load_dataset("parquet", data_files={"train": str(CIFAR10_TRAIN)}, split="train").select(range(2000))

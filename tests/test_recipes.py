@@ -1,96 +1,171 @@
-"""Every dataset recipe folder runs end to end on a tiny slice: score -> prune -> train (timm) -> train (ViT), with
-the recipe's own models, transforms and arguments, only the sizes and budgets shrunk."""
+"""Every command in the fenced `bash` blocks of every `recipes/*/README.md` runs, in the README's order, as a user
+would copy it — the `datadiet` commands through the command's own entry point, the `accelerate launch` / `torchrun`
+ones as real launches of two CPU processes — on a slice of the data with a tiny budget (flags appended to the
+copied command, which override the recipe's sizes and nothing else). A README command that stops working fails here.
+"""
+
+from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import CIFAR10_TRAIN, MNIST_TRAIN
-from datasets import load_from_disk
+from conftest import SHARED_DATA, require_shared_data
+from datasets import load_dataset, load_from_disk
 
 from datadiet.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+READMES = sorted((REPO / "recipes").glob("*/README.md"))
+BIN = Path(sys.executable).parent
+
+# Appended to each copied command: a slice of the data, one seed, a few steps. Only sizes and budgets change.
+TINY = {
+    "score": ["--max_rows", "48", "--seeds", "0", "--train_epochs", "0.5", "--batch_size", "16"],
+    "prune": [],
+    "push": [],
+    "train": ["--max_eval_rows", "32", "--max_steps", "2", "--batch_size", "8", "--seeds", "0"],
+    "report": [
+        *("--max_rows", "64", "--max_eval_rows", "32", "--scores", "el2n", "--strategies", "hardest"),
+        *("--keep_fractions", "0.5", "--scoring_seeds", "0", "--scoring_epochs", "1", "--seeds", "0"),
+        # The curve's one-cycle schedule needs 5 steps: 64 rows at batch 8 give each proxy 8.
+        *("--max_steps", "5", "--batch_size", "8", "--eval_batch_size", "64"),
+    ],
+}
+# Configs that need GPUs: on a machine without one, their commands are parsed (launcher and datadiet flags), not run.
+GPU_CONFIGS = {"single_gpu.yaml", "multi_gpu.yaml", "fsdp.yaml"}
 
 
-@pytest.mark.parametrize("folder", ["digits", "mnist", "cifar10"])
-def test_recipe_folder_smoke_runs(folder, tmp_path, monkeypatch):
-    needed = {"mnist": MNIST_TRAIN, "cifar10": CIFAR10_TRAIN}.get(folder)
-    if needed is not None and not needed.exists():
-        pytest.skip(f"shared data file {needed} is absent (the {folder} recipes read ../shared/data)")
-    monkeypatch.chdir(REPO)  # recipes give data paths relative to the repository root
-    recipes = REPO / "recipes" / folder
-    scores, pruned = tmp_path / "scores", tmp_path / "pruned"
-    assert (
-        main(
-            [
-                "score",
-                "--config",
-                str(recipes / "score.yaml"),
-                "--max_rows",
-                "48",
-                "--seeds",
-                "0",
-                "1",
-                "--train_epochs",
-                "0.5",
-                "--batch_size",
-                "16",
-                "--output_dir",
-                str(scores),
-            ]
-        )
-        == 0
+def readme_commands(readme: Path) -> list[str]:
+    """The commands of the fenced `bash` blocks of `readme`, in order: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", readme.read_text(), flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            if shlex.split(line, comments=True):
+                commands.append(line.strip())
+    return commands
+
+
+def _split(command: str) -> tuple[list[str], list[str], str]:
+    """(launcher tokens, datadiet arguments starting with the subcommand, subcommand) of a README command."""
+    tokens = shlex.split(command, comments=True)
+    if tokens[:2] == ["nice", "-n"]:
+        tokens = tokens[3:]
+    if tokens[0] == "datadiet":
+        launcher, arguments = [], tokens[1:]
+    elif tokens[0] in ("accelerate", "torchrun") and "-m" in tokens:
+        position = tokens.index("-m")
+        assert tokens[position + 1] == "datadiet.cli", f"{command!r} does not run datadiet.cli"
+        launcher, arguments = tokens[:position], tokens[position + 2 :]
+    else:
+        pytest.fail(f"{command!r}: teach tests/test_recipes.py how to run this kind of command")
+    return launcher, arguments, arguments[0]
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _launch(launcher: list[str], arguments: list[str], cwd: Path) -> None:
+    if launcher[0] == "accelerate":
+        launcher = [str(BIN / "accelerate"), "launch", "--main_process_port", _free_port(), *launcher[2:]]
+    else:
+        launcher = [str(BIN / "torchrun"), "--master_port", _free_port(), *launcher[1:]]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = subprocess.run(
+        [*launcher, "-m", "datadiet.cli", *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
-    scored = load_from_disk(str(scores / "dataset"))
-    assert len(scored) == 48
-    from datadiet import read_provenance
+    assert run.returncode == 0, f"{shlex.join(launcher)} failed:\n{run.stderr[-3000:]}"
 
-    methods = read_provenance(scored)["scoring"]["methods"]
-    assert all(method in scored.column_names for method in methods)
-    # A spread over the two seeds for every score that depends on the model; none for a score of the inputs alone.
-    with_spread = [method for method in methods if f"{method}_std" in scored.column_names]
-    assert with_spread == [method for method in methods if method != "input_norm"]
-    assert (
-        main(
-            [
-                "prune",
-                "--config",
-                str(recipes / "prune.yaml"),
-                "--dataset_name",
-                str(scores),
-                "--output_dir",
-                str(pruned),
-            ]
-        )
-        == 0
-    )
-    kept = load_from_disk(str(pruned))
-    assert 0 < len(kept) < 48
-    for recipe in ("train_timm.yaml", "train_vit.yaml"):
-        out = tmp_path / recipe
-        assert (
-            main(
-                [
-                    "train",
-                    "--config",
-                    str(recipes / recipe),
-                    "--dataset_name",
-                    str(pruned),
-                    "--max_eval_rows",
-                    "32",
-                    "--max_steps",
-                    "2",
-                    "--batch_size",
-                    "8",
-                    "--seeds",
-                    "0",
-                    "--output_dir",
-                    str(out),
-                ]
-            )
-            == 0
-        )
-        results = json.loads((out / "results.json").read_text())
-        assert results["train_rows"] == len(kept) and results["test_rows"] == 32
-        assert 0.0 <= results["accuracy_mean"] <= 1.0 and (out / "data_map.png").exists()
+
+def _check_gpu_command(launcher: list[str], arguments: list[str]) -> None:
+    """Without a GPU: the launcher's flags parse, its config file exists, and the datadiet flags parse."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from datadiet.cli.parsing import parse_config
+    from datadiet.cli.score import ScoreArguments
+    from datadiet.cli.train import TrainArguments
+
+    parsed = launch_command_parser().parse_args([*launcher[2:], "-m", "datadiet.cli"])
+    assert Path(parsed.config_file).exists(), parsed.config_file
+    parse_config(({"score": ScoreArguments, "train": TrainArguments}[arguments[0]],), arguments[1:])
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: p.parent.name)
+def test_every_readme_command_runs(readme, tmp_path, monkeypatch):
+    commands = readme_commands(readme)
+    assert commands, f"{readme} has no ```bash block"
+    data = [Path(m) for c in commands for m in re.findall(r"\.\./shared/data/\S+\.parquet", c)]
+    data += [Path(m) for r in re.findall(r"recipes/\w+/\w+\.yaml", " ".join(commands)) for m in _data_files(r)]
+    for path in {SHARED_DATA / p.relative_to("../shared/data") for p in data}:
+        require_shared_data(path)
+    # A scratch repository root: the READMEs' relative paths (recipes/, ../shared/data, outputs/) resolve as in a
+    # clone, and everything a command writes (outputs/, docs/curves/) lands in the scratch folder.
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "recipes").symlink_to(REPO / "recipes")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
+    monkeypatch.chdir(root)
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    for command in commands:
+        launcher, arguments, subcommand = _split(command)
+        tiny = TINY[subcommand]
+        if "--epochs" in arguments:  # a budget in epochs stays one (max_steps with epochs is refused)
+            tiny = [*tiny[: tiny.index("--max_steps")], "--epochs", "0.05", *tiny[tiny.index("--max_steps") + 2 :]]
+        arguments = [*arguments, *tiny]
+        if launcher and any(Path(t).name in GPU_CONFIGS for t in launcher) and not has_gpu:
+            _check_gpu_command(launcher, arguments)
+            continue  # parsed, not run: nothing to read back
+        elif launcher:
+            _launch(launcher, arguments, root)
+        else:
+            assert main(arguments) == 0, command
+        _check_output(subcommand, arguments)
+
+
+def _data_files(recipe: str) -> list[str]:
+    import yaml
+
+    values = yaml.safe_load((REPO / recipe).read_text())
+    return [v for k, v in values.items() if k.endswith("data_files") and isinstance(v, str)]
+
+
+def _option(arguments: list[str], name: str, recipe_key: str | None = None) -> str:
+    """The value `name` takes: the last flag given, else the recipe's (`--config`) value."""
+    flags = [arguments[i + 1] for i, a in enumerate(arguments[:-1]) if a == f"--{name}"]
+    if flags:
+        return flags[-1]
+    import yaml
+
+    return str(yaml.safe_load(Path(arguments[arguments.index("--config") + 1]).read_text())[recipe_key or name])
+
+
+def _check_output(subcommand: str, arguments: list[str]) -> None:
+    """What each command wrote, read back independently of datadiet."""
+    output = Path(_option(arguments, "output_dir"))
+    if subcommand == "score":
+        scored = load_from_disk(str(output / "dataset"))
+        assert len(scored) == 48 and "el2n" in scored.column_names
+    elif subcommand == "prune":
+        assert 0 < len(load_from_disk(str(output))) < 48
+    elif subcommand == "push":
+        card = (output / "README.md").read_text()
+        assert len(load_dataset(str(output), split="train")) == len(load_from_disk(_option(arguments, "dataset_path")))
+        assert "datadiet:" in card and "The exact command was not recorded" not in card
+    elif subcommand == "train":
+        results = json.loads((output / "results.json").read_text())
+        assert results["test_rows"] == 32 and 0.0 <= results["accuracy_mean"] <= 1.0
+    elif subcommand == "report":
+        assert (output / "curve.md").exists() and (output / "runs.jsonl").read_text().count("\n") >= 3

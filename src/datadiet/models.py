@@ -18,6 +18,7 @@ __all__ = [
     "forward_logits",
     "input_channels_of",
     "model_accepts_keyword",
+    "model_name_of",
     "num_labels_of",
     "unwrap_logits",
     "weights_fingerprint",
@@ -66,6 +67,31 @@ def num_labels_of(model: nn.Module) -> int | None:
     if getattr(model, "num_classes", None) is not None:
         return int(model.num_classes)
     return None
+
+
+def model_name_of(model: nn.Module) -> str:
+    """The name a person would rebuild `model` by: the timm architecture (`"resnet10t"`, from `pretrained_cfg`), the
+    transformers checkpoint or model type (`"vit"`), else the class name.
+
+    Example:
+    ```python
+    >>> import timm
+    >>> from datadiet.models import model_name_of
+    >>> model_name_of(timm.create_model("test_resnet", num_classes=3)), type(timm.create_model("test_resnet")).__name__
+    ('test_resnet', 'ResNet')
+
+    ```
+    """
+    model = getattr(model, "model", model) if isinstance(model, ClassifierWrapper) else model
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if isinstance(architecture, str) and architecture:
+        return architecture
+    config = getattr(model, "config", None)
+    for name in ("_name_or_path", "model_type"):
+        value = getattr(config, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return type(model).__name__
 
 
 class ClassifierWrapper(nn.Module):

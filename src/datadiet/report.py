@@ -12,7 +12,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_data_map", "plot_image_grid", "plot_pruning_curve", "plot_score_histogram"]
+__all__ = ["histogram_count_scale", "plot_data_map", "plot_image_grid", "plot_pruning_curve", "plot_score_histogram"]
 
 
 def _pyplot():
@@ -37,10 +37,35 @@ def _save(fig, path: str | Path, title: str | None = None) -> Path:
     return path
 
 
+def histogram_count_scale(values: Sequence[float], *, bins: int = 50, crowded: float = 0.25) -> str:
+    """`"log"` when a histogram of the finite `values` in `bins` equal bins would put more than `crowded` of them in
+    one bin (a skewed score such as EL2N after training, where most examples are easy and the informative tail would
+    be a row of invisible bars on a linear axis), else `"linear"`.
+
+    Example:
+    ```python
+    >>> import numpy as np
+    >>> from datadiet.report import histogram_count_scale
+    >>> rng = np.random.default_rng(0)
+    >>> histogram_count_scale(rng.random(1000)), histogram_count_scale(rng.exponential(size=1000) ** 4)
+    ('linear', 'log')
+
+    ```
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return "linear"
+    counts, _ = np.histogram(values, bins=bins)
+    return "log" if counts.max() > crowded * values.size else "linear"
+
+
 def plot_score_histogram(
     scores: dict[str, Sequence[float]] | Sequence[float], path: str | Path, *, bins: int = 50, title: str | None = None
 ) -> Path:
-    """Write a PNG histogram of one or several score columns (one panel each) and return its path.
+    """Write a PNG histogram of one or several score columns (one panel each) and return its path. A skewed score
+    (more than a quarter of the rows in one bin, see [`histogram_count_scale`]) gets a log-scaled count axis, and its
+    axis label says so.
 
     Example:
     ```python
@@ -59,9 +84,12 @@ def plot_score_histogram(
     fig, axes = plt.subplots(1, len(scores), figsize=(4.5 * len(scores), 3.2), squeeze=False)
     for ax, (name, values) in zip(axes[0], scores.items()):
         values = np.asarray(values, dtype=np.float64)
-        ax.hist(values[np.isfinite(values)], bins=bins, color="#4c72b0")
+        values = values[np.isfinite(values)]
+        scale = histogram_count_scale(values, bins=bins)
+        # log=True draws each bar from 1 and puts a count of 1 visibly above an empty bin.
+        ax.hist(values, bins=bins, color="#4c72b0", log=scale == "log")
         ax.set_xlabel(name)
-        ax.set_ylabel("examples")
+        ax.set_ylabel("examples (log scale)" if scale == "log" else "examples")
     return _save(fig, path, title)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Preprocessor, check_input_channels, detect_columns
-from ..models import as_model_inputs, input_channels_of, num_labels_of, weights_fingerprint
+from ..models import as_model_inputs, input_channels_of, model_name_of, num_labels_of, weights_fingerprint
 from ..provenance import record_provenance
 from ..scores.batch import score_batch, validate_methods
 from ..scores.registry import varies_with_the_model
@@ -367,7 +367,7 @@ def score_dataset(
 
     per_seed: list[dict[str, np.ndarray]] = []
     identities = []
-    for seed in seeds:
+    for position, seed in enumerate(seeds, start=1):
         if model_init is not None:
             from transformers import set_seed
 
@@ -405,6 +405,8 @@ def score_dataset(
             else:
                 from ..trainer.proxy import fit  # transformers loads only when a proxy trains
 
+                which = f"seed {seed} ({position} of {len(seeds)})"
+                logger.info("Training proxy %s for %s epochs.", which, train_epochs)
                 seed_model = fit(
                     seed_model,
                     dataset,
@@ -413,7 +415,8 @@ def score_dataset(
                     seed=seed,
                     batch_size=batch_size,
                     output_dir=seed_dir / "training" if seed_dir else None,
-                    progress_bar=False,
+                    progress_bar=state.is_local_main_process,
+                    progress_description=f"Training proxy {which}",
                     **(training_kwargs or {}),
                 )
                 if weights is not None and state.is_main_process:
@@ -443,7 +446,7 @@ def score_dataset(
                 _score_model(seed_model, dataset, methods, preprocessor, shard_dir=shard_dir, keys=keys, **common)
             )
 
-    model_description = type(model if model is not None else seed_model).__name__
+    model_description = model_name_of(model if model is not None else seed_model)
     config_of = getattr(model if model is not None else seed_model, "config", None)
     provenance = {
         "methods": methods,

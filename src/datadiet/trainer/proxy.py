@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import Preprocessor, check_input_channels, detect_columns, training_view
 from ..models import ClassifierWrapper, as_model_inputs, forward_logits, input_channels_of
@@ -33,6 +33,7 @@ def train_proxy_model(
     output_dir: str | None = None,
     data_collator=None,
     return_trainer: bool = False,
+    progress_description: str | None = None,
     **config_overrides,
 ) -> nn.Module | tuple[nn.Module, DataDietTrainer]:
     """Train `model` on `train_dataset` with [`DataDietTrainer`] and return it in eval mode: the proxy models that
@@ -52,6 +53,7 @@ def train_proxy_model(
         data_collator: the collator (default: `transformers.default_data_collator`).
         return_trainer: also return the trainer, e.g. for its `scores` when `track_scores` is given (no score is
             tracked by default).
+        progress_description: the label of the Trainer's progress bar (shown when `disable_tqdm=False` is given).
         config_overrides: any other [`DataDietConfig`] field, e.g. `optim="sgd"`, `weight_decay=5e-4`,
             `track_scores=["confidence", "variability", "correctness"]`.
 
@@ -90,9 +92,24 @@ def train_proxy_model(
         trainer = DataDietTrainer(trainable, config, train_dataset=train_dataset, data_collator=data_collator)
         # With the progress bar off, the Trainer prints its logs; a proxy model is trained quietly.
         trainer.remove_callback(PrinterCallback)
+        if progress_description is not None and trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(_LabelledProgressCallback(progress_description))
         trainer.train()
     model.eval()
     return (model, trainer) if return_trainer else model
+
+
+class _LabelledProgressCallback(ProgressCallback):
+    """The Trainer's progress bar with a label saying what trains (a bare `200/200` does not)."""
+
+    def __init__(self, description: str):
+        super().__init__()
+        self.description = description
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.description)
 
 
 def _preprocessor_of(
@@ -136,6 +153,7 @@ def fit(
     text_column: str | None = None,
     label_column: str | None = None,
     progress_bar: bool = True,
+    progress_description: str | None = None,
     **training_kwargs,
 ) -> nn.Module:
     """Train `model` on `dataset` with `DataDietTrainer` for `max_steps` optimiser steps (a fixed budget, fair
@@ -151,6 +169,7 @@ def fit(
         epochs (`float`, *optional*) / max_steps (`int`, *optional*): the training budget; give exactly one.
         progress_bar (`bool`, *optional*, defaults to `True`): show the Trainer's progress bar (unless
             `training_kwargs` sets `disable_tqdm`).
+        progress_description (`str`, *optional*): the bar's label, e.g. `"Training on the random 50% (674 rows)"`.
         training_kwargs: `return_trainer` or any [`DataDietConfig`] field, passed to [`train_proxy_model`].
 
     Example (an array column, named; or an already built `Preprocessor`):
@@ -185,6 +204,7 @@ def fit(
         batch_size=batch_size,
         learning_rate=learning_rate,
         output_dir=str(output_dir) if output_dir else None,
+        progress_description=progress_description,
         **training_kwargs,
     )
 
