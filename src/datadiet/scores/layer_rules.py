@@ -10,7 +10,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LAYER_OPS", "LayerCall", "as_float", "backward_rule"]
+__all__ = [
+    "LAYER_OPS",
+    "LayerCall",
+    "as_float",
+    "backward_rule",
+    "conv_rule_choice",
+    "conv_weight_sq_norms",
+    "linear_rule_choice",
+    "matmul_sq_norms",
+]
 
 # Temporary memory one layer's norm computation may take at once; larger work is split into groups of examples.
 _WORKSPACE_BYTES = 256 * 2**20
@@ -120,7 +129,7 @@ def linear_rule(tracer, record: LayerCall, a: torch.Tensor, g: torch.Tensor) -> 
     if record.weight is None:
         return
     if tracer.exclusive(record.weight):
-        tracer.add_sq(_matmul_sq_norms(a, g))
+        tracer.add_sq(matmul_sq_norms(a, g, record.options.get("rule")))
         return
     gw = torch.bmm(a.transpose(1, 2), g) if record.options.get("transposed") else torch.bmm(g.transpose(1, 2), a)
     tracer.accumulate(record.weight, gw)
@@ -145,7 +154,7 @@ def conv_rule(tracer, record: LayerCall, a: torch.Tensor, g: torch.Tensor) -> No
         return
     groups = opts["groups"]
     if tracer.exclusive(record.weight):
-        tracer.add_sq(_conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups))
+        tracer.add_sq(conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups, opts.get("rule")))
     else:
         tracer.accumulate(record.weight, _conv_weight_grads(a, g, weight_shape, stride, dilation, groups))
 
@@ -249,16 +258,22 @@ def _patches(a: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
     return view.reshape(B, Ho * Wo, C * kh * kw)
 
 
-def _matmul_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def linear_rule_choice(T: int, d_in: int, d_out: int) -> str:
+    """`"ghost"` or `"materialised"`: the cheaper way to a linear layer's per-example weight-gradient norms for `T`
+    positions per example, by multiply-adds: ghost T²(d_in + d_out), materialised T·d_in·d_out."""
+    return "ghost" if T * (d_in + d_out) < d_in * d_out else "materialised"
+
+
+def matmul_sq_norms(a: torch.Tensor, g: torch.Tensor, rule: str | None = None) -> torch.Tensor:
     """‖Σ_t g_t a_tᵀ‖² per example for `a` `[B, T, d_in]` and `g` `[B, T, d_out]` (a linear layer's weight gradient),
-    choosing by cost between the ghost form ⟨aaᵀ, ggᵀ⟩ (cost T²(d_in + d_out)) and the materialised gradient
-    (cost T·d_in·d_out)."""
+    by the ghost form ⟨aaᵀ, ggᵀ⟩ or the materialised gradient: `rule` (`"ghost"`, `"materialised"`, or None to choose
+    by `linear_rule_choice`)."""
     B, T, d_in = a.shape
     d_out = g.shape[2]
-    if T == 1:
+    if T == 1 and rule is None:
         return a.square().sum((1, 2)) * g.square().sum((1, 2))
     out = a.new_empty(B)
-    if T * (d_in + d_out) < d_in * d_out:
+    if (rule or linear_rule_choice(T, d_in, d_out)) == "ghost":
         for s in _example_chunks(B, 8 * T * T):
             out[s] = (torch.bmm(a[s], a[s].transpose(1, 2)) * torch.bmm(g[s], g[s].transpose(1, 2))).sum((1, 2))
     else:
@@ -267,15 +282,23 @@ def _matmul_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups) -> torch.Tensor:
-    """Squared norms of per-example conv2d weight gradients (`a` already padded), ghost or materialised by cost."""
+def conv_rule_choice(T: int, K: int, out_channels: int, groups: int) -> str:
+    """`"ghost"` or `"materialised"`: the cheaper way to a convolution's per-example weight-gradient norms for `T`
+    output positions and `K` = in_channels·kh·kw, by multiply-adds: ghost T²(K + O) + T·K (the patches),
+    materialised T·K·O/groups. Grouped convolutions are always materialised."""
+    ghost_cost = T * T * (K + out_channels) + T * K
+    materialised_cost = T * K * out_channels / groups
+    return "materialised" if groups != 1 or materialised_cost <= ghost_cost else "ghost"
+
+
+def conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups, rule: str | None = None) -> torch.Tensor:
+    """Squared norms of per-example conv2d weight gradients (`a` already padded), by the ghost form or the
+    materialised gradient: `rule` (`"ghost"`, `"materialised"`, or None to choose by `conv_rule_choice`)."""
     B = a.shape[0]
     out_channels, in_per_group, kh, kw = weight_shape
     T = g.shape[2] * g.shape[3]
     K = in_per_group * kh * kw * groups
-    ghost_cost = T * T * (K + out_channels) + T * K
-    materialised_cost = T * K * out_channels / groups
-    if groups != 1 or materialised_cost <= ghost_cost:
+    if groups != 1 or (rule or conv_rule_choice(T, K, out_channels, groups)) == "materialised":
         result = a.new_empty(B)
         for s in _example_chunks(B, 4 * (T * K + out_channels * K / groups)):
             grads = _conv_weight_grads(a[s], g[s], weight_shape, stride, dilation, groups)
