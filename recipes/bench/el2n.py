@@ -30,20 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import discipline  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
-from discipline import (  # noqa: E402
-    alternate,
-    cores,
-    fmt,
-    load_average,
-    machine_busy,
-    markdown_table,
-    round_ratios,
-    spread,
-    verdict,
-)
 
 from datadiet import score_dataset  # noqa: E402
 from datadiet.data import Preprocessor, build_image_transform, detect_columns  # noqa: E402
@@ -66,7 +56,7 @@ def main():
         parser.error(f"--rounds {args.rounds}: at least 9 rounds are needed for a spread worth reporting.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = load_average()
+    load_before = discipline.load_average()
     dataset = load_dataset(
         "parquet", data_files={"train": str(DATA / "cifar10/train-00000-of-00001.parquet")}, split="train"
     ).select(range(args.rows))
@@ -120,24 +110,26 @@ def main():
     }
     for run in runners.values():  # warm-up
         run()
-    times, loads = alternate(runners, args.rounds)
-    load_after = load_average()
+    times, loads = discipline.alternate(runners, args.rounds)
+    load_after = discipline.load_average()
     threads = torch.get_num_threads()
     sums = [d + i for d, i in zip(times["decode+transform"], times["pure inference"])]
     perfect = [max(d, i) for d, i in zip(times["decode+transform"], times["pure inference"])]
-    to_bound = round_ratios(sums, times["score_dataset"])  # (rows/s of score_dataset) / (rows/s of the bound)
-    hand_to_bound = round_ratios(sums, times["overlapped by hand"])
-    busy = machine_busy(load_before, load_after, cores(), threads)
-    rate = {name: spread([args.rows / t for t in values]) for name, values in times.items()}
-    rate["sum-of-parts bound"] = spread([args.rows / t for t in sums])
-    rate["perfect-overlap bound"] = spread([args.rows / t for t in perfect])
-    ratio = spread(to_bound)
+    to_bound = discipline.round_ratios(
+        sums, times["score_dataset"]
+    )  # (rows/s of score_dataset) / (rows/s of the bound)
+    hand_to_bound = discipline.round_ratios(sums, times["overlapped by hand"])
+    busy = discipline.machine_busy(load_before, load_after, discipline.cores(), threads)
+    rate = {name: discipline.spread([args.rows / t for t in values]) for name, values in times.items()}
+    rate["sum-of-parts bound"] = discipline.spread([args.rows / t for t in sums])
+    rate["perfect-overlap bound"] = discipline.spread([args.rows / t for t in perfect])
+    ratio = discipline.spread(to_bound)
     result = {
         "model": args.model,
         "rows": args.rows,
         "batch_size": bs,
         "threads": threads,
-        "cores": cores(),
+        "cores": discipline.cores(),
         "rounds": args.rounds,
         "load_before": load_before,
         "load_after": load_after,
@@ -146,12 +138,12 @@ def main():
         "seconds": times,
         "rows_per_s": rate,
         "score_dataset_to_bound": ratio,
-        "overlapped_by_hand_to_bound": spread(hand_to_bound),
-        "verdict": verdict(ratio["median"] >= GOAL, busy),
+        "overlapped_by_hand_to_bound": discipline.spread(hand_to_bound),
+        "verdict": discipline.verdict(ratio["median"] >= GOAL, busy),
     }
     print(
         f"EL2N scoring, {args.model}, {args.rows} CIFAR-10 rows, batch {bs}, torch {torch.__version__}, {threads} "
-        f"threads, {cores()} cores, {args.rounds} alternated rounds, load {load_before:.2f} → {load_after:.2f}\n"
+        f"threads, {discipline.cores()} cores, {args.rounds} alternated rounds, load {load_before:.2f} → {load_after:.2f}\n"
     )
     order = ["decode+transform", "pure inference", "sum-of-parts bound", "perfect-overlap bound",
              "overlapped by hand", "score_dataset"]  # fmt: skip
@@ -160,13 +152,13 @@ def main():
         r = rate[name]
         to = {"score_dataset": ratio, "overlapped by hand": result["overlapped_by_hand_to_bound"]}.get(name, {})
         rows.append(
-            [name, fmt(r["min"], 0), fmt(r["median"], 0), fmt(r["max"], 0)]
-            + [fmt(to.get("min"), 3), fmt(to.get("median"), 3), fmt(to.get("max"), 3)]
+            [name, discipline.fmt(r["min"], 0), discipline.fmt(r["median"], 0), discipline.fmt(r["max"], 0)]
+            + [discipline.fmt(to.get("min"), 3), discipline.fmt(to.get("median"), 3), discipline.fmt(to.get("max"), 3)]
         )
     headers = ["part", "rows/s min", "rows/s median", "rows/s max", "× bound min", "× bound median", "× bound max"]
-    print(markdown_table(headers, rows))
+    print(discipline.markdown_table(headers, rows))
     print(
-        f"\nscore_dataset / sum-of-parts bound, median {fmt(ratio['median'], 3)} (goal >= {GOAL}): {result['verdict']}"
+        f"\nscore_dataset / sum-of-parts bound, median {discipline.fmt(ratio['median'], 3)} (goal >= {GOAL}): {result['verdict']}"
     )
     if busy:
         print(busy)

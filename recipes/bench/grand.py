@@ -40,19 +40,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import discipline  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from discipline import (  # noqa: E402
-    alternate,
-    cores,
-    fmt,
-    load_average,
-    machine_busy,
-    markdown_table,
-    round_ratios,
-    spread,
-    verdict,
-)
 
 METHODS = ("plain", "ours", "naive", "vmap")
 LABELS = {
@@ -177,7 +167,7 @@ def child_time(config_name: str, rounds: int, methods: list[str], baseline_round
         except Exception as error:  # noqa: BLE001 - a baseline that cannot run this model is reported, not fatal
             errors[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     runners = {m: (lambda m=m: RUNNERS[m](model, inputs, labels)) for m in methods if m not in errors}
-    times, loads = alternate(runners, rounds, skip=lambda m, r: m in SLOW and r >= baseline_rounds)
+    times, loads = discipline.alternate(runners, rounds, skip=lambda m, r: m in SLOW and r >= baseline_rounds)
     return {"seconds": times, "norms": norms, "errors": errors, "load_per_round": loads}
 
 
@@ -208,9 +198,9 @@ def summarise(name: str, timing: dict, memory: dict, load_before: float, load_af
     reference = timing["norms"].get("naive")
     methods = {}
     for method, values in seconds.items():
-        entry = {"seconds": spread([v for v in values if v is not None])}
+        entry = {"seconds": discipline.spread([v for v in values if v is not None])}
         if method != "plain":
-            entry["ratio"] = spread(round_ratios(values, seconds["plain"]))
+            entry["ratio"] = discipline.spread(discipline.round_ratios(values, seconds["plain"]))
         peak = memory.get(method, {}).get("peak_rss_mb")
         entry["peak_rss_mb"] = peak
         entry["extra_mb"] = peak - plain_mb if peak is not None and plain_mb is not None else None
@@ -218,11 +208,11 @@ def summarise(name: str, timing: dict, memory: dict, load_before: float, load_af
             ours, ref = torch.tensor(timing["norms"][method]), torch.tensor(reference)
             entry["max_rel_diff_to_naive"] = ((ours - ref).abs() / ref).max().item()
         methods[method] = entry
-    busy = machine_busy(load_before, load_after, cores(), threads)
+    busy = discipline.machine_busy(load_before, load_after, discipline.cores(), threads)
     result = {
         "config": config,
         "threads": threads,
-        "cores": cores(),
+        "cores": discipline.cores(),
         "load_before": load_before,
         "load_after": load_after,
         "busy": busy,
@@ -236,7 +226,7 @@ def summarise(name: str, timing: dict, memory: dict, load_before: float, load_af
         if config["batch"] == 128 and ours.get("extra_mb") is not None:
             met = met and ours["extra_mb"] <= MEMORY_GOAL_MB
         result["goal"] = f"median <= {goal}x" + (f", extra <= {MEMORY_GOAL_MB} MB" if config["batch"] == 128 else "")
-        result["verdict"] = verdict(met, busy)
+        result["verdict"] = discipline.verdict(met, busy)
     return result
 
 
@@ -256,11 +246,11 @@ def table_rows(name: str, result: dict) -> list[list[str]]:
                 LABELS[method],
                 result["threads"],
                 entry["seconds"]["n"],
-                fmt(entry["seconds"]["median"], 3),
-                fmt(ratio.get("min"), 2, "×"),
-                fmt(ratio.get("median"), 2, "×"),
-                fmt(ratio.get("max"), 2, "×"),
-                fmt(entry["extra_mb"], 0),
+                discipline.fmt(entry["seconds"]["median"], 3),
+                discipline.fmt(ratio.get("min"), 2, "×"),
+                discipline.fmt(ratio.get("median"), 2, "×"),
+                discipline.fmt(ratio.get("max"), 2, "×"),
+                discipline.fmt(entry["extra_mb"], 0),
                 f"{entry['max_rel_diff_to_naive']:.1e}" if "max_rel_diff_to_naive" in entry else "n/a",
                 f"{result['load_before']:.2f} → {result['load_after']:.2f}",
                 result.get("verdict", "") if method == "ours" else "",
@@ -303,17 +293,19 @@ def main() -> None:
         return
 
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, {cores()} cores, CPU; {args.rounds} alternated rounds")
+    print(
+        f"torch {torch.__version__}, {threads} threads, {discipline.cores()} cores, CPU; {args.rounds} alternated rounds"
+    )
     results = {}
     rows = []
     for name in args.models:
-        load_before = load_average()
+        load_before = discipline.load_average()
         timing = _spawn(
             ["--child-time", name, "--rounds", str(args.rounds), "--baseline-rounds", str(args.baseline_rounds)]
             + ["--methods", *args.methods],
             args.threads,
         )
-        load_after = load_average()
+        load_after = discipline.load_average()
         if "error" in timing:
             print(f"{name}: timing run failed: {timing['error']}")
             continue
@@ -324,7 +316,7 @@ def main() -> None:
         if results[name]["busy"]:
             print(f"{name}: {results[name]['busy']}")
     print()
-    print(markdown_table(HEADERS, rows))
+    print(discipline.markdown_table(HEADERS, rows))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=2))

@@ -1,15 +1,15 @@
 """Where the time of `per_example_grad_norms` goes, against a plain forward+backward of the same batch: run by
 `python recipes/bench/grand.py --profile resnet18_b128` (any configuration of grand.py).
 
-Prints four tables:
+Prints three tables:
 1. The plain forward+backward by layer kind (conv, linear, norms, attention, other), from torch.profiler's self CPU
    time of the aten ops.
 2. `per_example_grad_norms` split into the forward pass under the tracer, the backward pass without the per-layer
    rules, and the per-layer rules by kind; the tracing overhead is the traced forward minus a plain forward with
    autograd on (alternated over rounds, medians).
-3. For every linear / convolution call (grouped by shape): the time of the ghost norm and of the materialised
-   per-example gradient on the call's own input and output gradient, the faster one, and the one the cost model
-   (`conv_rule_choice`, `linear_rule_choice`) picks.
+3. For every linear / convolution call (grouped by shape): the time of each per-layer rule (ghost norm from the
+   patches, ghost norm from the input's Gram matrix, materialised per-example gradient) on the call's own input and
+   output gradient, the fastest, and the one the cost model (`conv_rule_choice`, `linear_rule_choice`) picks.
 The per-layer rules are timed by wrapping the tracer's `backward_rule` for the profiled calls only.
 """
 
@@ -94,17 +94,13 @@ def _time(fn, repeats=3) -> float:
 
 
 def _weight_shapes(record, a, g, B):
-    """(rule choice, description, ghost fn, materialised fn) of a linear / conv call, from its input and gradient."""
+    """(rule choice, description, {rule: fn}) of a linear / conv call, from its input and gradient."""
     if record.kind == "linear":
         a3 = a.float().reshape(B, -1, a.shape[-1])
         g3 = g.float().reshape(B, -1, g.shape[-1])
         T, d_in, d_out = a3.shape[1], a3.shape[2], g3.shape[2]
-        return (
-            linear_rule_choice(T, d_in, d_out),
-            f"linear T={T} in={d_in} out={d_out}",
-            lambda: matmul_sq_norms(a3, g3, "ghost"),
-            lambda: matmul_sq_norms(a3, g3, "materialised"),
-        )
+        rules = {rule: (lambda rule=rule: matmul_sq_norms(a3, g3, rule)) for rule in ("ghost", "materialised")}
+        return linear_rule_choice(T, d_in, d_out), f"linear T={T} in={d_in} out={d_out}", rules
     opts = record.options
     weight_shape = opts["weight_shape"]
     if a.ndim != 4 or isinstance(opts["padding"], str):
@@ -114,7 +110,6 @@ def _weight_shapes(record, a, g, B):
     padded = F.pad(a.float(), (padding[1], padding[1], padding[0], padding[0]))
     groups = opts["groups"]
     T = g.shape[2] * g.shape[3]
-    K = weight_shape[1] * weight_shape[2] * weight_shape[3] * groups
     description = (
         f"conv {weight_shape[1] * groups}→{weight_shape[0]} k{weight_shape[2]} s{stride[0]} g{groups} "
         f"T={T} (in {a.shape[2]}x{a.shape[3]})"
@@ -123,8 +118,14 @@ def _weight_shapes(record, a, g, B):
     def run(rule):
         return lambda: conv_weight_sq_norms(padded, g.float(), weight_shape, stride, dilation, groups, rule)
 
-    ghost = run("ghost") if groups == 1 else None
-    return conv_rule_choice(T, K, weight_shape[0], groups), description, ghost, run("materialised")
+    rules = {"materialised": run("materialised")}
+    if groups == 1:
+        rules.update(ghost=run("ghost"), input_gram=run("input_gram"))
+    positions = padded.shape[2] * padded.shape[3]
+    choice = conv_rule_choice(
+        T, weight_shape[1], weight_shape[2] * weight_shape[3], weight_shape[0], groups, positions
+    )
+    return choice, description, rules
 
 
 def profile(config_name: str, build, rounds: int = 3) -> None:
@@ -228,18 +229,17 @@ def profile(config_name: str, build, rounds: int = 3) -> None:
         shapes = _weight_shapes(record, a, g, labels.shape[0])
         if shapes is None:
             continue
-        choice, description, ghost, materialised = shapes
+        choice, description, rules = shapes
         if description in seen:
             seen[description][0] += 1
             continue
-        ghost_ms = _time(ghost) * 1e3 if ghost is not None else None
-        materialised_ms = _time(materialised) * 1e3
-        faster = "materialised" if ghost_ms is None or materialised_ms <= ghost_ms else "ghost"
-        seen[description] = [1, ghost_ms, materialised_ms, faster, choice]
-    print("\n### Ghost norm vs materialised per-example gradient, per call (ms, median of 3)\n")
+        ms = {rule: _time(fn) * 1e3 for rule, fn in rules.items()}
+        seen[description] = [1, ms, min(ms, key=ms.get), choice]
+    print("\n### Per-layer rules on each linear / convolution call's own input and gradient (ms, median of 3)\n")
+    names = ["ghost", "input_gram", "materialised"]
     rows = [
-        [description, count, "n/a" if ghost is None else f"{ghost:.2f}", f"{mat:.2f}", faster, choice,
-         "yes" if faster == choice else "NO"]
-        for description, (count, ghost, mat, faster, choice) in seen.items()
+        [description, count, *(f"{ms[n]:.2f}" if n in ms else "n/a" for n in names), fastest, choice,
+         "yes" if fastest == choice else "NO"]
+        for description, (count, ms, fastest, choice) in seen.items()
     ]  # fmt: skip
-    print(markdown_table(["layer (shape)", "calls", "ghost", "materialised", "faster", "cost model", "agree"], rows))
+    print(markdown_table(["layer (shape)", "calls", *names, "fastest", "cost model", "agree"], rows))
