@@ -258,10 +258,21 @@ def _patches(a: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
     return view.reshape(B, Ho * Wo, C * kh * kw)
 
 
+# Relative costs, in multiply-adds of a batched matrix product, of gathering one element of the convolution patches
+# (a strided copy) and of one strided add: memory-bound work that the multiply-add counts alone miss by far. Measured
+# on a 2-core x86 CPU with `python recipes/bench/grand.py --profile resnet18_b128` (see docs/bench.md).
+_GATHER_COST = 50
+_STRIDED_ADD_COST = 10
+# The same for one element of a materialised per-example weight gradient, written by a matrix product whose inner
+# dimension (the positions T) is short, then squared and summed.
+_OUTPUT_COST = 64
+
+
 def linear_rule_choice(T: int, d_in: int, d_out: int) -> str:
     """`"ghost"` or `"materialised"`: the cheaper way to a linear layer's per-example weight-gradient norms for `T`
-    positions per example, by multiply-adds: ghost T²(d_in + d_out), materialised T·d_in·d_out."""
-    return "ghost" if T * (d_in + d_out) < d_in * d_out else "materialised"
+    positions per example, by multiply-adds: ghost T²(d_in + d_out), materialised T·d_in·d_out plus the d_in·d_out
+    elements of each example's gradient written and squared (weighted by their measured cost)."""
+    return "ghost" if T * T * (d_in + d_out) < (T + _OUTPUT_COST) * d_in * d_out else "materialised"
 
 
 def matmul_sq_norms(a: torch.Tensor, g: torch.Tensor, rule: str | None = None) -> torch.Tensor:
@@ -282,13 +293,6 @@ def matmul_sq_norms(a: torch.Tensor, g: torch.Tensor, rule: str | None = None) -
     return out
 
 
-# Relative costs, in multiply-adds of a batched matrix product, of gathering one element of the convolution patches
-# (a strided copy) and of one strided add: memory-bound work that the multiply-add counts alone miss by far. Measured
-# on a 2-core x86 CPU with `python recipes/bench/grand.py --profile resnet18_b128` (see docs/bench.md).
-_GATHER_COST = 50
-_STRIDED_ADD_COST = 10
-
-
 def conv_rule_choice(
     T: int, in_channels: int, kernel_size: int, out_channels: int, groups: int = 1, padded_positions: int = 0
 ) -> str:
@@ -296,7 +300,8 @@ def conv_rule_choice(
     K = in_channels·kernel_size (kernel_size = kh·kw) and `padded_positions` = Hp·Wp of the padded input, counting
     multiply-adds (memory-bound gathers and adds weighted by their measured cost):
 
-    - `"materialised"`: the per-example gradient, T·K·O, after gathering the T·K patch elements;
+    - `"materialised"`: the per-example gradient, T·K·O, after gathering the T·K patch elements, plus its K·O
+      elements written and squared;
     - `"ghost"`: ⟨PPᵀ, GGᵀ⟩ from the patches P, T²(K + O), after the same gather;
     - `"input_gram"`: the same ghost norm, with the patch Gram PPᵀ summed from kh·kw shifted blocks of the padded
       input's own Gram matrix instead of gathering patches: (Hp·Wp)²·C + T²·O, plus kh·kw·T² strided adds.
@@ -306,7 +311,10 @@ def conv_rule_choice(
         return "materialised"
     K = in_channels * kernel_size
     gather = _GATHER_COST * T * K
-    costs = {"materialised": T * K * out_channels + gather, "ghost": T * T * (K + out_channels) + gather}
+    costs = {
+        "materialised": (T + _OUTPUT_COST) * K * out_channels + gather,
+        "ghost": T * T * (K + out_channels) + gather,
+    }
     if padded_positions:
         costs["input_gram"] = (
             padded_positions**2 * in_channels + T * T * out_channels + _STRIDED_ADD_COST * kernel_size * T * T
