@@ -129,7 +129,7 @@ def linear_rule(tracer, record: LayerCall, a: torch.Tensor, g: torch.Tensor) -> 
     if record.weight is None:
         return
     if tracer.exclusive(record.weight):
-        tracer.add_sq(matmul_sq_norms(a, g, record.options.get("rule")))
+        tracer.add_sq(matmul_sq_norms(a, g))
         return
     gw = torch.bmm(a.transpose(1, 2), g) if record.options.get("transposed") else torch.bmm(g.transpose(1, 2), a)
     tracer.accumulate(record.weight, gw)
@@ -154,7 +154,7 @@ def conv_rule(tracer, record: LayerCall, a: torch.Tensor, g: torch.Tensor) -> No
         return
     groups = opts["groups"]
     if tracer.exclusive(record.weight):
-        tracer.add_sq(conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups, opts.get("rule")))
+        tracer.add_sq(conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups))
     else:
         tracer.accumulate(record.weight, _conv_weight_grads(a, g, weight_shape, stride, dilation, groups))
 
