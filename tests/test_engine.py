@@ -253,3 +253,40 @@ def test_check_or_write_config_with_its_own_file_message_and_key_order(tmp_path)
     with pytest.raises(ValueError, match=r"other values of \['a'\] \(was \{'a': 2\}\)"):
         check_or_write_config(tmp_path, {"z": 1, "a": 5}, **options)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_prefetch_keeps_order_raises_where_loading_failed_and_stops_when_closed():
+    import threading
+
+    from datadiet.engine.prefetch import prefetch
+
+    main = threading.get_ident()
+    threads = []
+
+    def load(item):
+        threads.append(threading.get_ident())
+        if item == 5:
+            raise KeyError("row 5 is broken")
+        return item * 10
+
+    loaded = prefetch(load, range(8))
+    assert [next(loaded) for _ in range(5)] == [0, 10, 20, 30, 40]
+    with pytest.raises(KeyError, match="row 5 is broken"):
+        next(loaded)
+    assert threads and main not in threads  # loaded in the background, not in the caller's thread
+    closed = prefetch(lambda item: item, range(10**9))  # never exhausted: closing must stop the thread
+    assert next(closed) == 0
+    closed.close()
+    assert not any(t.name == "datadiet-prefetch" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(ValueError, match="depth must be at least 1"):
+        next(prefetch(load, range(3), depth=0))
+
+
+def test_a_transform_error_stops_scoring_with_its_own_message(small, tiny_timm):
+    model = tiny_timm(in_chans=1)
+
+    def transform(image):
+        raise OSError("cannot decode this image")
+
+    with pytest.raises(OSError, match="cannot decode this image"):
+        score_dataset(small, model, "el2n", transform=transform)

@@ -277,3 +277,29 @@ def test_real_cifar10_images(cifar10_train):
     torch.manual_seed(0)
     model = randomise_batchnorm(timm.create_model("test_resnet", pretrained=False, num_classes=10))
     assert_matches_naive(model, x, y)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, dilation, padding, size",
+    [(3, 1, 1, 1, (8, 8)), (3, 2, 1, 1, (9, 7)), ((3, 2), (2, 1), (1, 2), (1, 0), (7, 7)), (1, 2, 1, 0, (8, 8))],
+)
+def test_every_convolution_rule_agrees_with_per_example_autograd(kernel, stride, dilation, padding, size):
+    # Each per-layer rule (materialised, ghost from patches, ghost from the input's Gram matrix), forced, against the
+    # weight gradient of each example alone.
+    from datadiet.scores.layer_rules import conv_weight_sq_norms
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, kernel, stride=stride, dilation=dilation, padding=padding, bias=False).double()
+    x = torch.randn(4, 3, *size, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    reference = torch.stack(
+        [
+            torch.autograd.grad((conv(x[i : i + 1]) * g[i : i + 1]).sum(), conv.weight)[0].square().sum()
+            for i in range(4)
+        ]
+    )
+    pad = conv.padding
+    padded = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+    for rule in ("materialised", "ghost", "input_gram"):
+        ours = conv_weight_sq_norms(padded, g, tuple(conv.weight.shape), conv.stride, conv.dilation, 1, rule)
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=0, msg=rule)

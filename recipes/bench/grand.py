@@ -1,27 +1,29 @@
-"""Exact per-example gradient norms (GraNd): time and peak memory of `datadiet.per_example_grad_norms` against
-(a) one plain forward+backward of the batch (the floor), (c) `torch.func.vmap(grad)` and (d) a naive per-example
-autograd loop, all in eval mode, on CPU.
+"""Exact per-example gradient norms (GraNd): the time of `datadiet.per_example_grad_norms` as a multiple of one plain
+forward+backward of the same batch (the cost of a training step), with the spread over rounds, the machine's load
+and the extra peak memory; optionally against a naive per-example autograd loop and `torch.func.vmap(grad)`. All in
+eval mode, on CPU.
 
-Models: timm resnet18 (ImageNet stem) at 32x32, batch 64 and 128; a small ViT (timm vit_tiny_patch16_224 at 32x32
-with 4x4 patches: 65 tokens, width 192, 12 blocks), batch 64; a tiny BERT (2 layers, width 128, 2 heads, vocabulary
-30,522) on padded sequences of up to 128 tokens with an attention mask, batch 64. Random initialisation (weights do
-not change the cost); BatchNorm running statistics randomised so that eval mode is not trivial.
+Configurations: timm resnet18 (ImageNet stem) at 32x32, batch 32, 128 and 256; a small ViT (timm
+vit_tiny_patch16_224 at 32x32 with 4x4 patches: 65 tokens, width 192, 12 blocks), batch 64; a tiny BERT (2 layers,
+width 128, 2 heads, vocabulary 30,522, built from a config) on padded sequences of 32 to 128 tokens with an
+attention mask, batch 64. Random initialisation (weights do not change the cost); BatchNorm running statistics
+randomised so that eval mode is not trivial.
 
-Timing: one subprocess per model alternates the four methods over `--repeats` rounds (after one warm-up call each;
-the slow baselines (c) and (d) only in the first `--baseline-repeats` rounds), so that load from other processes on
-a shared machine hits all of them alike, and reports the median of each. Peak memory: one fresh subprocess per
-(model, method) runs the method (twice; the baselines once) and reports its peak resident set size (`ru_maxrss`);
-"extra" is that minus the peak of the plain forward+backward, whose process holds the same model and batch. The
-exact methods are also checked against each other (max relative difference to the naive loop).
+Discipline (see `discipline.py`): one subprocess per configuration builds the model once, warms every method up,
+then alternates the methods over `--rounds` rounds (order reversed every other round); the ratio to the plain
+forward+backward is taken within each round and reported as min / median / max. The torch thread count and the
+load average before and after are recorded, and no verdict is printed when the load was above the number of cores
+("machine busy: no verdict"). Peak memory: one fresh subprocess per (configuration, method) runs the method twice
+and reports its peak resident set size; "extra" is that minus the plain forward+backward's, whose process holds
+the same model and batch. The exact methods are checked against the naive loop when it runs.
 
-Run from the repository root (`nice` because the cores are shared):
+Run from the repository root, on a quiet machine:
 
-    nice -n 10 .venv/bin/python recipes/bench/grand.py
+    python recipes/bench/grand.py --output outputs/bench/grand.json
 
-torch.func.vmap(grad) dominates the run time: on this CPU its per-example convolution weight gradients (a grouped
-convolution with one group per example) take minutes per ResNet batch. `--models resnet18_b64 vit_tiny` picks
-configurations, `--threads` sets torch's thread count (default: torch's own),
-`--output` writes the results as JSON.
+`--models resnet18_b128 vit_tiny_b64` picks configurations, `--methods plain ours naive` adds the naive loop (run
+in the first `--baseline-rounds` rounds only), `--threads` sets torch's thread count (default: torch's own).
+`--profile resnet18_b128` prints where the time goes instead (see `grand_profile.py`).
 """
 
 from __future__ import annotations
@@ -30,31 +32,36 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import discipline  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-METHODS = ("plain", "ours", "vmap", "naive")
+METHODS = ("plain", "ours", "naive", "vmap")
 LABELS = {
-    "plain": "(a) plain forward+backward",
-    "ours": "(b) datadiet.per_example_grad_norms",
-    "vmap": "(c) torch.func.vmap(grad)",
-    "naive": "(d) naive per-example loop",
+    "plain": "plain forward+backward",
+    "ours": "datadiet.per_example_grad_norms",
+    "vmap": "torch.func.vmap(grad)",
+    "naive": "naive per-example loop",
 }
 CONFIGS = {
-    "resnet18_b64": dict(kind="timm", name="resnet18", batch=64),
+    "resnet18_b32": dict(kind="timm", name="resnet18", batch=32),
     "resnet18_b128": dict(kind="timm", name="resnet18", batch=128),
-    "vit_tiny": dict(kind="vit", name="vit_tiny_patch16_224", batch=64),
-    "bert_tiny": dict(kind="bert", batch=64, seq=128),
+    "resnet18_b256": dict(kind="timm", name="resnet18", batch=256),
+    "vit_tiny_b64": dict(kind="vit", name="vit_tiny_patch16_224", batch=64),
+    "bert_tiny_b64": dict(kind="bert", batch=64, seq=128),
 }
+# The goals of issue #19: ours / plain (median over rounds), and the extra peak memory at batch 128.
+GOALS = {"timm": 1.3, "vit": 1.0, "bert": 1.3}
+MEMORY_GOAL_MB = 300
+SLOW = ("naive", "vmap")
 
 
 def build(config: dict, seed: int = 0):
@@ -147,11 +154,10 @@ def run_naive(model, inputs, labels):
 RUNNERS = {"plain": run_plain, "ours": run_ours, "vmap": run_vmap, "naive": run_naive}
 
 
-def child_time(config_name: str, repeats: int, methods: list[str], baseline_repeats: int) -> dict:
-    """Alternate the methods over `repeats` rounds (the slow baselines (c) and (d) in the first `baseline_repeats`
-    only); median seconds of each, and the norms each exact method gave."""
+def child_time(config_name: str, rounds: int, methods: list[str], baseline_rounds: int) -> dict:
+    """Alternate the methods over `rounds` rounds (the slow baselines in the first `baseline_rounds` only), after one
+    warm-up call each; seconds per round of each, and the norms each exact method gave."""
     model, inputs, labels = build(CONFIGS[config_name])
-    times = {m: [] for m in methods}
     norms, errors = {}, {}
     for method in methods:  # warm-up (first-call allocations, lazy initialisation)
         try:
@@ -160,25 +166,15 @@ def child_time(config_name: str, repeats: int, methods: list[str], baseline_repe
                 norms[method] = out.detach().double().tolist()
         except Exception as error:  # noqa: BLE001 - a baseline that cannot run this model is reported, not fatal
             errors[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-    for round_ in range(repeats):
-        for method in methods:
-            if method in errors or (method in ("vmap", "naive") and round_ >= baseline_repeats):
-                continue
-            start = time.perf_counter()
-            RUNNERS[method](model, inputs, labels)
-            times[method].append(time.perf_counter() - start)
-    return {
-        "median_s": {m: statistics.median(t) for m, t in times.items() if t},
-        "all_s": times,
-        "norms": norms,
-        "errors": errors,
-    }
+    runners = {m: (lambda m=m: RUNNERS[m](model, inputs, labels)) for m in methods if m not in errors}
+    times, loads = discipline.alternate(runners, rounds, skip=lambda m, r: m in SLOW and r >= baseline_rounds)
+    return {"seconds": times, "norms": norms, "errors": errors, "load_per_round": loads}
 
 
 def child_memory(config_name: str, method: str) -> dict:
     model, inputs, labels = build(CONFIGS[config_name])
     try:
-        for _ in range(1 if method in ("vmap", "naive") else 2):
+        for _ in range(1 if method in SLOW else 2):
             RUNNERS[method](model, inputs, labels)
     except Exception as error:  # noqa: BLE001
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
@@ -193,65 +189,137 @@ def _spawn(args: list[str], threads: int | None) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def summarise(name: str, timing: dict, memory: dict, load_before: float, load_after: float, threads: int) -> dict:
+    """Ratios to the plain forward+backward per round, their spread, extra peak memory, agreement with the naive
+    loop and the verdict of one configuration."""
+    config = CONFIGS[name]
+    seconds = timing["seconds"]
+    plain_mb = memory.get("plain", {}).get("peak_rss_mb")
+    reference = timing["norms"].get("naive")
+    methods = {}
+    for method, values in seconds.items():
+        entry = {"seconds": discipline.spread([v for v in values if v is not None])}
+        if method != "plain":
+            entry["ratio"] = discipline.spread(discipline.round_ratios(values, seconds["plain"]))
+        peak = memory.get(method, {}).get("peak_rss_mb")
+        entry["peak_rss_mb"] = peak
+        entry["extra_mb"] = peak - plain_mb if peak is not None and plain_mb is not None else None
+        if reference is not None and method in timing["norms"] and method != "naive":
+            ours, ref = torch.tensor(timing["norms"][method]), torch.tensor(reference)
+            entry["max_rel_diff_to_naive"] = ((ours - ref).abs() / ref).max().item()
+        methods[method] = entry
+    busy = discipline.machine_busy(load_before, load_after, discipline.cores(), threads)
+    result = {
+        "config": config,
+        "threads": threads,
+        "cores": discipline.cores(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "busy": busy,
+        "methods": methods,
+        "errors": timing["errors"],
+    }
+    ours = methods.get("ours", {})
+    if ours.get("ratio", {}).get("median") is not None:
+        goal = GOALS[config["kind"]]
+        met = ours["ratio"]["median"] <= goal
+        if config["batch"] == 128 and ours.get("extra_mb") is not None:
+            met = met and ours["extra_mb"] <= MEMORY_GOAL_MB
+        result["goal"] = f"median <= {goal}x" + (f", extra <= {MEMORY_GOAL_MB} MB" if config["batch"] == 128 else "")
+        result["verdict"] = discipline.verdict(met, busy)
+    return result
+
+
+HEADERS = [
+    "configuration", "method", "threads", "rounds", "median s", "× plain min", "× plain median", "× plain max",
+    "extra peak MB", "rel. diff to naive", "load before → after", "verdict",
+]  # fmt: skip
+
+
+def table_rows(name: str, result: dict) -> list[list[str]]:
+    rows = []
+    for method, entry in result["methods"].items():
+        ratio = entry.get("ratio", {})
+        rows.append(
+            [
+                name,
+                LABELS[method],
+                result["threads"],
+                entry["seconds"]["n"],
+                discipline.fmt(entry["seconds"]["median"], 3),
+                discipline.fmt(ratio.get("min"), 2, "×"),
+                discipline.fmt(ratio.get("median"), 2, "×"),
+                discipline.fmt(ratio.get("max"), 2, "×"),
+                discipline.fmt(entry["extra_mb"], 0),
+                f"{entry['max_rel_diff_to_naive']:.1e}" if "max_rel_diff_to_naive" in entry else "n/a",
+                f"{result['load_before']:.2f} → {result['load_after']:.2f}",
+                result.get("verdict", "") if method == "ours" else "",
+            ]
+        )
+    for method, error in result["errors"].items():
+        rows.append([name, LABELS[method], result["threads"], 0] + ["failed: " + error[:60]] + [""] * 7)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--baseline-repeats", type=int, default=2, help="rounds for the slow baselines (c) and (d)")
+    parser.add_argument("--methods", nargs="+", default=["plain", "ours"], choices=list(METHODS))
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--baseline-rounds", type=int, default=2, help="rounds for the slow baselines")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--profile", choices=list(CONFIGS), default=None, help="profile one configuration instead")
     parser.add_argument("--child-time", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-memory", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 9 and not (args.child_time or args.profile):
+        parser.error(f"--rounds {args.rounds}: at least 9 rounds are needed for a spread worth reporting.")
+    if "plain" not in args.methods:
+        args.methods = ["plain", *args.methods]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child_time:
-        print(json.dumps(child_time(args.child_time, args.repeats, args.methods, args.baseline_repeats)))
+        print(json.dumps(child_time(args.child_time, args.rounds, args.methods, args.baseline_rounds)))
         return
     if args.child_memory:
         print(json.dumps(child_memory(*args.child_memory)))
         return
+    if args.profile:
+        from grand_profile import profile
 
+        profile(args.profile, build, rounds=max(3, min(args.rounds, 5)))
+        return
+
+    threads = torch.get_num_threads()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {args.repeats} rounds "
-        f"({args.baseline_repeats} for the slow baselines), after one warm-up call each"
+        f"torch {torch.__version__}, {threads} threads, {discipline.cores()} cores, CPU; {args.rounds} alternated rounds"
     )
     results = {}
+    rows = []
     for name in args.models:
+        load_before = discipline.load_average()
         timing = _spawn(
-            ["--child-time", name, "--repeats", str(args.repeats), "--baseline-repeats", str(args.baseline_repeats)]
+            ["--child-time", name, "--rounds", str(args.rounds), "--baseline-rounds", str(args.baseline_rounds)]
             + ["--methods", *args.methods],
             args.threads,
         )
-        memory = {m: _spawn(["--child-memory", name, m], args.threads) for m in args.methods}
-        results[name] = {"timing": timing, "memory": memory}
-        print(f"\n### {name} ({CONFIGS[name]})")
+        load_after = discipline.load_average()
         if "error" in timing:
-            print(f"timing run failed: {timing['error']}")
+            print(f"{name}: timing run failed: {timing['error']}")
             continue
-        median = timing["median_s"]
-        reference = timing["norms"].get("naive")
-        plain_mb = memory.get("plain", {}).get("peak_rss_mb")
-        print("| method | time (s) | × plain | peak RSS (MB) | extra over plain (MB) | max rel. diff to naive |")
-        print("|---|---|---|---|---|---|")
-        for method in args.methods:
-            peak = memory[method].get("peak_rss_mb")
-            extra = f"{peak - plain_mb:+.0f}" if peak is not None and plain_mb is not None else "n/a"
-            if method in median:
-                seconds, ratio = f"{median[method]:.3f}", f"{median[method] / median['plain']:.2f}×"
-            else:
-                seconds, ratio = "n/a", "failed: " + timing["errors"].get(method, "n/a")[:60]
-            diff = "n/a"
-            if reference is not None and method in timing["norms"]:
-                ours = torch.tensor(timing["norms"][method])
-                ref = torch.tensor(reference)
-                diff = f"{((ours - ref).abs() / ref).max().item():.1e}"
-            peak_text = f"{peak:.0f}" if peak is not None else "n/a"
-            print(f"| {LABELS[method]} | {seconds} | {ratio} | {peak_text} | {extra} | {diff} |")
+        memory = {} if args.no_memory else {m: _spawn(["--child-memory", name, m], args.threads) for m in args.methods}
+        results[name] = summarise(name, timing, memory, load_before, load_after, threads)
+        results[name]["raw"] = timing
+        rows += table_rows(name, results[name])
+        if results[name]["busy"]:
+            print(f"{name}: {results[name]['busy']}")
+    print()
+    print(discipline.markdown_table(HEADERS, rows))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
+        args.output.write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..provenance import record_provenance
 from ..scores.batch import score_batch, validate_methods
 from ..scores.registry import varies_with_the_model
 from ..validation import check_positive_int
+from .prefetch import prefetch
 from .process import get_process_state
 from .store import (
     check_or_write_config,
@@ -97,18 +99,20 @@ def _score_model(
     new_ids: list[np.ndarray] = []
     new_values: list[dict[str, np.ndarray]] = []
     pending = 0
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+
+    def load(indices: np.ndarray) -> tuple:
+        rows = source[int(indices[0]) : int(indices[-1]) + 1] if _contiguous(indices) else source[indices.tolist()]
+        return indices, *preprocessor(rows)
+
+    # The next batches are read and decoded in a background thread while the model scores this one.
+    loaded = prefetch(load, batches)
     try:
-        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-        for indices in tqdm(batches, desc=description, disable=not state.is_local_main_process, unit="batch"):
-            rows = source[int(indices[0]) : int(indices[-1]) + 1] if _contiguous(indices) else source[indices.tolist()]
-            inputs, labels = preprocessor(rows)
+        progress = tqdm(loaded, total=len(batches), desc=description, disable=not state.is_local_main_process)
+        for indices, inputs, labels in progress:
+            row_ids = indices if keys is None else keys[indices]
             scores = _score(
-                model,
-                methods,
-                _to_device(inputs, state.device),
-                labels.to(state.device),
-                row_ids=indices if keys is None else keys[indices],
-                autocast_dtype=autocast_dtype,
+                model, methods, inputs, labels, state.device, row_ids=row_ids, autocast_dtype=autocast_dtype
             )
             new_ids.append(indices)
             new_values.append(scores)
@@ -119,6 +123,7 @@ def _score_model(
         if shard_dir is not None and pending:
             write_shard(shard_dir, rank, keyed_ids(new_ids[-pending:], keys), new_values[-pending:])
     finally:
+        loaded.close()
         model.train(was_training)
 
     local_ids = np.concatenate(new_ids) if new_ids else np.zeros(0, dtype=np.int64)
@@ -178,34 +183,34 @@ def _score_stream(
     pending_values: list[dict[str, np.ndarray]] = []
     seen = scored = 0
     progress = tqdm(desc=description, disable=not state.is_local_main_process, unit="row")
+
+    def load(batch: dict) -> tuple:
+        ids = np.asarray(batch[row_id_column], dtype=np.int64)
+        todo = ~isin_sorted(ids, done)
+        if not todo.any():
+            return len(ids), ids[:0], None, None
+        if not todo.all():
+            keep = np.flatnonzero(todo)
+            batch = {name: [values[i] for i in keep] for name, values in batch.items()}
+        return len(ids), ids[todo], *preprocessor(batch)
+
     try:
-        for batch in local.iter(batch_size=batch_size):
-            ids = np.asarray(batch[row_id_column], dtype=np.int64)
-            seen += len(ids)
-            progress.update(len(ids))
-            todo = ~isin_sorted(ids, done)
-            if not todo.any():
-                continue
-            if not todo.all():
-                keep = np.flatnonzero(todo)
-                batch = {name: [values[i] for i in keep] for name, values in batch.items()}
-                ids = ids[keep]
-            inputs, labels = preprocessor(batch)
-            pending_values.append(
-                _score(
-                    model,
-                    methods,
-                    _to_device(inputs, state.device),
-                    labels.to(state.device),
-                    row_ids=ids,
-                    autocast_dtype=autocast_dtype,
+        # The stream is read and the next batches decoded in a background thread while the model scores this one.
+        with closing(prefetch(load, local.iter(batch_size=batch_size))) as loaded:
+            for read, ids, inputs, labels in loaded:
+                seen += read
+                progress.update(read)
+                if not len(ids):
+                    continue
+                scores = _score(
+                    model, methods, inputs, labels, state.device, row_ids=ids, autocast_dtype=autocast_dtype
                 )
-            )
-            pending_ids.append(ids)
-            scored += len(ids)
-            if len(pending_ids) >= save_every:
-                write_shard(shard_dir, rank, pending_ids, pending_values)
-                pending_ids, pending_values = [], []
+                pending_values.append(scores)
+                pending_ids.append(ids)
+                scored += len(ids)
+                if len(pending_ids) >= save_every:
+                    write_shard(shard_dir, rank, pending_ids, pending_values)
+                    pending_ids, pending_values = [], []
         if pending_ids:
             write_shard(shard_dir, rank, pending_ids, pending_values)
     finally:
@@ -235,11 +240,14 @@ def _score(
     methods: Sequence[str],
     inputs: torch.Tensor | dict[str, torch.Tensor],
     labels: torch.Tensor,
+    device: torch.device,
     *,
     row_ids: Sequence[int] | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, np.ndarray]:
-    """`score_batch` on preprocessed `inputs` (adapted to the model here), as float32 numpy arrays of shape `[B]`."""
+    """`score_batch` on preprocessed `inputs` (moved to `device` and adapted to the model here), as float32 numpy
+    arrays of shape `[B]`."""
+    inputs, labels = _to_device(inputs, device), labels.to(device)
     scores = score_batch(
         model,
         as_model_inputs(model, inputs),
@@ -366,7 +374,6 @@ def score_dataset(
     output_dir = Path(output_dir) if output_dir is not None else None
 
     per_seed: list[dict[str, np.ndarray]] = []
-    identities = []
     for position, seed in enumerate(seeds, start=1):
         if model_init is not None:
             from transformers import set_seed
@@ -377,7 +384,6 @@ def score_dataset(
             seed_model = copy.deepcopy(model) if train_epochs > 0 else model
         if seed == seeds[0]:
             check_input_channels(dataset, preprocessor, input_channels_of(seed_model))
-        identities.append(_model_identity(seed_model))
         seed_dir = output_dir / f"seed-{seed}" if output_dir is not None else None
         if output_dir is not None and seed == seeds[0]:
             config = {
@@ -392,7 +398,7 @@ def score_dataset(
                     else dataset_digest(dataset, label_column)
                 ),
                 "preprocessing": preprocessor.fingerprint(),
-                "model": identities[0],
+                "model": _model_identity(seed_model),  # hashes every weight: only where a run folder needs it
                 "mixed_precision": mixed_precision,
                 "training": json.dumps(training_kwargs or {}, sort_keys=True, default=str),
             }

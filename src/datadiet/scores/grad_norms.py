@@ -8,7 +8,9 @@ Each example's squared gradient norm is then assembled per operation from the la
 gradient `g` of that example:
 
 - linear / convolution weights: either the "ghost" form ‖gᵀa‖² = ⟨aaᵀ, ggᵀ⟩ (Goodfellow 2015; Li et al. 2022,
-  "ghost clipping"), or the materialised per-example weight gradient, whichever is cheaper for the layer;
+  "ghost clipping"; for a convolution, a = its patches, whose Gram matrix can also be summed from shifted blocks of
+  the padded input's own Gram matrix without gathering them), or the materialised per-example weight gradient,
+  whichever is cheaper for the layer's shapes (`layer_rules.conv_rule_choice`, `layer_rules.linear_rule_choice`);
 - embeddings: the rows of the example's own tokens, repeated tokens summed and `padding_idx` left out;
 - LayerNorm / RMSNorm / GroupNorm / InstanceNorm / BatchNorm in eval mode: Σ g·x̂ and Σ g per example;
 - any other use of a parameter (class tokens, position embeddings, layer-scale gammas, weights computed from

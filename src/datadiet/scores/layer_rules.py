@@ -10,7 +10,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LAYER_OPS", "LayerCall", "as_float", "backward_rule"]
+__all__ = [
+    "LAYER_OPS",
+    "LayerCall",
+    "as_float",
+    "backward_rule",
+    "conv_rule_choice",
+    "conv_weight_sq_norms",
+    "linear_rule_choice",
+    "matmul_sq_norms",
+]
 
 # Temporary memory one layer's norm computation may take at once; larger work is split into groups of examples.
 _WORKSPACE_BYTES = 256 * 2**20
@@ -120,7 +129,7 @@ def linear_rule(tracer, record: LayerCall, a: torch.Tensor, g: torch.Tensor) -> 
     if record.weight is None:
         return
     if tracer.exclusive(record.weight):
-        tracer.add_sq(_matmul_sq_norms(a, g))
+        tracer.add_sq(matmul_sq_norms(a, g))
         return
     gw = torch.bmm(a.transpose(1, 2), g) if record.options.get("transposed") else torch.bmm(g.transpose(1, 2), a)
     tracer.accumulate(record.weight, gw)
@@ -145,7 +154,7 @@ def conv_rule(tracer, record: LayerCall, a: torch.Tensor, g: torch.Tensor) -> No
         return
     groups = opts["groups"]
     if tracer.exclusive(record.weight):
-        tracer.add_sq(_conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups))
+        tracer.add_sq(conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups))
     else:
         tracer.accumulate(record.weight, _conv_weight_grads(a, g, weight_shape, stride, dilation, groups))
 
@@ -249,16 +258,33 @@ def _patches(a: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
     return view.reshape(B, Ho * Wo, C * kh * kw)
 
 
-def _matmul_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+# Relative costs, in multiply-adds of a batched matrix product, of gathering one element of the convolution patches
+# (a strided copy) and of one strided add: memory-bound work that the multiply-add counts alone miss by far. Measured
+# on a 2-core x86 CPU with `python recipes/bench/grand.py --profile resnet18_b128` (see docs/bench.md).
+_GATHER_COST = 50
+_STRIDED_ADD_COST = 10
+# The same for one element of a materialised per-example weight gradient, written by a matrix product whose inner
+# dimension (the positions T) is short, then squared and summed.
+_OUTPUT_COST = 64
+
+
+def linear_rule_choice(T: int, d_in: int, d_out: int) -> str:
+    """`"ghost"` or `"materialised"`: the cheaper way to a linear layer's per-example weight-gradient norms for `T`
+    positions per example, by multiply-adds: ghost T²(d_in + d_out), materialised T·d_in·d_out plus the d_in·d_out
+    elements of each example's gradient written and squared (weighted by their measured cost)."""
+    return "ghost" if T * T * (d_in + d_out) < (T + _OUTPUT_COST) * d_in * d_out else "materialised"
+
+
+def matmul_sq_norms(a: torch.Tensor, g: torch.Tensor, rule: str | None = None) -> torch.Tensor:
     """‖Σ_t g_t a_tᵀ‖² per example for `a` `[B, T, d_in]` and `g` `[B, T, d_out]` (a linear layer's weight gradient),
-    choosing by cost between the ghost form ⟨aaᵀ, ggᵀ⟩ (cost T²(d_in + d_out)) and the materialised gradient
-    (cost T·d_in·d_out)."""
+    by the ghost form ⟨aaᵀ, ggᵀ⟩ or the materialised gradient: `rule` (`"ghost"`, `"materialised"`, or None to choose
+    by `linear_rule_choice`)."""
     B, T, d_in = a.shape
     d_out = g.shape[2]
-    if T == 1:
+    if T == 1 and rule is None:
         return a.square().sum((1, 2)) * g.square().sum((1, 2))
     out = a.new_empty(B)
-    if T * (d_in + d_out) < d_in * d_out:
+    if (rule or linear_rule_choice(T, d_in, d_out)) == "ghost":
         for s in _example_chunks(B, 8 * T * T):
             out[s] = (torch.bmm(a[s], a[s].transpose(1, 2)) * torch.bmm(g[s], g[s].transpose(1, 2))).sum((1, 2))
     else:
@@ -267,28 +293,80 @@ def _matmul_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups) -> torch.Tensor:
-    """Squared norms of per-example conv2d weight gradients (`a` already padded), ghost or materialised by cost."""
-    B = a.shape[0]
+def conv_rule_choice(
+    T: int, in_channels: int, kernel_size: int, out_channels: int, groups: int = 1, padded_positions: int = 0
+) -> str:
+    """The cheapest way to a convolution's per-example weight-gradient norms, for `T` output positions,
+    K = in_channels·kernel_size (kernel_size = kh·kw) and `padded_positions` = Hp·Wp of the padded input, counting
+    multiply-adds (memory-bound gathers and adds weighted by their measured cost):
+
+    - `"materialised"`: the per-example gradient, T·K·O, after gathering the T·K patch elements, plus its K·O
+      elements written and squared;
+    - `"ghost"`: ⟨PPᵀ, GGᵀ⟩ from the patches P, T²(K + O), after the same gather;
+    - `"input_gram"`: the same ghost norm, with the patch Gram PPᵀ summed from kh·kw shifted blocks of the padded
+      input's own Gram matrix instead of gathering patches: (Hp·Wp)²·C + T²·O, plus kh·kw·T² strided adds.
+
+    Grouped convolutions are always materialised."""
+    if groups != 1:
+        return "materialised"
+    K = in_channels * kernel_size
+    gather = _GATHER_COST * T * K
+    costs = {
+        "materialised": (T + _OUTPUT_COST) * K * out_channels + gather,
+        "ghost": T * T * (K + out_channels) + gather,
+    }
+    if padded_positions:
+        costs["input_gram"] = (
+            padded_positions**2 * in_channels + T * T * out_channels + _STRIDED_ADD_COST * kernel_size * T * T
+        )
+    return min(costs, key=costs.get)
+
+
+def conv_weight_sq_norms(a, g, weight_shape, stride, dilation, groups, rule: str | None = None) -> torch.Tensor:
+    """Squared norms of per-example conv2d weight gradients (`a` already padded), by `rule` (`"materialised"`,
+    `"ghost"`, `"input_gram"`, or None to choose by `conv_rule_choice`)."""
+    B, _, Hp, Wp = a.shape
     out_channels, in_per_group, kh, kw = weight_shape
     T = g.shape[2] * g.shape[3]
     K = in_per_group * kh * kw * groups
-    ghost_cost = T * T * (K + out_channels) + T * K
-    materialised_cost = T * K * out_channels / groups
-    if groups != 1 or materialised_cost <= ghost_cost:
-        result = a.new_empty(B)
+    rule = (
+        "materialised" if groups != 1 else rule or conv_rule_choice(T, in_per_group, kh * kw, out_channels, 1, Hp * Wp)
+    )
+    result = a.new_empty(B)
+    if rule == "materialised":
         for s in _example_chunks(B, 4 * (T * K + out_channels * K / groups)):
             grads = _conv_weight_grads(a[s], g[s], weight_shape, stride, dilation, groups)
             result[s] = grads.flatten(1).square().sum(1)
-        return result
-    result = a.new_empty(B)
-    for s in _example_chunks(B, 4 * (T * K + 2 * T * T)):
-        patches = _patches(a[s], (kh, kw), stride, dilation)
-        grad_out = g[s].flatten(2)  # [b, O, T]
-        result[s] = (torch.bmm(patches, patches.transpose(1, 2)) * torch.bmm(grad_out.transpose(1, 2), grad_out)).sum(
-            (1, 2)
-        )
+    elif rule == "ghost":
+        for s in _example_chunks(B, 4 * (T * K + 2 * T * T)):
+            patches = _patches(a[s], (kh, kw), stride, dilation)
+            grad_out = g[s].flatten(2)  # [b, O, T]
+            grad_gram = torch.bmm(grad_out.transpose(1, 2), grad_out)
+            result[s] = (torch.bmm(patches, patches.transpose(1, 2)) * grad_gram).sum((1, 2))
+    else:
+        for s in _example_chunks(B, 4 * ((Hp * Wp) ** 2 + 2 * T * T)):
+            result[s] = _input_gram_sq_norms(a[s], g[s], (kh, kw), stride, dilation)
     return result
+
+
+def _input_gram_sq_norms(a, g, kernel, stride, dilation) -> torch.Tensor:
+    """The ghost norm ⟨PPᵀ, GGᵀ⟩ of a convolution without gathering its patches P: patch t holds the padded input at
+    positions p(t) + δ over the kernel offsets δ, so (PPᵀ)[t, s] = Σ_δ (AAᵀ)[p(t) + δ, p(s) + δ], with A the padded
+    input as [positions, channels]: one Gram matrix of the input, then kh·kw strided blocks of it added."""
+    B, C, Hp, Wp = a.shape
+    Ho, Wo = g.shape[2], g.shape[3]
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    flat = a.reshape(B, C, Hp * Wp)
+    gram = torch.bmm(flat.transpose(1, 2), flat).view(B, Hp, Wp, Hp, Wp)
+    patch_gram = a.new_zeros(B, Ho, Wo, Ho, Wo)
+    for i in range(kh):
+        rows = slice(i * dh, i * dh + sh * (Ho - 1) + 1, sh)
+        for j in range(kw):
+            cols = slice(j * dw, j * dw + sw * (Wo - 1) + 1, sw)
+            patch_gram += gram[:, rows, cols, rows, cols]
+    grad_out = g.reshape(B, -1, Ho * Wo)
+    grad_gram = torch.bmm(grad_out.transpose(1, 2), grad_out)
+    return (patch_gram.view(B, Ho * Wo, Ho * Wo) * grad_gram).sum((1, 2))
 
 
 def _conv_weight_grads(a, g, weight_shape, stride, dilation, groups) -> torch.Tensor:

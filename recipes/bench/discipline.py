@@ -1,0 +1,88 @@
+"""Timing discipline shared by the speed benchmarks (`grand.py`, `el2n.py`): alternate the things compared in one
+process, report the spread over rounds (not one number), record the machine's load and thread count, and refuse a
+verdict when the machine was busy.
+
+A verdict is refused when the 1-minute load average before the run, or after it less the benchmark's own threads
+(which kept that many cores busy for the whole last minute), is above the number of cores: the other processes then
+held cores the benchmark needed, and the ratios say more about them than about the code.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+BUSY = "machine busy: no verdict"
+
+
+def cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_average() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def spread(values: list[float]) -> dict:
+    """min / median / max of a list of measurements, with their count."""
+    if not values:
+        return {"n": 0, "min": None, "median": None, "max": None}
+    return {"n": len(values), "min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def machine_busy(load_before: float, load_after: float, num_cores: int, own_threads: int) -> str | None:
+    """Why the machine was too busy for a verdict, or None when it was quiet enough (see the module docstring)."""
+    if load_before > num_cores:
+        return f"load average {load_before:.2f} before the run is above the {num_cores} cores"
+    others_after = load_after - own_threads
+    if others_after > num_cores:
+        return (
+            f"load average {load_after:.2f} after the run, less the benchmark's {own_threads} threads, is above the "
+            f"{num_cores} cores"
+        )
+    return None
+
+
+def verdict(met: bool, busy: str | None) -> str:
+    """The verdict text of one goal: met / missed, or refused on a busy machine."""
+    if busy is not None:
+        return BUSY
+    return "goal met" if met else "goal missed"
+
+
+def alternate(runners: dict[str, Callable[[], object]], rounds: int, skip: Callable[[str, int], bool] | None = None):
+    """Run each of `runners` once per round, alternating their order (forward in even rounds, backward in odd ones,
+    so that a drift in the machine's load hits every runner alike); returns each runner's seconds per round (None
+    where skipped) and the load average sampled before every round."""
+    times: dict[str, list[float | None]] = {name: [] for name in runners}
+    loads = []
+    names = list(runners)
+    for round_ in range(rounds):
+        loads.append(load_average())
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            if skip is not None and skip(name, round_):
+                times[name].append(None)
+                continue
+            start = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - start)
+    return times, loads
+
+
+def round_ratios(numerator: list[float | None], denominator: list[float | None]) -> list[float]:
+    """Per-round ratios of two alternated runners (rounds where either was skipped are left out)."""
+    return [n / d for n, d in zip(numerator, denominator) if n is not None and d is not None]
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"

@@ -1,0 +1,69 @@
+"""The speed benchmarks' discipline (recipes/bench/discipline.py): no verdict on a busy machine, ratios taken round
+by round, alternated order, spreads. (The timings themselves are the benchmark, not tests.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "recipes" / "bench"
+
+
+@pytest.fixture(scope="module")
+def discipline():
+    spec = importlib.util.spec_from_file_location("bench_discipline", BENCH / "discipline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_verdict_when_the_load_is_above_the_cores(discipline):
+    # Before the run the load is all other processes'; after it, the bench's own threads are taken off.
+    assert discipline.machine_busy(0.3, 2.1, num_cores=2, own_threads=2) is None
+    assert discipline.machine_busy(2.0, 4.0, num_cores=2, own_threads=2) is None
+    assert "before the run" in discipline.machine_busy(2.5, 2.0, num_cores=2, own_threads=2)
+    assert "after the run" in discipline.machine_busy(0.5, 4.5, num_cores=2, own_threads=2)
+    assert discipline.verdict(True, discipline.machine_busy(5.0, 5.0, 2, 2)) == "machine busy: no verdict"
+    assert discipline.verdict(False, discipline.machine_busy(5.0, 5.0, 2, 2)) == "machine busy: no verdict"
+    assert discipline.verdict(True, None) == "goal met"
+    assert discipline.verdict(False, None) == "goal missed"
+
+
+def test_alternated_rounds_and_per_round_ratios(discipline):
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in ("plain", "ours", "naive")}
+    times, loads = discipline.alternate(runners, 4, skip=lambda name, round_: name == "naive" and round_ >= 1)
+    # Order reversed every other round, so a drift in the load hits every method alike; skipped rounds are None.
+    assert calls == ["plain", "ours", "naive", "ours", "plain", "plain", "ours", "ours", "plain"]
+    assert [t is None for t in times["naive"]] == [False, True, True, True]
+    assert len(times["plain"]) == len(loads) == 4
+    assert discipline.round_ratios([2.0, None, 6.0], [1.0, 1.0, 2.0]) == [2.0, 3.0]
+    assert discipline.spread([3.0, 1.0, 2.0]) == {"n": 3, "min": 1.0, "median": 2.0, "max": 3.0}
+    assert discipline.spread([])["median"] is None
+
+
+def test_grand_bench_refuses_a_verdict_on_a_busy_machine_and_reports_the_spread(discipline, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("grand_bench", BENCH / "grand.py")
+    grand = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grand)
+    timing = {
+        "seconds": {"plain": [1.0, 1.0, 2.0], "ours": [1.2, 1.5, 2.2]},
+        "norms": {},
+        "errors": {},
+    }
+    memory = {"plain": {"peak_rss_mb": 1000.0}, "ours": {"peak_rss_mb": 1200.0}}
+    quiet = grand.summarise("resnet18_b128", timing, memory, load_before=0.2, load_after=2.3, threads=2)
+    ratio = quiet["methods"]["ours"]["ratio"]
+    assert (ratio["min"], ratio["median"], ratio["max"]) == (pytest.approx(1.1), pytest.approx(1.2), 1.5)
+    assert quiet["methods"]["ours"]["extra_mb"] == 200.0
+    assert quiet["verdict"] == "goal met"  # median 1.2 <= 1.3, extra 200 MB <= 300
+    busy = grand.summarise("resnet18_b128", timing, memory, load_before=4.0, load_after=6.0, threads=2)
+    assert busy["verdict"] == "machine busy: no verdict" and "above the" in busy["busy"]
+    heavy = {"plain": {"peak_rss_mb": 1000.0}, "ours": {"peak_rss_mb": 1400.0}}
+    assert grand.summarise("resnet18_b128", timing, heavy, 0.2, 2.3, 2)["verdict"] == "goal missed"
+    assert "machine busy: no verdict" in "\n".join(map(str, sum(grand.table_rows("resnet18_b128", busy), [])))
+    sys.modules.pop("discipline", None)
