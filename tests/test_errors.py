@@ -285,3 +285,30 @@ def test_a_score_of_the_inputs_alone_has_no_std_column(digits, tmp_path):
         assert "el2n_std" in scored.column_names and "input_norm_std" not in scored.column_names
         assert np.asarray(scored["el2n_std"]).max() > 0
         np.testing.assert_allclose(scored["input_norm"], np.linalg.norm(pixels, axis=1), rtol=1e-5)
+
+
+def test_prune_from_a_selection_uses_the_cell_chosen_on_validation_rows(scored_folder, tmp_path, capsys):
+    # A selection.json as `datadiet report curve --validation_fraction ...` writes it, with two keep fractions.
+    chosen = [
+        {
+            "score": "el2n",
+            "strategy": "window@0.1",
+            "prune": {"by": "el2n", "keep": 0.3, "strategy": "window", "offset": 0.1},
+        },
+        {"score": "el2n", "strategy": "hardest", "prune": {"by": "el2n", "keep": 0.6, "strategy": "hardest"}},
+    ]
+    selection = tmp_path / "curve" / "selection.json"
+    selection.parent.mkdir()
+    selection.write_text(json.dumps({"evaluated_on": "validation", "chosen": chosen}))
+    output = tmp_path / "pruned"
+    argv = ["prune", "--dataset_name", str(scored_folder), "--from_selection", str(selection.parent)]
+    argv += ["--output_dir", str(output)]
+    assert main([*argv, "--keep", "0.3"]) == 0
+    # Reference: the 200 scores sorted from the hardest, the hardest 10% (20 rows) skipped, the next 30% (60) kept.
+    values = np.asarray(load_data(str(scored_folder))["el2n"])
+    expected = np.sort(values)[::-1][20:80]
+    assert sorted(load_data(str(output))["el2n"]) == sorted(expected.tolist())
+    # Two keep fractions and none named: which one is ambiguous. A flag that contradicts the selection is refused.
+    assert "pass --keep with one of them" in cli_error(argv, capsys)
+    message = cli_error([*argv, "--keep", "0.3", "--strategy", "easiest"], capsys)
+    assert message.startswith("--strategy easiest conflicts with") and "chose strategy=window" in message

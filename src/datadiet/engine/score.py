@@ -29,7 +29,7 @@ from .prefetch import prefetch
 from .process import get_process_state
 from .store import (
     check_or_write_config,
-    check_row_id_feature,
+    check_stream_arguments,
     dataset_digest,
     isin_sorted,
     keyed_ids,
@@ -343,7 +343,7 @@ def score_dataset(
     methods = validate_methods(methods)
     streaming = isinstance(dataset, IterableDataset)
     if streaming:
-        _check_stream_arguments(dataset, row_id_column, output_dir, train_epochs)
+        check_stream_arguments(dataset, row_id_column, output_dir, train_epochs)
     elif len(dataset) == 0:
         raise ValueError("The dataset is empty: there is nothing to score.")
     if (model is None) == (model_init is None):
@@ -476,30 +476,3 @@ def score_dataset(
         if len(seeds) > 1 and varies_with_the_model(method):
             scored = scored.add_column(f"{method}_std", stacked.std(axis=0).astype(np.float32))
     return record_provenance(scored, scoring=provenance)
-
-
-def _check_stream_arguments(
-    dataset: IterableDataset, row_id_column: str | None, output_dir: str | os.PathLike | None, train_epochs: float
-) -> None:
-    if row_id_column is None:
-        raise ValueError(
-            "A streaming IterableDataset needs a stored row id: positions in a stream are not stable ids. Pass "
-            "row_id_column=... naming an integer column with one id per row (add one before streaming, e.g. "
-            "`dataset.map(lambda row, i: {'row_id': i}, with_indices=True)`)."
-        )
-    if dataset.features is None:
-        raise ValueError(
-            "The streaming dataset's features are unknown, so its columns cannot be found: give them when building "
-            "it, e.g. IterableDataset.from_generator(..., features=Features({...})) or `dataset.cast(features)`."
-        )
-    check_row_id_feature(dataset.features, row_id_column)
-    if output_dir is None:
-        raise ValueError(
-            "Scoring a streaming dataset writes its scores to Parquet shards keyed by row id instead of holding "
-            "them in memory: pass output_dir=... ."
-        )
-    if train_epochs > 0:
-        raise ValueError(
-            "Proxy models are trained on map-style datasets only: train the model yourself (e.g. DataDietTrainer) "
-            "and pass model=..., or pass a datasets.Dataset."
-        )

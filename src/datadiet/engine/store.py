@@ -21,6 +21,7 @@ __all__ = [
     "SCORING_CONFIG_FILE",
     "check_or_write_config",
     "check_row_id_feature",
+    "check_stream_arguments",
     "dataset_digest",
     "isin_sorted",
     "join_scores",
@@ -402,3 +403,31 @@ def join_scores(
     for name, column in lookup(wanted).items():
         joined = joined.add_column(name, column)
     return joined
+
+
+def check_stream_arguments(
+    dataset: IterableDataset, row_id_column: str | None, output_dir: str | os.PathLike | None, train_epochs: float
+) -> None:
+    """Refuse, with the fix, a streaming scoring run that cannot be keyed, stored or trained."""
+    if row_id_column is None:
+        raise ValueError(
+            "A streaming IterableDataset needs a stored row id: positions in a stream are not stable ids. Pass "
+            "row_id_column=... naming an integer column with one id per row (add one before streaming, e.g. "
+            "`dataset.map(lambda row, i: {'row_id': i}, with_indices=True)`)."
+        )
+    if dataset.features is None:
+        raise ValueError(
+            "The streaming dataset's features are unknown, so its columns cannot be found: give them when building "
+            "it, e.g. IterableDataset.from_generator(..., features=Features({...})) or `dataset.cast(features)`."
+        )
+    check_row_id_feature(dataset.features, row_id_column)
+    if output_dir is None:
+        raise ValueError(
+            "Scoring a streaming dataset writes its scores to Parquet shards keyed by row id instead of holding "
+            "them in memory: pass output_dir=... ."
+        )
+    if train_epochs > 0:
+        raise ValueError(
+            "Proxy models are trained on map-style datasets only: train the model yourself (e.g. DataDietTrainer) "
+            "and pass model=..., or pass a datasets.Dataset."
+        )
