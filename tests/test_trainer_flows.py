@@ -261,6 +261,36 @@ def test_stop_and_resume_continues_the_score_history(tmp_path):
         np.testing.assert_array_equal(np.asarray(on_disk[name]), np.asarray(resumed.scores[name]), err_msg=name)
 
 
+@pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])
+def test_stop_and_resume_under_dynamic_pruning_keeps_the_same_plan(tmp_path, stop):
+    # Pruned epochs are shorter than the Trainer's count of steps per epoch (8 here: 64 rows, batch 8), so the epoch
+    # to resume in comes from the saved plan; its rows and loss weights are planned again from the restored losses.
+    data = _digits(64)
+    settings = dict(num_train_epochs=4, learning_rate=0.1, dynamic_pruning=True, dynamic_pruning_ratio=0.5)
+    settings.update(dynamic_pruning_until=0.75, save_strategy="steps", save_steps=5)
+    if stop == "epoch_end":
+        settings.update(save_strategy="epoch")
+
+    def trainer(folder, callbacks=None):
+        config = DataDietConfig(**_settings(tmp_path / folder, **settings))
+        return DataDietTrainer(ClassifierWrapper(_MLP()), config, train_dataset=data, callbacks=callbacks)
+
+    whole = trainer("whole")
+    whole.train()
+    steps = [entry["steps"] for entry in whole.pruning_history]
+    assert steps[0] == 8 and min(steps) < 8  # some epochs were pruned
+    stopper = _StopAfterEpoch(2) if stop == "epoch_end" else _StopAtStep(15)  # 15: inside the third epoch
+    trainer("stopped", callbacks=[stopper]).train()
+    resumed = trainer("stopped")
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.pruning_history == whole.pruning_history
+    assert resumed.state.global_step == whole.state.global_step == sum(steps)
+    # Rows skipped in an epoch have no record there (NaN), in both runs alike.
+    for name, history in resumed.score_history.items():
+        np.testing.assert_allclose(history, whole.score_history[name], rtol=0, atol=1e-5, err_msg=name)
+    _assert_same_scores(resumed.scores, whole.scores)
+
+
 # ---- timm checkpoints ------------------------------------------------------------------------------------------------
 
 

@@ -218,6 +218,9 @@ class ScoreCallback(TrainerCallback):
         # The checkpoint a resumed training restores the history from (DataDietTrainer sets it; a stock Trainer's
         # resumed checkpoint is found as <output_dir>/checkpoint-<global_step>).
         self.resume_folder = None
+        # (epochs completed, optimizer steps into the next) when the Trainer counts epochs differently (dynamic
+        # pruning's shorter epochs); None: from the global step and the full epoch's length.
+        self.resume_position = None
         self._resumed_buffer = None
         self._in_training = False
         self._reset_buffer()
@@ -325,10 +328,10 @@ class ScoreCallback(TrainerCallback):
         of the epoch so far; the batches the resumed epoch skips unread are not expected."""
         accumulation = args.gradient_accumulation_steps
         steps_per_epoch = max(num_batches // accumulation + int(num_batches % accumulation > 0), 1)
-        epochs_trained = state.global_step // steps_per_epoch
+        epochs_trained, steps = self.resume_position or divmod(state.global_step, steps_per_epoch)
         self.epoch = epochs_trained - 1
         if not args.ignore_data_skip:
-            self._indices.skip_next((state.global_step % steps_per_epoch) * accumulation)
+            self._indices.skip_next(steps * accumulation)
         folder = self.resume_folder or checkpoint_folder(args.output_dir, state.global_step)
         stored = load_checkpoint_state(folder, DYNAMICS_STATE)
         if stored is None:

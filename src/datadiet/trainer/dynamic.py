@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["DynamicPruningSampler", "EpochProgressScheduler", "plan_epoch", "steps_in_epoch"]
+__all__ = ["DynamicPruningSampler", "EpochProgressScheduler", "plan_epoch", "resume_position", "steps_in_epoch"]
 
 
 class DynamicPruningSampler(torch.utils.data.Sampler):
@@ -185,3 +185,27 @@ def steps_in_epoch(num_rows: int, *, batch_size: int, gradient_accumulation_step
     """
     batches = math.ceil(math.ceil(num_rows / batch_size) / max(world_size, 1))
     return math.ceil(batches / gradient_accumulation_steps)
+
+
+def resume_position(pruning_history: list[dict], global_step: int) -> tuple[int, int] | None:
+    """(epochs completed, optimizer steps into the next epoch) at `global_step` of a dynamically pruned run, from the
+    steps each planned epoch took (`pruning_history`): its epochs are shorter than the Trainer's full-data count, so
+    `global_step // steps_per_epoch` would resume in the wrong epoch. None for a history without step counts.
+
+    Example:
+    ```python
+    >>> from datadiet.trainer.dynamic import resume_position
+    >>> resume_position([{"epoch": 0, "steps": 8}, {"epoch": 1, "steps": 6}, {"epoch": 2, "steps": 5}], 16)
+    (2, 2)
+
+    ```
+    """
+    completed = 0
+    for entry in sorted(pruning_history, key=lambda entry: entry["epoch"]):
+        if "steps" not in entry:
+            return None
+        if completed + entry["steps"] > global_step:
+            return entry["epoch"], global_step - completed
+        completed += entry["steps"]
+    last = max((entry["epoch"] for entry in pruning_history), default=-1)
+    return last + 1, global_step - completed

@@ -10,7 +10,7 @@ import torch
 
 from ..models import ClassifierWrapper
 
-__all__ = ["is_timm_model", "load_timm_weights", "save_timm_model", "wrapped_timm_model"]
+__all__ = ["TimmCheckpoints", "is_timm_model", "load_timm_weights", "save_timm_model", "wrapped_timm_model"]
 
 
 def is_timm_model(model) -> bool:
@@ -59,3 +59,26 @@ def load_timm_weights(network: torch.nn.Module, folder: str | os.PathLike) -> No
     if not path.exists():
         raise ValueError(f"{str(folder)!r} holds no model.safetensors: it is not a checkpoint of this timm model.")
     load_model(network, str(path), strict=True)
+
+
+class TimmCheckpoints:
+    """Trainer mixin: a wrapped timm model is saved, resumed and reloaded as timm does it; any other model as the
+    Trainer does."""
+
+    def _save(self, output_dir=None, state_dict=None):
+        network = wrapped_timm_model(self.model)
+        if network is None:
+            return super()._save(output_dir, state_dict)
+        save_timm_model(network, output_dir if output_dir is not None else self.args.output_dir, self.args)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        network = wrapped_timm_model(self.model) if model is None else None
+        if network is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_timm_weights(network, resume_from_checkpoint)
+
+    def _load_best_model(self):
+        network = wrapped_timm_model(self.model)
+        if network is None:
+            return super()._load_best_model()
+        load_timm_weights(network, self.state.best_model_checkpoint)

@@ -19,9 +19,9 @@ from ..scores.logits import unwrap_logits
 from .callback import ScoreCallback, TransformedView, add_score_columns, has_transform
 from .checkpoint import checkpoint_folder, load_trainer_state, save_trainer_state, write_final_scores
 from .config import DataDietConfig
-from .dynamic import DynamicPruningSampler, EpochProgressScheduler, plan_epoch, steps_in_epoch
+from .dynamic import DynamicPruningSampler, EpochProgressScheduler, plan_epoch, resume_position, steps_in_epoch
 from .scoring_pass import score_rows
-from .timm_checkpoint import is_timm_model, load_timm_weights, save_timm_model, wrapped_timm_model
+from .timm_checkpoint import TimmCheckpoints, is_timm_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class _EpochHooks(TrainerCallback):
         self.trainer._on_save()
 
 
-class DataDietTrainer(Trainer):
+class DataDietTrainer(TimmCheckpoints, Trainer):
     """A drop-in [`~transformers.Trainer`] for classifiers that tracks every training example's scores as it trains,
     from the training forward passes (no extra pass): per epoch the loss, EL2N, margin and correctness, and from
     them forgetting events, AUM and data-map confidence / variability / correctness. It can also run eval-mode
@@ -304,25 +304,23 @@ class DataDietTrainer(Trainer):
         if completed in self.args.score_epochs:
             self._scoring_pass(completed)
 
-    def _save(self, output_dir=None, state_dict=None):
-        network = wrapped_timm_model(self.model)  # a wrapped timm model is saved and loaded as timm does it
-        if network is None:
-            return super()._save(output_dir, state_dict)
-        save_timm_model(network, output_dir if output_dir is not None else self.args.output_dir, self.args)
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume, trial):
+        epochs, batches = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume, trial
+        )
+        stored = load_trainer_state(resume) if resume is not None and self.args.dynamic_pruning else None
+        # Pruned epochs are shorter than the Trainer counts them: resume where the saved plan says training stopped.
+        position = resume_position(stored[1], self.state.global_step) if stored else None
+        if position is not None:
+            accumulation = 0 if self.args.ignore_data_skip else self.args.gradient_accumulation_steps
+            epochs, batches = position[0], position[1] * accumulation
+        self.score_callback.resume_position = position
+        return epochs, batches
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # The folder `train(resume_from_checkpoint=...)` resumes from, where the score state is restored from.
         self.score_callback.resume_folder = resume_from_checkpoint
-        network = wrapped_timm_model(self.model) if model is None else None
-        if network is None:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_timm_weights(network, resume_from_checkpoint)
-
-    def _load_best_model(self):
-        network = wrapped_timm_model(self.model)
-        if network is None:
-            return super()._load_best_model()
-        load_timm_weights(network, self.state.best_model_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def create_model_card(self, *args, tags=None, **kwargs):
         tags = [tags] if isinstance(tags, str) else list(tags or [])  # transformers 5 no longer reads _tag_names
@@ -381,14 +379,16 @@ class DataDietTrainer(Trainer):
         sampler.set_plan(epoch, kept)
         self._pruning_weights = torch.as_tensor(weights, device=self.args.device)
         skipped_fraction = 1.0 - len(kept) / max(num_rows, 1)
-        self.pruning_history.append({"epoch": epoch, "kept": len(kept), "skipped_fraction": skipped_fraction})
+        steps = steps_in_epoch(
+            len(kept),
+            batch_size=self._train_batch_size,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            world_size=self.args.world_size,
+        )
+        # A run resumed in the middle of `epoch` plans it again, identically: one entry per epoch.
+        entry = {"epoch": epoch, "kept": len(kept), "skipped_fraction": skipped_fraction, "steps": steps}
+        self.pruning_history = [e for e in self.pruning_history if e["epoch"] < epoch] + [entry]
         if isinstance(self.lr_scheduler, EpochProgressScheduler):
-            steps = steps_in_epoch(
-                len(kept),
-                batch_size=self._train_batch_size,
-                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-                world_size=self.args.world_size,
-            )
             self.lr_scheduler.start_epoch(epoch, steps)
         logger.info("Epoch %d: dynamic pruning skips %.1f%% of the rows.", epoch, 100 * skipped_fraction)
         self.log({"dynamic_pruning_skipped_fraction": skipped_fraction})
