@@ -298,8 +298,9 @@ def _card_fields(
 
     if commands:
         reproduce = ["```bash", *commands, "```"]
-        if pruning and not any(" prune" in c for c in commands):
-            # The pruning step was not recorded as a command: give its equivalent call from the provenance.
+        if pruning and not any(" prune" in c or " demo" in c for c in commands):
+            # The pruning step was not recorded as a command (`prune` and `demo` prune themselves): give its
+            # equivalent call from the provenance.
             reproduce += [
                 "",
                 "then, on the scored dataset:",
