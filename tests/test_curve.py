@@ -211,15 +211,36 @@ def test_a_point_on_fewer_seeds_is_compared_with_the_baselines_of_its_seeds(tmp_
     # A second cell at the same keep fraction, so there is a best one to name.
     runs += [{"score": "grand", "strategy": "window", "keep": 0.5, "seed": s, "accuracy": 0.85} for s in (0, 1, 2)]
     text = write_curve_report(summarize_runs(runs), tmp_path)[0].read_text()
-    # Identical differences on both seeds: a zero-width interval, above 0 against random, inside ±0.5 pt of full.
+    # Two paired seeds (with identical differences, a zero-width interval): no verdict either way.
     assert (
-        "beats random (+1.70 pt, 95% CI [+1.70, +1.70], n=2) and matches the full data within ±0.5 pt (-0.30 pt"
-        in text
+        "gives no verdict against random: too few seeds to say (n=2; a verdict needs at least 3) (+1.70 pt, 95% CI "
+        "[+1.70, +1.70], n=2) and gives no verdict against the full data: too few seeds to say" in text
     )
+    assert "it beats random" not in text and "matches the full data within ±0.5 pt (" not in text
     assert "- 50%: el2n / window 89.70 (n=2), random 88.00, full 90.00" in text
     # The per-seed table pairs each run with the random subset of its seed; seed 2 was not run for el2n.
     assert "| el2n | window | 50% | 89.70 (+1.70) | 89.70 (+1.70) | — |" in text
     assert "| random | random | 50% | 88.00 | 88.00 | 97.00 |" in text
+
+
+def test_a_zero_variance_difference_gives_no_verdict(tmp_path):
+    # Three seeds whose differences from random and from full are all equal: the sample std is 0 and a t-interval
+    # would have zero width; the report says it cannot judge instead of "beats random".
+    runs = [
+        {"score": "full", "strategy": "full", "keep": 1.0, "seed": s, "accuracy": 0.90 + s / 100} for s in range(3)
+    ]
+    runs += [
+        {"score": "random", "strategy": "random", "keep": 0.5, "seed": s, "accuracy": 0.88 + s / 100} for s in range(3)
+    ]
+    runs += [
+        {"score": "el2n", "strategy": "hardest", "keep": 0.5, "seed": s, "accuracy": 0.89 + s / 100} for s in range(3)
+    ]
+    assert np.std(np.array([0.89, 0.90, 0.91]) - np.array([0.88, 0.89, 0.90]), ddof=1) < 1e-12
+    text = write_curve_report(summarize_runs(runs), tmp_path)[0].read_text()
+    assert "**el2n / hardest**: at 50% it gives no verdict against random: no spread to judge by" in text
+    assert "and gives no verdict against the full data: no spread to judge by" in text
+    assert "it beats random" not in text and "matches the full data within ±0.5 pt (" not in text
+    assert "below the full" not in text
 
 
 def test_arguments_are_validated(tmp_path):

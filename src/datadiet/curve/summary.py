@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import CurveArguments
-from .statistics import equivalent, paired_interval, sample_std, verdict_against
+from .statistics import equivalent, no_verdict_reason, paired_interval, sample_std, verdict_against
 from .store import read_runs
 
 __all__ = ["summarize_runs", "write_curve_report", "write_summary"]
@@ -142,7 +142,10 @@ def _verdicts(points: list[dict], margin: float = 0.005) -> list[str]:
                 a, b = _paired(point, full)
                 if a:
                     interval = paired_interval(a, b)
-                    if len(a) > 1 and equivalent(a, b, margin):
+                    reason = no_verdict_reason(interval)
+                    if reason is not None:
+                        words = f"gives no verdict against the full data: {reason}"
+                    elif equivalent(a, b, margin):
                         words = f"matches the full data within ±{100 * margin:g} pt"
                     elif interval["low"] > 0:
                         words = "is above the full data"
