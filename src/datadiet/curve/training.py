@@ -248,6 +248,7 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
         with np.load(path) as cached:
             return {name: cached[name] for name in cached.files}
     from ..scores import forgetting_events
+    from ..scores.trackers import fill_unseen
     from ..scores.batch import score_batch
 
     num_rows = len(data.y_train)
@@ -274,8 +275,7 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
     result = {name: np.concatenate(parts).astype(np.float64) for name, parts in values.items()}
     # Rows never presented (the dropped partial batch of a one-epoch run) count as unseen: NaN events. They are
     # given the median so that every row has a score.
-    events = forgetting_events(history)
-    result["forgetting"] = np.where(np.isnan(events), np.nanmedian(events), events)
+    result["forgetting"] = fill_unseen(forgetting_events(history))
     result["proxy_train_accuracy"] = np.array([np.nanmean(history[:, -1])])
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **result)
