@@ -112,5 +112,5 @@ def test_prune_from_selection_on_a_dataset_without_the_chosen_score_says_how_to_
     )  # fmt: skip
     lines = [line for line in run.stderr.splitlines() if "error" in line]
     assert run.returncode == 2 and len(lines) == 1
-    assert f"has no {cell['by']!r} column" in lines[0] and f"datadiet score" in lines[0]
+    assert f"has no {cell['by']!r} column" in lines[0] and "datadiet score" in lines[0]
     assert f"--methods {cell['by']} --train_epochs 1" in lines[0]

@@ -248,8 +248,8 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
         with np.load(path) as cached:
             return {name: cached[name] for name in cached.files}
     from ..scores import forgetting_events
-    from ..scores.trackers import fill_unseen
     from ..scores.batch import score_batch
+    from ..scores.trackers import fill_unseen
 
     num_rows = len(data.y_train)
     steps_per_epoch = max(num_rows // args.batch_size, 1)
