@@ -21,7 +21,13 @@ __all__ = ["ScoreArguments", "main", "run_score"]
 class ScoreArguments(ModelArguments, DataArguments):
     """Arguments of `datadiet score`: score a dataset split with K models and save it with the score columns."""
 
-    methods: list[str] = field(default_factory=lambda: ["el2n"], metadata={"help": "Scores to compute."})
+    methods: list[str] = field(
+        default_factory=lambda: ["el2n"],
+        metadata={
+            "help": "Scores to compute; forgetting, aum, confidence, variability and correctness come from the "
+            "proxies' own training (train_epochs >= 1)."
+        },
+    )
     model_weights: str | None = field(
         default=None, metadata={"help": "A safetensors file of trained weights to score with (then one seed)."}
     )
@@ -41,11 +47,12 @@ class ScoreArguments(ModelArguments, DataArguments):
     max_eval_rows: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        from ..scores import validate_methods
+        from ..engine.dynamics import split_methods
 
         super().__post_init__()
         check_positive_int("batch_size", self.batch_size)
-        validate_methods(self.methods)  # before any data is read or model built
+        # Before any data is read or model built; the same check as `score_dataset`.
+        split_methods(self.methods, self.train_epochs, trains=not self.model_weights)
 
 
 def run_score(args: ScoreArguments, *, command: str | None = None):
@@ -121,8 +128,10 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
 
 def main(argv: list[str]) -> int:
     """`datadiet score [--config recipe.yaml] [--flag value ...]`; returns the exit code."""
+    from ..engine.dynamics import TRAINING_DYNAMICS
     from ..scores import list_scores
 
-    (args,) = parse_config((ScoreArguments,), argv, epilog=f"methods: {', '.join(list_scores())}")
+    epilog = f"methods: {', '.join(list_scores())}; from the proxies' training: {', '.join(TRAINING_DYNAMICS)}"
+    (args,) = parse_config((ScoreArguments,), argv, epilog=epilog)
     run_score(args, command="datadiet " + shlex.join(["score", *argv]))
     return 0

@@ -113,6 +113,13 @@ class CurveArguments(DataArguments):
         default_factory=list,
         metadata={"help": "Seeds of the fresh proxy models the confirm stage prunes by (none of scoring_seeds)."},
     )
+    confirmation: bool = field(
+        default=False,
+        metadata={
+            "help": "A pre-registered confirmation of cells chosen beforehand: its report gives their verdicts and "
+            "names no 'best' cell (picking among confirmed cells after seeing them would be exploratory again)."
+        },
+    )
     equivalence_margin: float = field(
         default=0.005,
         metadata={

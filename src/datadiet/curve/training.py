@@ -20,7 +20,41 @@ from .arguments import CurveArguments, check_steps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CurveData", "accuracy_on", "accuracy_on_test", "build_curve_model", "proxy_scores", "train_on_rows"]
+__all__ = [
+    "SEED_PURPOSES",
+    "CurveData",
+    "accuracy_on",
+    "accuracy_on_test",
+    "build_curve_model",
+    "proxy_scores",
+    "stream_seed",
+    "train_on_rows",
+]
+
+# The separate random streams of a curve: the same integer given as a training seed, a proxy (scoring) seed and the
+# validation seed draws three unrelated streams, so a proxy never shares its initialisation and data order with a
+# trained model (the overlap that made proxy and trained runs alike before streams were separated).
+SEED_PURPOSES = ("training", "proxy", "validation")
+
+
+def stream_seed(purpose: str, seed: int) -> int:
+    """The torch / numpy seed of `seed` used for `purpose` (one of `SEED_PURPOSES`): the first 31 bits of
+    sha256(`"datadiet-curve/{purpose}/{seed}"`), so that each purpose has its own stream of seeds.
+
+    Example:
+    ```python
+    >>> from datadiet.curve.training import stream_seed
+    >>> stream_seed("training", 5) != stream_seed("proxy", 5), stream_seed("training", 5) == stream_seed("training", 5)
+    (True, True)
+
+    ```
+    """
+    import hashlib
+
+    if purpose not in SEED_PURPOSES:
+        raise ValueError(f"Unknown seed purpose {purpose!r}: one of {list(SEED_PURPOSES)}.")
+    digest = hashlib.sha256(f"datadiet-curve/{purpose}/{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def _image_array(image) -> np.ndarray:
@@ -74,7 +108,7 @@ class CurveData:
         if args.validation_fraction:
             from ..selection import stratified_split
 
-            rng = np.random.default_rng(args.validation_seed)
+            rng = np.random.default_rng(stream_seed("validation", args.validation_seed))
             self.validation_rows = stratified_split(self.y_train.numpy(), args.validation_fraction, rng)
             keep = np.setdiff1d(self.train_rows, self.validation_rows)
             self.x_validation, self.y_validation = (
@@ -215,6 +249,7 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
             return {name: cached[name] for name in cached.files}
     from ..scores import forgetting_events
     from ..scores.batch import score_batch
+    from ..scores.trackers import fill_unseen
 
     num_rows = len(data.y_train)
     steps_per_epoch = max(num_rows // args.batch_size, 1)
@@ -224,8 +259,9 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
         steps,
         f"Scoring the proxies ({num_rows} rows, batch_size={args.batch_size}, scoring_epochs={args.scoring_epochs})",
     )
-    model = build_curve_model(args, data, seed)
-    train_on_rows(model, data, np.arange(num_rows), steps, args, seed, history)
+    torch_seed = stream_seed("proxy", seed)
+    model = build_curve_model(args, data, torch_seed)
+    train_on_rows(model, data, np.arange(num_rows), steps, args, torch_seed, history)
     wanted = [name for name in args.scores if name not in ("forgetting", "input_norm")]
     values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
     for start in range(0, num_rows, args.eval_batch_size):
@@ -239,8 +275,7 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
     result = {name: np.concatenate(parts).astype(np.float64) for name, parts in values.items()}
     # Rows never presented (the dropped partial batch of a one-epoch run) count as unseen: NaN events. They are
     # given the median so that every row has a score.
-    events = forgetting_events(history)
-    result["forgetting"] = np.where(np.isnan(events), np.nanmedian(events), events)
+    result["forgetting"] = fill_unseen(forgetting_events(history))
     result["proxy_train_accuracy"] = np.array([np.nanmean(history[:, -1])])
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **result)

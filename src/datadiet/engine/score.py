@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from ..data import Preprocessor, check_input_channels, detect_columns
 from ..models import as_model_inputs, input_channels_of, model_name_of, num_labels_of, weights_fingerprint
 from ..provenance import record_provenance
-from ..scores.batch import score_batch, validate_methods
+from ..scores.batch import score_batch
 from ..scores.registry import varies_with_the_model
 from ..validation import check_positive_int
+from .dynamics import dynamics_of, split_methods
 from .prefetch import prefetch
 from .process import get_process_state
 from .store import (
@@ -340,8 +341,11 @@ def score_dataset(
 
     ```
     """
-    methods = validate_methods(methods)
+    evaluated, dynamics = split_methods(methods, train_epochs, trains=model_init is not None)
+    methods = [*evaluated, *dynamics]
     streaming = isinstance(dataset, IterableDataset)
+    if streaming and dynamics:
+        raise ValueError(f"{dynamics} come from training on the rows, which a stream cannot do: load a Dataset.")
     if streaming:
         check_stream_arguments(dataset, row_id_column, output_dir, train_epochs)
     elif len(dataset) == 0:
@@ -403,17 +407,23 @@ def score_dataset(
                 "training": json.dumps(training_kwargs or {}, sort_keys=True, default=str),
             }
             check_or_write_config(output_dir, config, state=state)
+        seed_dynamics: dict[str, np.ndarray] = {}
         if train_epochs > 0:
             weights = seed_dir / "model.safetensors" if seed_dir is not None else None
+            dynamics_cache = seed_dir / "dynamics.npz" if seed_dir is not None else None
             if weights is not None and weights.exists():
                 logger.info("Loading the seed-%d model trained by an earlier run from %s.", seed, weights)
                 load_weights(seed_model, weights)
+                if dynamics:
+                    seed_dynamics = dynamics_of(None, dynamics, dynamics_cache)
             else:
                 from ..trainer.proxy import fit  # transformers loads only when a proxy trains
 
                 which = f"seed {seed} ({position} of {len(seeds)})"
                 logger.info("Training proxy %s for %s epochs.", which, train_epochs)
-                seed_model = fit(
+                # Training-dynamics scores are tracked during this very training (as the curve's proxies do).
+                tracking = {"track_scores": dynamics, "return_trainer": True} if dynamics else {}
+                fitted = fit(
                     seed_model,
                     dataset,
                     preprocessor=preprocessor,
@@ -423,8 +433,11 @@ def score_dataset(
                     output_dir=seed_dir / "training" if seed_dir else None,
                     progress_bar=state.is_local_main_process,
                     progress_description=f"Training proxy {which}",
-                    **(training_kwargs or {}),
+                    **{**(training_kwargs or {}), **tracking},
                 )
+                seed_model, trainer = fitted if dynamics else (fitted, None)
+                if dynamics:
+                    seed_dynamics = dynamics_of(trainer, dynamics, dynamics_cache if state.is_main_process else None)
                 if weights is not None and state.is_main_process:
                     weights.parent.mkdir(parents=True, exist_ok=True)
                     save_weights(seed_model, weights)
@@ -434,7 +447,7 @@ def score_dataset(
             "state": state,
             "autocast_dtype": autocast_dtype,
             "save_every": save_every,
-            "description": f"Scoring {'+'.join(methods)} (seed {seed})",
+            "description": f"Scoring {'+'.join(evaluated)} (seed {seed})",
         }
         if streaming:
             _score_stream(
@@ -448,9 +461,12 @@ def score_dataset(
             )
         else:
             shard_dir = seed_dir / "scores" if seed_dir is not None else None
-            per_seed.append(
-                _score_model(seed_model, dataset, methods, preprocessor, shard_dir=shard_dir, keys=keys, **common)
+            scores = (
+                _score_model(seed_model, dataset, evaluated, preprocessor, shard_dir=shard_dir, keys=keys, **common)
+                if evaluated
+                else {}
             )
+            per_seed.append({**scores, **seed_dynamics})
 
     model_description = model_name_of(model if model is not None else seed_model)
     config_of = getattr(model if model is not None else seed_model, "config", None)
@@ -473,6 +489,6 @@ def score_dataset(
     for method in methods:
         stacked = np.stack([scores[method] for scores in per_seed]).astype(np.float64)
         scored = scored.add_column(method, stacked.mean(axis=0).astype(np.float32))
-        if len(seeds) > 1 and varies_with_the_model(method):
+        if len(seeds) > 1 and (method in dynamics or varies_with_the_model(method)):
             scored = scored.add_column(f"{method}_std", stacked.std(axis=0).astype(np.float32))
     return record_provenance(scored, scoring=provenance)

@@ -23,6 +23,7 @@ __all__ = [
     "area_under_margin",
     "confidence",
     "correctness",
+    "fill_unseen",
     "forgetting_events",
     "training_quantities",
     "variability",
@@ -187,6 +188,24 @@ def _last_observed(history: np.ndarray) -> np.ndarray:
     values = history[np.arange(history.shape[0]), last]
     values[~present.any(axis=1)] = np.nan
     return values
+
+
+def fill_unseen(values) -> np.ndarray:
+    """`values` with the NaN of rows never presented (a fraction of an epoch, a dropped last batch) replaced by the
+    median of the others, so that every row has a score to rank by.
+
+    Example:
+    ```python
+    >>> from datadiet.scores.trackers import fill_unseen
+    >>> fill_unseen([0.0, float("nan"), 2.0, 1.0]).tolist()
+    [0.0, 1.0, 2.0, 1.0]
+
+    ```
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isnan(values).any():
+        return values
+    return np.where(np.isnan(values), np.nanmedian(values), values)
 
 
 # The summary scores a `TrainingDynamics` can produce: name -> (function of the histories, higher_is_harder).
