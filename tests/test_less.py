@@ -246,3 +246,26 @@ def test_less_resumes_from_feature_shards(lora_run, tmp_path):
     assert not np.allclose(altered[:8], first[:8]) and np.allclose(altered[8:], first[8:], rtol=1e-6)
     with pytest.raises(ValueError, match="differs in: projection_seed"):
         run(seed=1)
+
+
+def test_less_with_scores_records_provenance_and_refuses_bad_input(lora_run):
+    from datasets import Dataset
+
+    from datadiet.provenance import read_provenance
+
+    output_dir, _ = lora_run
+    checkpoints = [output_dir / "checkpoint-2", output_dir / "checkpoint-4"]
+    less = LESS(make_model(False), checkpoints, per_example_loss=causal_loss, projection_dim=128, seed=3,
+                collate_fn=collate)  # fmt: skip
+    scored = less.with_scores(Dataset.from_list(make_rows(6, 10)), {"task": make_rows(2, 11)})
+    assert scored.column_names[-1] == "less" and len(scored) == 6
+    recorded = read_provenance(scored)["less"]
+    assert recorded["projection_seed"] == 3 and recorded["projection_dim"] == 128
+    assert recorded["checkpoints"] == [str(c) for c in checkpoints] and recorded["target_sets"] == {"task": 2}
+    with pytest.raises(ValueError, match="one loss per row"):
+        LESS(make_model(False), checkpoints, per_example_loss=lambda model, batch: causal_loss(model, batch).mean(),
+             collate_fn=collate).scores(make_rows(4, 12), make_rows(2, 13))  # fmt: skip
+    with pytest.raises(ValueError, match="optimizer.pt"):
+        LESS(make_model(False), [(make_model(False).state_dict(), 1.0)], per_example_loss=causal_loss)
+    with pytest.raises(ValueError, match="have no rows"):
+        less.scores(make_rows(4, 12), {"task": []})
