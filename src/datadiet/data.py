@@ -16,6 +16,7 @@ from .loading import BUILT_IN_DATASETS, load_data, load_digits_dataset
 from .models import as_model_inputs, num_labels_of, weights_fingerprint
 from .provenance import record_provenance
 from .scores.batch import score_batch, validate_methods
+from .tasks.classification import Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -126,86 +127,6 @@ def detect_label_column(dataset: Dataset, label_column: str | None = None) -> st
     return candidates[0]
 
 
-def _is_tokenizer(transform: Any) -> bool:
-    return hasattr(transform, "pad_token_id") and hasattr(transform, "batch_decode")
-
-
-def _is_image_processor(transform: Any) -> bool:
-    return hasattr(transform, "model_input_names") and hasattr(transform, "preprocess")
-
-
-def _default_image_to_tensor(image: Any) -> torch.Tensor:
-    # uint8 HWC (or HW) -> float CHW in [0, 1]; what torchvision's ToTensor does, without the PIL round trip.
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    tensor = torch.from_numpy(np.array(array.transpose(2, 0, 1)))  # a writable copy in CHW order
-    return tensor.float().div_(255.0) if tensor.dtype == torch.uint8 else tensor.float()
-
-
-class Preprocessor:
-    """Turns a batch of raw rows (`dict` of column lists, as `Dataset.__getitem__` / `map(batched=True)` give them)
-    into `(inputs, labels)`: `inputs` is a float tensor for images and arrays, or a dict of tensors from a tokenizer
-    or an image processor.
-
-    Args:
-        transform: `None` (images scaled to [0, 1], CHW), a callable applied to each image (a timm
-            `create_transform` or torchvision transform), a transformers image processor, or a tokenizer.
-        input_column / kind / label_column: as returned by `detect_columns`.
-        max_length: truncation length for tokenizers.
-    """
-
-    def __init__(
-        self,
-        transform: Callable | None,
-        *,
-        input_column: str,
-        kind: str,
-        label_column: str,
-        max_length: int | None = None,
-    ):
-        self.transform = transform
-        self.input_column = input_column
-        self.kind = kind
-        self.label_column = label_column
-        self.max_length = max_length
-        if kind == "text" and not _is_tokenizer(transform):
-            raise ValueError(
-                f"Column {input_column!r} holds text: pass the model's tokenizer as transform= "
-                "(e.g. AutoTokenizer.from_pretrained(...))."
-            )
-
-    @property
-    def columns(self) -> list[str]:
-        return [self.input_column, self.label_column]
-
-    def inputs(self, values: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
-        if self.kind == "text":
-            return dict(
-                self.transform(
-                    list(values), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-                )
-            )
-        if self.transform is not None and _is_image_processor(self.transform):
-            return self.transform(images=list(values), return_tensors="pt")["pixel_values"]
-        if self.kind == "image":
-            transform = self.transform or _default_image_to_tensor
-            return torch.stack([transform(image) for image in values])
-        if self.transform is not None:
-            return torch.stack([self.transform(value) for value in values])
-        return torch.as_tensor(np.asarray(values), dtype=torch.float32)
-
-    def labels(self, values: Sequence) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(values), dtype=torch.long)
-
-    def __call__(self, batch: dict[str, list]) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
-        return self.inputs(batch[self.input_column]), self.labels(batch[self.label_column])
-
-    def fingerprint(self) -> str:
-        """A stable description of the preprocessing, for caches and resumable runs."""
-        return f"{self.kind}:{self.input_column}:{self.label_column}:{self.max_length}:{_describe(self.transform)}"
-
-
 def check_input_channels(dataset: Dataset, preprocessor: Preprocessor, in_chans: int | None) -> None:
     """Refuse a model built for `in_chans` input channels when `dataset`'s first row, preprocessed, has another number
     (1-channel digits or MNIST through a 3-channel model), saying which `in_chans` to build with. Done before any
@@ -220,16 +141,6 @@ def check_input_channels(dataset: Dataset, preprocessor: Preprocessor, in_chans:
         f"The images in column {preprocessor.input_column!r} have {channels} channel(s) but the model takes {in_chans}: "
         f"build it with in_chans={channels} (`--in_chans {channels}` on the command line)."
     )
-
-
-def _describe(transform: Any) -> str:
-    if transform is None:
-        return "none"
-    if hasattr(transform, "to_json_string"):  # transformers image processors and tokenizers' configs
-        return type(transform).__name__ + ":" + transform.to_json_string()
-    if hasattr(transform, "name_or_path"):
-        return f"{type(transform).__name__}:{transform.name_or_path}:{len(transform)}"
-    return repr(transform)
 
 
 class ScoreTransform:
