@@ -16,6 +16,7 @@ from .loading import BUILT_IN_DATASETS, load_data, load_digits_dataset
 from .models import as_model_inputs, num_labels_of, weights_fingerprint
 from .provenance import record_provenance
 from .scores.batch import score_batch, validate_methods
+from .tasks import get_task
 from .tasks.classification import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,9 @@ class ScoreTransform:
         methods: one score name or several (see `datadiet.scores.list_scores()`).
         transform: per-image callable, transformers image processor, or tokenizer (see `Preprocessor`).
         image_column / text_column / label_column: detected from the features on the first call when not given.
+        task: `"causal_lm"` to score a causal LM on instruction / SFT rows (TRL's formats or Alpaca columns) with
+            `list_scores("causal_lm")`; `None` for classifiers.
+        tokenizer / max_length: the causal LM's tokenizer and `SFTConfig.max_length` (`task="causal_lm"`).
 
     Example:
     ```python
@@ -184,9 +188,14 @@ class ScoreTransform:
         text_column: str | None = None,
         label_column: str | None = None,
         autocast_dtype: torch.dtype | None = None,
+        task: str | None = None,
+        tokenizer: Any = None,
+        max_length: int | None = 1024,
     ):
         self.model = model
-        self.methods = validate_methods(methods)
+        self.methods = validate_methods(methods, task)
+        # A task other than classification (`"causal_lm"`) builds and scores its own batches; see `datadiet.tasks`.
+        self.task = get_task(task, tokenizer=tokenizer, max_length=max_length) if task is not None else None
         self.transform = transform
         self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
         self.autocast_dtype = autocast_dtype
@@ -239,6 +248,8 @@ class ScoreTransform:
         return record_provenance(scored, scoring=self.provenance)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self.task is not None:
+            return self._score_task(batch)
         if self._preprocessor is None and (self.label_column is None or not (self.image_column or self.text_column)):
             # Detect the columns from the batch itself: images are PIL objects, text are strings.
             self._detect_from_batch(batch)
@@ -259,6 +270,17 @@ class ScoreTransform:
             self.model.train(was_training)
         # float32 arrays: Arrow columns of float32 (Python floats would make them float64).
         return {name: values.detach().float().cpu().numpy() for name, values in scores.items()}
+
+    def _score_task(self, batch: dict[str, list]) -> dict[str, np.ndarray]:
+        names = self.task.columns_of(self.task.detect_format(list(batch)))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            collated = self.task.collate({name: batch[name] for name in names if name in batch})
+            scores = self.task.score_batch(self.model, collated, self.methods, autocast_dtype=self.autocast_dtype)
+        finally:
+            self.model.train(was_training)
+        return {name: values.float().numpy() for name, values in scores.items()}
 
     def _detect_from_batch(self, batch: dict[str, list]) -> None:
         for name, values in batch.items():
