@@ -22,6 +22,7 @@ MAX_LINES = 500
 FLOORS = {
     "datadiet.scores": 0,
     "datadiet.validation": 0,
+    "datadiet.tasks": 1,
     "datadiet.provenance": 1,
     "datadiet.models": 1,
     "datadiet.nets": 1,

@@ -20,7 +20,7 @@ TRAINING_DYNAMICS = tuple(name for name in TRACKED_SCORES if name not in list_sc
 
 
 def split_methods(
-    methods: Sequence[str] | str, train_epochs: float, *, trains: bool = True
+    methods: Sequence[str] | str, train_epochs: float, *, trains: bool = True, task: str | None = None
 ) -> tuple[list[str], list[str]]:
     """`methods` checked and split into (eval-mode scores, training-dynamics scores); a training-dynamics score needs
     proxies that train (`train_epochs` >= 1 and `trains`: models built by `model_init`, not given already trained).
@@ -34,10 +34,10 @@ def split_methods(
     ```
     """
     methods = [methods] if isinstance(methods, str) else list(methods)
-    dynamics = [name for name in methods if name in TRAINING_DYNAMICS]
-    evaluated = [name for name in methods if name not in TRAINING_DYNAMICS]
+    dynamics = [] if task == "causal_lm" else [name for name in methods if name in TRAINING_DYNAMICS]
+    evaluated = [name for name in methods if name not in dynamics]
     if evaluated or not dynamics:
-        validate_methods(evaluated)
+        validate_methods(evaluated, task)
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods {methods} names a score more than once.")
     if dynamics and (train_epochs < 1 or not trains):
