@@ -47,9 +47,16 @@ _RESULT_FIELDS = (
 
 
 def result_config(args: CurveArguments) -> dict:
-    """The values that define the curve's results. The validation hold-out is among them only when it is on, so that
-    curves made before it existed resume unchanged."""
+    """The values that define the curve's results. The validation hold-out, the classes kept and the checkpoint are
+    among them only when set, so that curves made before they existed resume unchanged."""
     config = {name: getattr(args, name) for name in _RESULT_FIELDS}
+    if args.keep_classes:
+        config["keep_classes"] = args.keep_classes
+    if args.model_name_or_path:  # the checkpoint every model starts from, and its weights' sha256 when local
+        from ..model_sources import checkpoint_sha256
+
+        config.update(model_name_or_path=args.model_name_or_path, checkpoint_file=args.checkpoint_file)
+        config["checkpoint_sha256"] = checkpoint_sha256(args.model_name_or_path, args.checkpoint_file)
     if args.validation_fraction:
         config.update(validation_fraction=args.validation_fraction, validation_seed=args.validation_seed)
     return config

@@ -7,7 +7,6 @@ costs more than the small networks the curve is run with."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -58,6 +57,11 @@ class CurveData:
         image_column, kind, label_column = detect_columns(
             train, image_column=args.image_column, label_column=args.label_column
         )
+        if args.keep_classes:
+            from ..data import keep_classes
+
+            train = keep_classes(train, args.keep_classes, label_column)
+            test = keep_classes(test, args.keep_classes, label_column)
         if kind != "image":
             raise ValueError(
                 f"Pruning curves train image classifiers; the detected input column {image_column!r} is {kind}. "
@@ -67,6 +71,8 @@ class CurveData:
         self.x_test, self.y_test = _to_tensors(test, image_column, label_column)
         feature = train.features[label_column]
         self.num_classes = int(getattr(feature, "num_classes", 0) or int(self.y_train.max()) + 1)
+        self.label_names = list(getattr(feature, "names", None) or map(str, range(self.num_classes)))
+        self.model_source = None  # built on first use (a named checkpoint is loaded and checked once)
         # The validation hold-out: its rows leave the training tensors here, so that no proxy and no subset (both
         # drawn from positions of x_train) can ever train on them. `train_rows` maps positions back to the split.
         self.train_rows = np.arange(len(self.y_train))
@@ -119,13 +125,16 @@ class CurveData:
 
 
 def build_curve_model(args: CurveArguments, data: CurveData, seed: int) -> nn.Module:
-    """A fresh timm model `args.model_name` for `data`'s classes and channels, seeded, in channels-last layout."""
-    from ..models import build_model
+    """A seeded model for `data`'s classes and channels, in channels-last layout: the checkpoint
+    `args.model_name_or_path` (a new head when its classes differ) or a fresh timm model `args.model_name`."""
+    from ..model_sources import ModelSource
+    from ..models import LogitsModule
 
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-    model = build_model(
-        args.model_name, num_classes=data.num_classes, in_chans=data.in_chans, model_kwargs=model_kwargs, seed=seed
-    )
+    if data.model_source is None:
+        data.model_source = ModelSource(args, label_names=data.label_names, in_chans=data.in_chans)
+    model = data.model_source(seed)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "model_type"):
+        model = LogitsModule(model)  # transformers: called as model(images) -> logits by the loop below
     # channels-last convolutions train the small CIFAR nets about 1.4x faster on this kind of CPU (oneDNN).
     return model.to(memory_format=torch.channels_last)
 
