@@ -38,7 +38,8 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Keep only these classes (ClassLabel names or ids) in the training and test splits, relabelled "
-            "0..k-1 in the order given (e.g. 5 6 7 8 9: CIFAR-10's last five classes as a task of its own)."
+            "0..k-1 in the order given (e.g. 5 6 7 8 9: CIFAR-10's last five classes as a task of its own); max_rows "
+            "and max_eval_rows then count rows of these classes."
         },
     )
 

@@ -118,9 +118,12 @@ def label_names_of(dataset: Dataset, label_column: str) -> list[str]:
     return [str(i) for i in range(num_classes_of(dataset, label_column))]
 
 
-def keep_classes(dataset: Dataset, classes: Sequence[str | int], label_column: str) -> Dataset:
-    """The rows of `classes` only (`ClassLabel` names or label ids), relabelled `0..k-1` in the order given, with a
-    `ClassLabel` of their names: e.g. CIFAR-10's classes 5-9 as a 5-class dataset of its own.
+def keep_classes(
+    dataset: Dataset, classes: Sequence[str | int], label_column: str, *, max_rows: int | None = None
+) -> Dataset:
+    """The rows of `classes` only (`ClassLabel` names or label ids; the first `max_rows` of them if given),
+    relabelled `0..k-1` in the order given, with a `ClassLabel` of their names: e.g. CIFAR-10's classes 5-9 as a
+    5-class dataset of its own.
 
     Example:
     ```python
@@ -152,6 +155,13 @@ def keep_classes(dataset: Dataset, classes: Sequence[str | int], label_column: s
     kept = dataset.filter(
         lambda labels: [label in position for label in labels], input_columns=label_column, batched=True
     )
+    if len(kept) == 0:
+        raise ValueError(
+            f"No row of this split is in classes {list(classes)} (of {len(dataset)} rows read): read more rows "
+            "(max_rows / max_eval_rows count the rows of the kept classes) or name other classes."
+        )
+    if max_rows is not None:
+        kept = kept.select(range(min(max_rows, len(kept))))
     features = kept.features.copy()
     features[label_column] = ClassLabel(names=[names[i] for i in ids])
     return kept.map(

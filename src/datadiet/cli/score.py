@@ -67,14 +67,13 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
     from ..model_sources import ModelSource
     from ..provenance import record_provenance
 
-    dataset = load_data(
-        args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows
-    )
+    max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
+    dataset = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
     input_column, kind, label_column = detect_columns(
         dataset, image_column=args.image_column, label_column=args.label_column
     )
     if args.keep_classes:
-        dataset = keep_classes(dataset, args.keep_classes, label_column)
+        dataset = keep_classes(dataset, args.keep_classes, label_column, max_rows=args.max_rows)
     # A named checkpoint is loaded (and its loading logged) here, before any row is scored.
     model_init = ModelSource(args, label_names=label_names_of(dataset, label_column))
     image_size, mean, std = model_init.image_settings()

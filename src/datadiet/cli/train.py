@@ -66,14 +66,15 @@ def run_train(args: TrainArguments) -> dict:
     from ..report import plot_data_map
     from ..trainer.proxy import evaluate_accuracy, fit
 
-    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
+    max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
+    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
     test = _load_test_split(args, train)
     input_column, kind, label_column = detect_columns(
         train, image_column=args.image_column, label_column=args.label_column
     )
     if args.keep_classes:
-        train = keep_classes(train, args.keep_classes, label_column)
-        test = keep_classes(test, args.keep_classes, label_column)
+        train = keep_classes(train, args.keep_classes, label_column, max_rows=args.max_rows)
+        test = keep_classes(test, args.keep_classes, label_column, max_rows=args.max_eval_rows)
     # A named checkpoint is loaded (and its loading logged) here, before any training.
     model_init = ModelSource(args, label_names=label_names_of(train, label_column))
     image_size, mean, std = model_init.image_settings()
@@ -153,7 +154,7 @@ def _load_test_split(args: TrainArguments, train):
             args.eval_dataset_name or args.dataset_name,
             split=args.eval_split,
             data_files=args.eval_data_files or None,
-            max_rows=args.max_eval_rows,
+            max_rows=None if args.keep_classes else args.max_eval_rows,
         )
     except ValueError as error:
         if given:

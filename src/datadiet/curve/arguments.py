@@ -41,6 +41,14 @@ class CurveArguments(ModelSourceArguments, DataArguments):
         },
     )
     model_kwargs: str | None = field(default=None, metadata={"help": "JSON mapping of extra timm model options."})
+    proxy_model_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Score with proxies of this timm architecture trained from scratch, while every run still starts "
+            "from model_name_or_path: pretrained and from-scratch proxies compared at the same fine-tuning budget "
+            "(default: the proxies start where the runs do)."
+        },
+    )
     mean: list[float] | None = field(
         default=None, metadata={"help": "Normalisation mean per channel (computed from the training data if unset)."}
     )

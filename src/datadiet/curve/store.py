@@ -50,8 +50,9 @@ def result_config(args: CurveArguments) -> dict:
     """The values that define the curve's results. The validation hold-out, the classes kept and the checkpoint are
     among them only when set, so that curves made before they existed resume unchanged."""
     config = {name: getattr(args, name) for name in _RESULT_FIELDS}
-    if args.keep_classes:
-        config["keep_classes"] = args.keep_classes
+    for name in ("keep_classes", "proxy_model_name"):
+        if getattr(args, name):
+            config[name] = getattr(args, name)
     if args.model_name_or_path:  # the checkpoint every model starts from, and its weights' sha256 when local
         from ..model_sources import checkpoint_sha256
 
