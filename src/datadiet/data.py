@@ -132,8 +132,8 @@ def keep_classes(
     >>> features = Features({"x": Value("int64"), "label": ClassLabel(names=["cat", "dog", "fox"])})
     >>> dataset = Dataset.from_dict({"x": [0, 1, 2, 3], "label": [0, 1, 2, 1]}, features=features)
     >>> kept = keep_classes(dataset, ["fox", "dog"], "label")
-    >>> kept["x"], kept["label"], kept.features["label"].names
-    ([1, 2, 3], [1, 0, 1], ['fox', 'dog'])
+    >>> kept[:], kept.features["label"].names
+    ({'x': [1, 2, 3], 'label': [1, 0, 1]}, ['fox', 'dog'])
 
     ```
     """
