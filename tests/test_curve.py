@@ -512,8 +512,8 @@ def test_training_proxy_and_validation_seeds_draw_separate_streams(tmp_path, mon
     events = []
     original_build, original_augment = training.build_curve_model, training.CurveData.augment
 
-    def recording_build(args, data, seed):
-        model = original_build(args, data, seed)
+    def recording_build(args, data, seed, **kwargs):
+        model = original_build(args, data, seed, **kwargs)
         events.append(("model", seed, torch.cat([p.detach().flatten() for p in model.parameters()]).clone()))
         return model
 

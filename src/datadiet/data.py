@@ -32,6 +32,8 @@ __all__ = [
     "detect_label_column",
     "load_data",
     "load_digits_dataset",
+    "keep_classes",
+    "label_names_of",
     "num_classes_of",
     "training_view",
 ]
@@ -108,6 +110,68 @@ def num_classes_of(dataset: Dataset, label_column: str) -> int:
     if isinstance(feature, ClassLabel):
         return feature.num_classes
     return int(column_values(dataset, label_column).max()) + 1
+
+
+def label_names_of(dataset: Dataset, label_column: str) -> list[str]:
+    """The class names: the `ClassLabel`'s, else the labels' numbers as text."""
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return [str(i) for i in range(num_classes_of(dataset, label_column))]
+
+
+def keep_classes(
+    dataset: Dataset, classes: Sequence[str | int], label_column: str, *, max_rows: int | None = None
+) -> Dataset:
+    """The rows of `classes` only (`ClassLabel` names or label ids; the first `max_rows` of them if given),
+    relabelled `0..k-1` in the order given, with a `ClassLabel` of their names: e.g. CIFAR-10's classes 5-9 as a
+    5-class dataset of its own.
+
+    Example:
+    ```python
+    >>> from datasets import ClassLabel, Dataset, Features, Value
+    >>> from datadiet.data import keep_classes
+    >>> features = Features({"x": Value("int64"), "label": ClassLabel(names=["cat", "dog", "fox"])})
+    >>> dataset = Dataset.from_dict({"x": [0, 1, 2, 3], "label": [0, 1, 2, 1]}, features=features)
+    >>> kept = keep_classes(dataset, ["fox", "dog"], "label")
+    >>> kept[:], kept.features["label"].names
+    ({'x': [1, 2, 3], 'label': [1, 0, 1]}, ['fox', 'dog'])
+
+    ```
+    """
+    names = label_names_of(dataset, label_column)
+    ids = []
+    for name in classes:
+        text = str(name)
+        if text in names:
+            ids.append(names.index(text))
+        elif text.isdigit() and int(text) < len(names):
+            ids.append(int(text))
+        else:
+            raise ValueError(
+                f"Class {text!r} is not a class of {label_column!r}: name some of {names} or ids 0-{len(names) - 1}."
+            )
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"keep_classes names a class twice: {list(classes)}.")
+    position = {label: i for i, label in enumerate(ids)}
+    kept = dataset.filter(
+        lambda labels: [label in position for label in labels], input_columns=label_column, batched=True
+    )
+    if len(kept) == 0:
+        raise ValueError(
+            f"No row of this split is in classes {list(classes)} (of {len(dataset)} rows read): read more rows "
+            "(max_rows / max_eval_rows count the rows of the kept classes) or name other classes."
+        )
+    if max_rows is not None:
+        kept = kept.select(range(min(max_rows, len(kept))))
+    features = kept.features.copy()
+    features[label_column] = ClassLabel(names=[names[i] for i in ids])
+    return kept.map(
+        lambda labels: {label_column: [position[label] for label in labels]},
+        input_columns=label_column,
+        batched=True,
+        features=features,
+    )
 
 
 def detect_label_column(dataset: Dataset, label_column: str | None = None) -> str:

@@ -62,7 +62,8 @@ _RESULT_FIELDS = (
 def result_config(args: CurveArguments, protocol: str | None = None) -> dict:
     """The values that define the curve's results, the evaluation protocol (validation hold-out fraction and seed,
     and which rows the runs are evaluated on: `protocol`, by default `evaluated_on(args)`) and the seed scheme
-    included, whether validation is on or off."""
+    included, whether validation is on or off; the classes kept and the checkpoint every model starts from (with
+    its weights' sha256 when local) when set."""
     config = {name: getattr(args, name) for name in _RESULT_FIELDS}
     config.update(
         validation_fraction=args.validation_fraction,
@@ -70,6 +71,14 @@ def result_config(args: CurveArguments, protocol: str | None = None) -> dict:
         evaluated_on=protocol or evaluated_on(args),
         seed_scheme=SEED_SCHEME,
     )
+    for name in ("keep_classes", "proxy_model_name"):
+        if getattr(args, name):
+            config[name] = getattr(args, name)
+    if args.model_name_or_path:
+        from ..model_sources import checkpoint_sha256
+
+        config.update(model_name_or_path=args.model_name_or_path, checkpoint_file=args.checkpoint_file)
+        config["checkpoint_sha256"] = checkpoint_sha256(args.model_name_or_path, args.checkpoint_file)
     return config
 
 

@@ -7,7 +7,6 @@ costs more than the small networks the curve is run with."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -82,16 +81,24 @@ class CurveData:
     def __init__(self, args: CurveArguments):
         from ..data import detect_columns, load_data
 
-        train = load_data(args.dataset_name, split=args.split, data_files=args.data_files, max_rows=args.max_rows)
+        every = bool(args.keep_classes)  # then max_rows / max_eval_rows count rows of the kept classes
+        train = load_data(
+            args.dataset_name, split=args.split, data_files=args.data_files, max_rows=None if every else args.max_rows
+        )
         test = load_data(
             args.eval_dataset_name or args.dataset_name,
             split=args.eval_split,
             data_files=args.eval_data_files,
-            max_rows=args.max_eval_rows,
+            max_rows=None if every else args.max_eval_rows,
         )
         image_column, kind, label_column = detect_columns(
             train, image_column=args.image_column, label_column=args.label_column
         )
+        if args.keep_classes:
+            from ..data import keep_classes
+
+            train = keep_classes(train, args.keep_classes, label_column, max_rows=args.max_rows)
+            test = keep_classes(test, args.keep_classes, label_column, max_rows=args.max_eval_rows)
         if kind != "image":
             raise ValueError(
                 f"Pruning curves train image classifiers; the detected input column {image_column!r} is {kind}. "
@@ -101,6 +108,8 @@ class CurveData:
         self.x_test, self.y_test = _to_tensors(test, image_column, label_column)
         feature = train.features[label_column]
         self.num_classes = int(getattr(feature, "num_classes", 0) or int(self.y_train.max()) + 1)
+        self.label_names = list(getattr(feature, "names", None) or map(str, range(self.num_classes)))
+        self.model_sources: dict = {}  # built on first use (a named checkpoint is loaded and checked once)
         # The validation hold-out: its rows leave the training tensors here, so that no proxy and no subset (both
         # drawn from positions of x_train) can ever train on them. `train_rows` maps positions back to the split.
         self.train_rows = np.arange(len(self.y_train))
@@ -152,14 +161,22 @@ class CurveData:
 # ---- training and evaluation ---------------------------------------------------------------------------------------
 
 
-def build_curve_model(args: CurveArguments, data: CurveData, seed: int) -> nn.Module:
-    """A fresh timm model `args.model_name` for `data`'s classes and channels, seeded, in channels-last layout."""
-    from ..models import build_model
+def build_curve_model(args: CurveArguments, data: CurveData, seed: int, *, proxy: bool = False) -> nn.Module:
+    """A seeded model for `data`'s classes and channels, in channels-last layout: the checkpoint
+    `args.model_name_or_path` (a new head when its classes differ) or a fresh timm model `args.model_name`; for a
+    `proxy`, a fresh `args.proxy_model_name` when one is given."""
+    from types import SimpleNamespace
 
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-    model = build_model(
-        args.model_name, num_classes=data.num_classes, in_chans=data.in_chans, model_kwargs=model_kwargs, seed=seed
-    )
+    from ..model_sources import ModelSource
+    from ..models import LogitsModule
+
+    key = "proxy" if proxy and args.proxy_model_name else "runs"
+    if key not in data.model_sources:
+        source = SimpleNamespace(model_name=args.proxy_model_name) if key == "proxy" else args
+        data.model_sources[key] = ModelSource(source, label_names=data.label_names, in_chans=data.in_chans)
+    model = data.model_sources[key](seed)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "model_type"):
+        model = LogitsModule(model)  # transformers: called as model(images) -> logits by the loop below
     # channels-last convolutions train the small CIFAR nets about 1.4x faster on this kind of CPU (oneDNN).
     return model.to(memory_format=torch.channels_last)
 
@@ -260,7 +277,7 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
         f"Scoring the proxies ({num_rows} rows, batch_size={args.batch_size}, scoring_epochs={args.scoring_epochs})",
     )
     torch_seed = stream_seed("proxy", seed)
-    model = build_curve_model(args, data, torch_seed)
+    model = build_curve_model(args, data, torch_seed, proxy=True)
     train_on_rows(model, data, np.arange(num_rows), steps, args, torch_seed, history)
     wanted = [name for name in args.scores if name not in ("forgetting", "input_norm")]
     values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
