@@ -69,12 +69,23 @@ def dataset_labels(dataset, label_name: str = "labels") -> tuple[np.ndarray | No
         return None, None
     for column in dict.fromkeys([label_name, "label", "label_ids"]):
         if column in dataset.column_names:
-            # `with_format` drops any transform: the column is read as stored, no image decoded.
-            values = np.asarray(dataset.with_format("numpy", columns=[column])[column])
+            values = _arrow_column(dataset, column)
             if values.ndim == 1 and np.issubdtype(values.dtype, np.integer):
                 return values.astype(np.int64), column
             return None, None
     return None, None
+
+
+def _arrow_column(dataset, column: str) -> np.ndarray:
+    """One column of a `datasets.Dataset` as stored: no transform runs, no image is decoded. The table is read whole
+    and put in the dataset's row order (its indices mapping, after `select` or `shuffle`), much faster than a gather
+    through the mapping."""
+    indices = getattr(dataset, "_indices", None)
+    table = getattr(dataset, "data", None)
+    if table is None or (indices is not None and indices.num_columns != 1):
+        return np.asarray(dataset.select_columns([column]).with_format("arrow")[:][column])
+    values = np.asarray(table.column(column))
+    return values if indices is None else values[np.asarray(indices.column(0))]
 
 
 class RowCheck:
