@@ -395,7 +395,7 @@ def add_score_columns(
             f"The dataset has {len(dataset)} rows but the scores cover {len(scores)} training rows: pass the training "
             "set itself (same rows, same order)."
         )
-    columns = {name: np.asarray(scores[name], dtype=np.float32) for name in scores.column_names}
+    columns = {name: np.asarray(values, dtype=np.float32) for name, values in scores.with_format("numpy")[:].items()}
     if history is not None:
         columns.update({f"{name}_history": [row.tolist() for row in values] for name, values in history.items()})
     clashing = [name for name in columns if name in dataset.column_names]

@@ -407,7 +407,7 @@ class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
         columns = {}
         if self.score_callback.track_scores:
             scores = self.score_callback.scores
-            columns = {name: scores[name] for name in scores.column_names}
+            columns = scores.with_format("numpy")[:]  # whole columns (not a row-by-row `Column` per name)
         columns.update(self.scoring_columns)
         if not columns:
             raise ValueError(
