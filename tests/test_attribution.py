@@ -102,11 +102,14 @@ def test_a_reordering_collator_is_refused_at_the_first_step(tmp_path, train_data
     assert "with_row_ids(train_dataset)" in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("kind", ["trainer", "callback"])
+@pytest.mark.parametrize(
+    ("kind", "remove_unused_columns"), [("trainer", False), ("trainer", True), ("callback", False)]
+)
 def test_a_reordering_collator_that_keeps_the_row_ids_gives_each_rows_own_scores(
-    tmp_path, train_dataset, digit_rows, kind
+    tmp_path, train_dataset, digit_rows, kind, remove_unused_columns
 ):
-    trainer, recorded = _train(kind, tmp_path, with_row_ids(train_dataset), sort_by_label)
+    dataset = with_row_ids(train_dataset)
+    trainer, recorded = _train(kind, tmp_path, dataset, sort_by_label, remove_unused_columns=remove_unused_columns)
     np.testing.assert_allclose(recorded, _per_row_losses(trainer.model, digit_rows), rtol=0, atol=1e-5)
 
 
@@ -195,7 +198,9 @@ def test_a_compute_loss_bypassing_datadiets_gets_one_message_at_the_first_step(t
     trainer = BypassingComputeLoss(_model(), args, train_dataset=train_dataset)
     with pytest.raises(ValueError, match=r"^BypassingComputeLoss.compute_loss did not call DataDietTrainer") as error:
         trainer.train()
-    assert "super().compute_loss(" in str(error.value) and "track_scores=[]" in str(error.value)
+    assert "super().compute_loss(" in str(error.value) and "track_scores=[] (and dynamic_pruning=False)" in str(
+        error.value
+    )
     assert trainer.state.global_step == 1
 
 
