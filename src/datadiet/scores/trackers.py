@@ -181,7 +181,7 @@ def correctness(correct_history) -> np.ndarray:
 
 
 def _last_observed(history: np.ndarray) -> np.ndarray:
-    """The value at the last epoch each row was seen (NaN for rows never seen, and for every row of an empty history)."""
+    """The value at the last epoch each row was seen (NaN for rows never seen; all NaN for an empty history)."""
     if history.shape[1] == 0:
         return np.full(history.shape[0], np.nan)
     present = ~np.isnan(history)

@@ -70,9 +70,9 @@ class ScoreCallback(TrainerCallback):
     against those rows (see [`~datadiet.trainer.row_check.RowCheck`]): a data collator that reorders examples raises
     an error naming it, unless the batch carries the row ids of [`with_row_ids`] (then they attribute each example
     exactly, whatever the order); so does a batch on which the model runs twice in training mode, or not at all. The
-    model is hooked at the start of training and needs the labels under `label_name` in its forward call. Under distributed
-    training the records of all processes are gathered at the end of every epoch and the sampler's wrap-around
-    duplicates dropped by row id. Each checkpoint holds the recorded history, restored by
+    model is hooked at the start of training and needs the labels under `label_name` in its forward call. Under
+    distributed training the records of all processes are gathered at the end of every epoch and the sampler's
+    wrap-around duplicates dropped by row id. Each checkpoint holds the recorded history, restored by
     `trainer.train(resume_from_checkpoint=...)`.
 
     Args:
@@ -82,8 +82,9 @@ class ScoreCallback(TrainerCallback):
             `remove_unused_columns=False`).
         label_name: the batch key holding the labels.
 
-    Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics; `remove_unused_columns=False`
-    is for `ClassifierWrapper`, whose forward takes `**inputs`, not for the rows, which come from the sampler):
+    Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics;
+    `remove_unused_columns=False` is for `ClassifierWrapper`, whose forward takes `**inputs`, not for the rows, which
+    come from the sampler):
     ```python
     >>> import tempfile, torch
     >>> from datasets import Dataset

@@ -207,7 +207,8 @@ class RowCheck:
             return (
                 f"{self.caller} called DataDietTrainer.compute_loss twice on one training batch (an R-Drop-style "
                 "loss?), and scores are recorded from one forward per batch: call super().compute_loss(...) once and "
-                "run the extra forwards yourself with model(**inputs), or set track_scores=[] (and dynamic_pruning=False) to train untracked."
+                "run the extra forwards yourself with model(**inputs), or set track_scores=[] (and "
+                "dynamic_pruning=False) to train untracked."
             )
         return (
             "The model ran twice in training mode on one training batch (a compute_loss that calls it twice, "
@@ -221,7 +222,8 @@ class RowCheck:
             return (
                 f"{self.caller} did not call DataDietTrainer.compute_loss on a training batch (it runs the model "
                 "itself?), so no score was recorded for its rows: call super().compute_loss(model, inputs, "
-                "return_outputs, num_items_in_batch) once per batch, or set track_scores=[] (and dynamic_pruning=False) to train untracked."
+                "return_outputs, num_items_in_batch) once per batch, or set track_scores=[] (and "
+                "dynamic_pruning=False) to train untracked."
             )
         return (
             "No training-mode forward of the model ScoreCallback hooked ran on a training batch (compute_loss calls "

@@ -44,8 +44,9 @@ class RowIdDataset(torch.utils.data.Dataset):
 
 def with_row_ids(dataset, column: str = DEFAULT_ROW_ID_COLUMN) -> RowIdDataset:
     """`dataset` (a `datasets.Dataset`, formatted or with a `set_transform`, or any map-style dataset of dicts) with
-    each item's position added under `column`: what a stock `transformers.Trainer` needs to feed [`ScoreCallback`].
-    [`DataDietTrainer`] does this itself.
+    each item's position added under `column`. [`ScoreCallback`] and [`DataDietTrainer`] know each batch's rows from
+    the sampler; a data collator that keeps this key in the batch lets them read the rows from the batch instead, so
+    that it may reorder the examples (sort by length, say).
 
     Example:
     ```python
