@@ -182,7 +182,9 @@ def correctness(correct_history) -> np.ndarray:
 
 
 def _last_observed(history: np.ndarray) -> np.ndarray:
-    """The value at the last epoch each row was seen (NaN for rows never seen)."""
+    """The value at the last epoch each row was seen (NaN for rows never seen; all NaN for an empty history)."""
+    if history.shape[1] == 0:
+        return np.full(history.shape[0], np.nan)
     present = ~np.isnan(history)
     last = history.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
     values = history[np.arange(history.shape[0]), last]
@@ -302,5 +304,10 @@ class TrainingDynamics:
         unknown = [name for name in names if name not in _SUMMARIES]
         if unknown:
             raise ValueError(f"Unknown tracked scores {unknown}; valid names are {list(TRACKED_SCORES)}.")
+        if self.num_epochs == 0:
+            raise ValueError(
+                "No epoch of training dynamics was recorded, so there are no scores: train at least one epoch with "
+                "the scores tracked (no training batch was recorded)."
+            )
         histories = {name: self.history(name).astype(np.float64) for name in TRACKED_QUANTITIES}
         return {name: _SUMMARIES[name][0](histories) for name in names}
