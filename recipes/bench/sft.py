@@ -31,7 +31,7 @@ BLAS workspaces); `ru_maxrss` cannot be reset, so it would report the model load
 Python's own allocations, not torch's. "extra" is a method's peak minus the training step's. Where `clear_refs`
 cannot be written, `ru_maxrss` over the whole process is reported and marked so.
 
-Run from the repository root, on a quiet machine (about 20 minutes with two threads):
+Run from the repository root, on a quiet machine:
 
     python recipes/bench/sft.py --model smollm2 --output outputs/bench/sft.json
 
@@ -49,6 +49,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -221,7 +222,16 @@ def time_methods(args, state) -> dict:
     ours = RUNNERS["grand"](state).double()
     reference = RUNNERS["naive"](state) if "naive" in args.methods else None
     RUNNERS["scores"](state)
-    runners = {m: (lambda m=m: RUNNERS[m](state)) for m in args.methods}
+
+    def runner(method):
+        def run():
+            start = time.perf_counter()
+            RUNNERS[method](state)
+            print(f"  {method}: {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)  # progress
+
+        return run
+
+    runners = {m: runner(m) for m in args.methods}
     times, loads = discipline.alternate(
         runners, args.rounds, skip=lambda m, r: m == "naive" and r >= args.naive_rounds
     )
