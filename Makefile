@@ -47,9 +47,11 @@ bench: install
 	$(BIN)/python recipes/bench/grand.py
 	$(BIN)/python recipes/bench/scale.py
 
-# Training experiments (tens of minutes each): dynamic pruning, label noise, HOST-CP.
+# Training experiments (tens of minutes each): dynamic pruning, label noise, HOST-CP; and the SFT scoring speed
+# (SmolLM2-135M with LoRA: too long for `bench`).
 bench-long: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python recipes/bench/dynamic.py --output outputs/bench/dynamic.json
 	$(BIN)/python recipes/bench/noise.py --plot docs/noise_roc.png
 	$(BIN)/python recipes/bench/hostcp.py
+	$(BIN)/python recipes/bench/sft.py --output outputs/bench/sft.json

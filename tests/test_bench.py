@@ -4,6 +4,7 @@ by round, alternated order, spreads. (The timings themselves are the benchmark, 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -67,3 +68,56 @@ def test_grand_bench_refuses_a_verdict_on_a_busy_machine_and_reports_the_spread(
     assert grand.summarise("resnet18_b128", timing, heavy, 0.2, 2.3, 2)["verdict"] == "goal missed"
     assert "machine busy: no verdict" in "\n".join(map(str, sum(grand.table_rows("resnet18_b128", busy), [])))
     sys.modules.pop("discipline", None)
+
+
+@pytest.fixture
+def sft_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("sft_bench", BENCH / "sft.py")
+    sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sft)
+    yield sft
+    sys.modules.pop("discipline", None)
+
+
+def test_sft_bench_runs_end_to_end_on_a_tiny_llama(sft_bench, tmp_path, one_thread, monkeypatch):
+    from conftest import ALPACA, require_shared_data
+
+    require_shared_data(ALPACA)
+    monkeypatch.setattr(sft_bench, "ALPACA", ALPACA)
+    output = tmp_path / "sft.json"
+    argv = ["--model", "tiny", "--batch_size", "3", "--max_length", "48", "--rounds", "2", "--naive_rounds", "1"]
+    result = sft_bench.main([*argv, "--no_memory", "--output", str(output)])
+    assert json.loads(output.read_text())["methods"].keys() == {"train", "grand", "scores", "naive"}
+    # Every method timed in every round (the naive loop in its first only), ratios to the training step per round.
+    seconds = result["raw"]["seconds"]
+    assert [len(seconds[m]) for m in ("train", "grand", "scores")] == [2, 2, 2]
+    assert [t is None for t in seconds["naive"]] == [False, True]
+    assert result["methods"]["grand"]["ratio"]["n"] == 2 and result["methods"]["naive"]["ratio"]["n"] == 1
+    # The exact norms agree with the bench's own batch-size-1 autograd loop, and are not all zero (B was trained).
+    assert result["max_rel_diff_to_naive"] < 1e-4
+    assert min(result["raw"]["grand_norms"]) > 0
+    # Two rounds give numbers, never a verdict.
+    assert result["busy"] is not None
+    assert {result["methods"][m]["verdict"] for m in ("grand", "scores")} <= {
+        "too few rounds: no verdict",
+        "machine busy: no verdict",
+    }
+    assert len(result["rows"]) == 3
+    # The peak-memory measurement (run here in-process): the high-water mark of one call, model and batch included.
+    memory = sft_bench.memory_of(sft_bench.parse_args(argv), "grand")
+    assert memory["how"] == "VmHWM after clear_refs"
+    assert memory["peak_rss_mb"] >= memory["rss_before_mb"] > 0
+
+
+def test_sft_bench_verdicts_per_goal(sft_bench):
+    timing = {"seconds": {"train": [1.0] * 9, "grand": [0.9] * 9, "scores": [0.5] * 9}}
+    memory = {"train": {"peak_rss_mb": 1000.0}, "grand": {"peak_rss_mb": 1100.0}, "scores": {"peak_rss_mb": 900.0}}
+    quiet = sft_bench.summarise(timing, memory, load_before=0.2, load_after=2.1, threads=2, rounds=9)
+    assert quiet["methods"]["grand"]["verdict"] == "goal met"  # 0.9 <= 1.0
+    assert quiet["methods"]["scores"]["verdict"] == "goal missed"  # 0.5 > 0.4
+    assert (quiet["methods"]["grand"]["extra_mb"], quiet["methods"]["scores"]["extra_mb"]) == (100.0, -100.0)
+    busy = sft_bench.summarise(timing, memory, load_before=7.0, load_after=7.5, threads=2, rounds=9)
+    assert {busy["methods"][m]["verdict"] for m in ("grand", "scores")} == {"machine busy: no verdict"}
+    few = sft_bench.summarise(timing, memory, load_before=0.2, load_after=2.1, threads=2, rounds=3)
+    assert few["methods"]["grand"]["verdict"] == "too few rounds: no verdict"

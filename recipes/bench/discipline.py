@@ -78,6 +78,22 @@ def round_ratios(numerator: list[float | None], denominator: list[float | None])
     return [n / d for n, d in zip(numerator, denominator) if n is not None and d is not None]
 
 
+def method_entries(seconds: dict[str, list[float | None]], memory: dict[str, dict], baseline: str) -> dict[str, dict]:
+    """Per method: the spread of its seconds, of its per-round ratio to `baseline` (not for the baseline itself), its
+    peak resident memory (`memory[method]["peak_rss_mb"]`, when measured) and the extra over the baseline's."""
+    base_mb = memory.get(baseline, {}).get("peak_rss_mb")
+    entries = {}
+    for method, values in seconds.items():
+        entry = {"seconds": spread([v for v in values if v is not None])}
+        if method != baseline:
+            entry["ratio"] = spread(round_ratios(values, seconds[baseline]))
+        peak = memory.get(method, {}).get("peak_rss_mb")
+        entry["peak_rss_mb"] = peak
+        entry["extra_mb"] = peak - base_mb if peak is not None and base_mb is not None else None
+        entries[method] = entry
+    return entries
+
+
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

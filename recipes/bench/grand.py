@@ -194,20 +194,12 @@ def summarise(name: str, timing: dict, memory: dict, load_before: float, load_af
     loop and the verdict of one configuration."""
     config = CONFIGS[name]
     seconds = timing["seconds"]
-    plain_mb = memory.get("plain", {}).get("peak_rss_mb")
     reference = timing["norms"].get("naive")
-    methods = {}
-    for method, values in seconds.items():
-        entry = {"seconds": discipline.spread([v for v in values if v is not None])}
-        if method != "plain":
-            entry["ratio"] = discipline.spread(discipline.round_ratios(values, seconds["plain"]))
-        peak = memory.get(method, {}).get("peak_rss_mb")
-        entry["peak_rss_mb"] = peak
-        entry["extra_mb"] = peak - plain_mb if peak is not None and plain_mb is not None else None
+    methods = discipline.method_entries(seconds, memory, "plain")
+    for method, entry in methods.items():
         if reference is not None and method in timing["norms"] and method != "naive":
             ours, ref = torch.tensor(timing["norms"][method]), torch.tensor(reference)
             entry["max_rel_diff_to_naive"] = ((ours - ref).abs() / ref).max().item()
-        methods[method] = entry
     busy = discipline.machine_busy(load_before, load_after, discipline.cores(), threads)
     result = {
         "config": config,

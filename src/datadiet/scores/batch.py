@@ -217,7 +217,7 @@ def score_causal_lm_batch(
             logits = forward_logits(model, inputs).float()
         _check_finite(logits.flatten(1), row_ids)
         check_token_labels(labels, logits.shape[-1], row_ids)
-    for spec in specs:
+    for spec in sorted(specs, key=lambda spec: spec.needs == "response"):  # `ifd` after `loss`, whose value it reuses
         if spec.needs == "logits":
             values = spec.fn(logits, labels, return_token_scores=return_token_scores)
             if return_token_scores:
@@ -226,7 +226,10 @@ def score_causal_lm_batch(
         elif spec.needs == "response":
             if response is None:
                 raise ValueError(f"{spec.name} needs each row's response alone: pass response=(inputs, labels).")
-            conditioned = per_example_mean(*per_token_cross_entropy(logits, labels))
+            # The conditioned loss is the `loss` score itself: taken from it when it was computed.
+            conditioned = results.get("loss")
+            if conditioned is None:
+                conditioned = per_example_mean(*per_token_cross_entropy(logits, labels))
             with (
                 torch.no_grad(),
                 torch.autocast(labels.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),

@@ -55,14 +55,14 @@ def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     """Each position's next-token negative log-likelihood, `-log softmax(logits[:, t])[labels[:, t + 1]]`, in float32,
     and the mask of trained positions; both `[B, T-1]`, the NLL zero where the mask is False. This is the one
     per-token cross-entropy of datadiet's causal-LM path."""
-    shifted, targets, mask = next_token_targets(logits, labels)
+    _, targets, mask = next_token_targets(logits, labels)
+    # The targets padded at the end with -100 instead of the logits sliced (as transformers' ForCausalLMLoss does): the
+    # [B, T, V] logits are read through a view, never copied, and their gradient is not scattered into a fresh buffer.
+    padded = F.pad(targets, (0, 1), value=IGNORE_INDEX)
     nll = F.cross_entropy(
-        shifted.float().reshape(-1, shifted.shape[-1]),
-        targets.reshape(-1),
-        reduction="none",
-        ignore_index=IGNORE_INDEX,
-    ).reshape(targets.shape)
-    return nll, mask
+        logits.float().reshape(-1, logits.shape[-1]), padded.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+    ).reshape(padded.shape)
+    return nll[:, :-1], mask
 
 
 def per_example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
