@@ -196,7 +196,7 @@ def _load_from_hub(name: str, split: str) -> Dataset:
 
     from datasets import load_dataset
 
-    from .validation import closest_names
+    from .validation import check_hub_reachable, closest_names
 
     tried = f"no folder {str(Path(name).resolve())!r}, not one of datadiet's names {list(BUILT_IN_DATASETS)}"
     close = closest_names(name, BUILT_IN_DATASETS, cutoff=0.8)
@@ -211,6 +211,11 @@ def _load_from_hub(name: str, split: str) -> Dataset:
     )
     if not _is_hub_id(name):
         raise ValueError(f"No dataset at {name!r} ({tried}, and it is not a Hub id){hint}. {instead}")
+    if _offline_variable() is None:
+        check_hub_reachable(
+            f"pass a local folder, data files or 'sklearn-digits' instead of {name!r}, or set HF_HUB_OFFLINE=1 to read "
+            "it from the local cache."
+        )
     try:
         return load_dataset(name, split=split)
     except (ConnectionError, FileNotFoundError) as error:

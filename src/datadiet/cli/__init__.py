@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..validation import LaunchError
+from ..validation import LaunchError, is_network_error
 from .parsing import parse_config, set_program
 from .prune import PruneArguments, run_prune
 from .score import ScoreArguments, run_score
@@ -50,7 +50,7 @@ def _command(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Run `datadiet <command> ...` (`argv` defaults to `sys.argv[1:]`) and return the exit code: 2 for a bad command,
-    a `ValueError` or a refused launch, printed as one line `datadiet <command>: error: ...` on stderr (with
+    a `ValueError`, a refused launch or a network failure, printed as one line `datadiet <command>: error: ...` on stderr (with
     `--debug`, raised with its traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"{program}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        # A network failure deep inside huggingface_hub / datasets: one line, not a page of httpx traceback.
+        if debug or not is_network_error(error):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{program}: error: {reason}", file=sys.stderr)
         return 2
     finally:
         set_program(None)
