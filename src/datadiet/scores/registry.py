@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,7 +62,10 @@ def register_score(name: str, *, needs: str = "logits", higher_is_harder: bool =
 def get_score_spec(name: str) -> ScoreSpec:
     """The `ScoreSpec` registered as `name`; a `ValueError` listing the valid names otherwise."""
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown score method {name!r}. Valid methods: {', '.join(list_scores())}.")
+        # `datadiet.validation.closest_names` is out of reach of the pure-torch scores: difflib directly.
+        close = difflib.get_close_matches(str(name).lower(), list_scores(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"Unknown score method {name!r}{hint}. Valid methods: {', '.join(list_scores())}.")
     return _REGISTRY[name]
 
 
