@@ -55,7 +55,8 @@ def load_data(
     data_files: str | Sequence[str] | None = None,
     max_rows: int | None = None,
 ) -> Dataset:
-    """Load a split from a `save_to_disk` folder, data files (Parquet, CSV, JSON), a dataset folder such as one
+    """Load a split from a `save_to_disk` folder (or the `output_dir` of `datadiet score`, whose scored dataset is
+    its `dataset` folder), data files (Parquet, CSV, JSON), a dataset folder such as one
     written by `save_pruned`, a Hub id, or `"sklearn-digits"` (scikit-learn's bundled digits, no download);
     optionally only its first `max_rows` rows.
 
@@ -92,6 +93,13 @@ def load_data(
         dataset = load_dataset(builder, data_files={split: files}, split=split)
     elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
         dataset = load_saved(path, split)
+    elif path.is_dir() and any((path / "dataset" / marker).exists() for marker in ("state.json", "dataset_dict.json")):
+        dataset = load_saved(path / "dataset", split)  # a `datadiet score` output_dir: its scored dataset
+    elif path.is_dir() and (path / "partial").is_dir():
+        raise ValueError(
+            f"{str(path)!r} holds only the partial score shards of a `datadiet score` run that did not finish (no "
+            f"{str(path / 'dataset')!r}): rerun the same command to resume it, then load that folder."
+        )
     elif path.is_dir():
         dataset = _load_folder(path, split)
     else:
