@@ -89,6 +89,11 @@ def _launch(launcher: list[str], arguments: list[str], cwd: Path) -> None:
         [*launcher, "-m", "datadiet.cli", *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, f"{shlex.join(launcher)} failed:\n{run.stderr[-3000:]}"
+    # Several processes, one log: each of datadiet's INFO lines is printed by the main process only.
+    logged = re.findall(r"^\S+ \S+ (datadiet\S*) INFO: (.*)$", run.stderr, flags=re.M)
+    assert logged, run.stderr[-2000:]
+    repeated = sorted({line for line in logged if logged.count(line) > 1})
+    assert not repeated, f"logged by several processes: {repeated}"
 
 
 def _check_gpu_command(launcher: list[str], arguments: list[str]) -> None:

@@ -5,6 +5,7 @@ recipe YAML (`--config`) whose values are defaults that command-line flags overr
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from ..validation import LaunchError, is_network_error
@@ -55,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # Under several processes (RANK set by the launcher) the main process logs; the others keep their warnings and
+    # errors, which are about that process, and say which one they are.
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(name)s %(levelname)s: %(message)s",
+    )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help"):
