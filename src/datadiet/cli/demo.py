@@ -205,7 +205,7 @@ def _run(args: DemoArguments, command: str | None) -> dict:
 
 def _showcase_note(results: dict, hardest_name: str, random_name: str, seeds: int) -> str:
     """What the table says about the saved subset, in words: the demo saves the hardest half because that is the
-    paper's rule (Paul et al. 2021), not because it wins here, and on small, easy data it usually loses to random."""
+    paper's rule (Paul et al. 2021), not because it wins here; on small, easy data it can lose heavily to random."""
     gap = 100 * (results[hardest_name]["accuracy"] - results[random_name]["accuracy"])
     runs = f"{seeds} retraining seed{'s' if seeds > 1 else ''}"
     if gap < 0:
@@ -215,7 +215,7 @@ def _showcase_note(results: dict, hardest_name: str, random_name: str, seeds: in
     return (
         f"{verdict}. The saved subset is the hardest half because that is the paper's rule, not a recommendation: on "
         "1,347 easy digits at a short budget, the hardest rows are mostly ambiguous or badly written digits, and "
-        "keeping only them usually loses to random (docs/curves.md finds the same at small budgets). To choose a "
+        "keeping only them can lose heavily to random (docs/curves.md finds the same at small budgets). To choose a "
         "score, strategy and offset for your data, compare them on validation rows: `datadiet report curve "
         "--validation_fraction 0.1`."
     )
