@@ -55,12 +55,14 @@ def run_train(args: TrainArguments) -> dict:
         load_data,
         num_classes_of,
     )
+    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
+    test = _load_test_split(args, train)
+    # The trainer's imports (transformers' Trainer, peft) take seconds: after the data, so that a dataset that cannot
+    # be read (a typo, an unreachable Hub) is refused at once.
     from ..models import model_init_from_arguments
     from ..report import plot_data_map
     from ..trainer.proxy import evaluate_accuracy, fit
 
-    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
-    test = _load_test_split(args, train)
     input_column, kind, label_column = detect_columns(
         train, image_column=args.image_column, label_column=args.label_column
     )
