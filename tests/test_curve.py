@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -211,15 +212,36 @@ def test_a_point_on_fewer_seeds_is_compared_with_the_baselines_of_its_seeds(tmp_
     # A second cell at the same keep fraction, so there is a best one to name.
     runs += [{"score": "grand", "strategy": "window", "keep": 0.5, "seed": s, "accuracy": 0.85} for s in (0, 1, 2)]
     text = write_curve_report(summarize_runs(runs), tmp_path)[0].read_text()
-    # Identical differences on both seeds: a zero-width interval, above 0 against random, inside ±0.5 pt of full.
+    # Two paired seeds (with identical differences, a zero-width interval): no verdict either way.
     assert (
-        "beats random (+1.70 pt, 95% CI [+1.70, +1.70], n=2) and matches the full data within ±0.5 pt (-0.30 pt"
-        in text
+        "gives no verdict against random: too few seeds to say (n=2; a verdict needs at least 3) (+1.70 pt, 95% CI "
+        "[+1.70, +1.70], n=2) and gives no verdict against the full data: too few seeds to say" in text
     )
+    assert "it beats random" not in text and "matches the full data within ±0.5 pt (" not in text
     assert "- 50%: el2n / window 89.70 (n=2), random 88.00, full 90.00" in text
     # The per-seed table pairs each run with the random subset of its seed; seed 2 was not run for el2n.
     assert "| el2n | window | 50% | 89.70 (+1.70) | 89.70 (+1.70) | — |" in text
     assert "| random | random | 50% | 88.00 | 88.00 | 97.00 |" in text
+
+
+def test_a_zero_variance_difference_gives_no_verdict(tmp_path):
+    # Three seeds whose differences from random and from full are all equal: the sample std is 0 and a t-interval
+    # would have zero width; the report says it cannot judge instead of "beats random".
+    runs = [
+        {"score": "full", "strategy": "full", "keep": 1.0, "seed": s, "accuracy": 0.90 + s / 100} for s in range(3)
+    ]
+    runs += [
+        {"score": "random", "strategy": "random", "keep": 0.5, "seed": s, "accuracy": 0.88 + s / 100} for s in range(3)
+    ]
+    runs += [
+        {"score": "el2n", "strategy": "hardest", "keep": 0.5, "seed": s, "accuracy": 0.89 + s / 100} for s in range(3)
+    ]
+    assert np.std(np.array([0.89, 0.90, 0.91]) - np.array([0.88, 0.89, 0.90]), ddof=1) < 1e-12
+    text = write_curve_report(summarize_runs(runs), tmp_path)[0].read_text()
+    assert "**el2n / hardest**: at 50% it gives no verdict against random: no spread to judge by" in text
+    assert "and gives no verdict against the full data: no spread to judge by" in text
+    assert "it beats random" not in text and "matches the full data within ±0.5 pt (" not in text
+    assert "below the full" not in text
 
 
 def test_arguments_are_validated(tmp_path):
@@ -415,6 +437,20 @@ def test_validation_protocol_never_trains_on_validation_rows_and_confirms_on_fre
     assert (folder / "confirm" / "scores" / "proxy-seed3.npz").exists()
     assert "Test accuracy" in (folder / "confirm" / "curve.md").read_text()
     assert "Validation accuracy" in (folder / "curve.md").read_text()
+    # The folder records its protocol; resuming it without validation (or with another hold-out) is refused, naming
+    # the difference, before any data is read.
+    stored = json.loads((folder / "curve_config.json").read_text())
+    assert (stored["validation_fraction"], stored["evaluated_on"], stored["seed_scheme"]) == (
+        0.25,
+        "validation",
+        "per-purpose-v1",
+    )
+    plain = replace(args, validation_fraction=0.0, confirm_seeds=[], confirm_scoring_seeds=[])
+    with pytest.raises(ValueError, match=r"other values of \['evaluated_on', 'validation_fraction'\]") as error:
+        run_curve(plain)
+    assert "'validation_fraction': 0.25" in str(error.value) and "'validation_fraction': 0.0" in str(error.value)
+    with pytest.raises(ValueError, match=r"other values of \['validation_seed'\]"):
+        run_curve(replace(args, validation_seed=1))
 
 
 def test_confirm_seeds_must_be_fresh(tmp_path):
@@ -422,3 +458,104 @@ def test_confirm_seeds_must_be_fresh(tmp_path):
         _arguments(tmp_path, validation_fraction=0.1, confirm_seeds=[0], confirm_scoring_seeds=[7])
     with pytest.raises(ValueError, match="set validation_fraction"):
         _arguments(tmp_path, confirm_seeds=[5], confirm_scoring_seeds=[7])
+
+
+def test_a_folder_without_validation_records_its_protocol_and_reads_only_its_runs(curve, tmp_path):
+    output_dir, _ = curve
+    stored = json.loads((output_dir / "curve_config.json").read_text())
+    assert (stored["validation_fraction"], stored["evaluated_on"], stored["seed_scheme"]) == (
+        0.0,
+        "test",
+        "per-purpose-v1",
+    )
+    # Resumed with validation on: refused, naming the protocol keys.
+    with pytest.raises(ValueError, match=r"other values of \['evaluated_on', 'validation_fraction'\]"):
+        run_curve(_arguments(output_dir, validation_fraction=0.2))
+    # A runs.jsonl holding runs of both protocols (a leak): the test-split report reads only the tested runs.
+    from datadiet.curve.summary import write_summary
+
+    runs = [
+        {"score": "full", "strategy": "full", "keep": 1.0, "seed": 0, "accuracy": 0.5, "evaluated_on": "test"},
+        {"score": "full", "strategy": "full", "keep": 1.0, "seed": 1, "accuracy": 0.9, "evaluated_on": "validation"},
+        {"score": "full", "strategy": "full", "keep": 1.0, "seed": 2, "accuracy": 0.7},  # written before the key
+    ]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(run) + "\n" for run in runs))
+    summary = write_summary(_arguments(tmp_path), tmp_path, tmp_path / "runs.jsonl", evaluated_on="test")
+    assert summary["points"][0]["seeds"] == [0, 2] and summary["points"][0]["mean"] == pytest.approx(0.6)
+
+
+def test_a_folder_made_before_seed_streams_is_refused_for_training_and_read_for_its_report(curve, tmp_path):
+    import shutil
+
+    output_dir, _ = curve
+    legacy = tmp_path / "legacy"
+    shutil.copytree(output_dir, legacy)
+    config = json.loads((legacy / "curve_config.json").read_text())
+    for key in ("validation_fraction", "validation_seed", "evaluated_on", "seed_scheme"):
+        del config[key]  # what a folder written before the protocol and the seed scheme were recorded holds
+    (legacy / "curve_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="before training, proxy and validation seeds had separate random streams"):
+        run_curve(_arguments(legacy))
+    summary = run_curve(_arguments(legacy, report_only=True))
+    assert len(summary["points"]) == 1 + len(KEEPS) * (1 + 2 * 2)
+    with pytest.raises(ValueError, match="max_steps"):
+        run_curve(_arguments(legacy, report_only=True, max_steps=7))
+
+
+def test_training_proxy_and_validation_seeds_draw_separate_streams(tmp_path, monkeypatch):
+    """The same integer as a training seed and a proxy seed: different initial weights and a different first batch."""
+    import datadiet.curve as curve
+    import datadiet.curve.training as training
+    from datadiet.curve.training import stream_seed
+    from datadiet.models import build_model
+
+    events = []
+    original_build, original_augment = training.build_curve_model, training.CurveData.augment
+
+    def recording_build(args, data, seed, **kwargs):
+        model = original_build(args, data, seed, **kwargs)
+        events.append(("model", seed, torch.cat([p.detach().flatten() for p in model.parameters()]).clone()))
+        return model
+
+    def recording_augment(self, images, generator):
+        if events and events[-1][0] == "model":  # the first batch after a model is built: its data order
+            events.append(("batch", images.clone()))
+        return original_augment(self, images, generator)
+
+    monkeypatch.setattr(training, "build_curve_model", recording_build)
+    monkeypatch.setattr(curve, "build_curve_model", recording_build)
+    monkeypatch.setattr(training.CurveData, "augment", recording_augment)
+    args = _arguments(
+        tmp_path / "curve",
+        max_rows=64,
+        max_eval_rows=32,
+        scores=["el2n"],
+        strategies=["hardest"],
+        keep_fractions=[0.5],
+        seeds=[3],
+        scoring_seeds=[3],
+        scoring_epochs=1,
+        max_steps=5,
+        batch_size=8,
+    )
+    run_curve(args)
+    models = [event for event in events if event[0] == "model"]
+    batches = [event[1] for event in events if event[0] == "batch"]
+    # The proxy first, then full / random / el2n, all three from the training stream of seed 3.
+    assert [seed for _, seed, _ in models] == [stream_seed("proxy", 3)] + [stream_seed("training", 3)] * 3
+    assert stream_seed("proxy", 3) != stream_seed("training", 3) != stream_seed("validation", 3)
+    proxy_weights, full_weights = models[0][2], models[1][2]
+    assert not torch.equal(proxy_weights, full_weights)
+    # Both trained on all 64 rows from the same integer: their first batches differ (another order).
+    assert not torch.equal(batches[0], batches[1])
+    # Independent reference: timm's model built after torch.manual_seed(that stream's seed) has the same weights.
+    reference = build_model(
+        args.model_name,
+        num_classes=10,
+        in_chans=1,
+        model_kwargs=json.loads(args.model_kwargs),
+        seed=stream_seed("training", 3),
+    )
+    assert torch.equal(torch.cat([p.detach().flatten() for p in reference.parameters()]), full_weights)
+    records = _lines(tmp_path / "curve" / "runs.jsonl")
+    assert {run["torch_seed"] for run in records} == {stream_seed("training", 3)}

@@ -22,8 +22,10 @@ MAX_LINES = 500
 FLOORS = {
     "datadiet.scores": 0,
     "datadiet.validation": 0,
+    "datadiet.tasks": 1,
     "datadiet.provenance": 1,
     "datadiet.models": 1,
+    "datadiet.model_sources": 1,
     "datadiet.nets": 1,
     "datadiet.metrics": 1,
     "datadiet.data": 2,

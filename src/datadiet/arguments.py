@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["DataArguments", "ModelArguments"]
+__all__ = ["DataArguments", "ModelArguments", "ModelSourceArguments", "check_model_source"]
 
 
 @dataclass
@@ -34,30 +34,111 @@ class DataArguments:
     max_eval_rows: int | None = field(default=None, metadata={"help": "Use only the first rows of the test split."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (detected when not given)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (detected when not given)."})
+    keep_classes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only these classes (ClassLabel names or ids) in the training and test splits, relabelled "
+            "0..k-1 in the order given (e.g. 5 6 7 8 9: CIFAR-10's last five classes as a task of its own); max_rows "
+            "and max_eval_rows then count rows of these classes."
+        },
+    )
 
 
 @dataclass
-class ModelArguments:
-    """A freshly initialised classifier: a timm architecture or a transformers model type, and its input
-    normalisation (see `datadiet.models.model_init_from_arguments`).
+class ModelSourceArguments:
+    """Where a model's weights come from: a pretrained checkpoint (`model_name_or_path`, fine-tuned from), or an
+    architecture trained from scratch (`model_name`), never both. Shared by every command that builds a model and by
+    the pruning curve; `datadiet.model_sources.ModelSource` builds from it.
+
+    Example:
+    ```python
+    >>> from datadiet.arguments import ModelSourceArguments
+    >>> ModelSourceArguments(model_name_or_path="resnet10t", checkpoint_file="model.safetensors").model_name is None
+    True
+
+    ```
+    """
+
+    model_name: str | None = field(
+        default=None, metadata={"help": "An architecture trained from scratch: timm name or transformers model type."}
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A pretrained checkpoint to start from: a save_pretrained (transformers) or save_for_hf (timm) "
+            "folder, a Hub id, a timm name with its tag (resnet18.a1_in1k, hf-hub:..., local-dir:...), a weights file "
+            "with a timm config.json beside it, or a .gguf file. Its head is replaced, and logged, when the dataset's "
+            "classes differ."
+        },
+    )
+    checkpoint_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A timm weights file of the architecture named by model_name_or_path (pretrained_cfg_overlay)."
+        },
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "The .gguf file inside the folder or Hub repository model_name_or_path."}
+    )
+
+    def __post_init__(self):
+        check_model_source(self)
+
+
+def check_model_source(args) -> None:
+    """The one validation of a model source (`model_name` / `model_name_or_path` / `checkpoint_file` / `gguf_file`),
+    for the commands, the curve and the Python API."""
+    if args.model_name and args.model_name_or_path:
+        raise ValueError(
+            f"Name either --model_name {args.model_name} (an architecture trained from scratch) or "
+            f"--model_name_or_path {args.model_name_or_path} (a checkpoint to start from), not both."
+        )
+    for name in ("checkpoint_file", "gguf_file"):
+        if getattr(args, name) and not args.model_name_or_path:
+            raise ValueError(
+                f"--{name} is read with --model_name_or_path (the checkpoint it belongs to): pass it too."
+            )
+    if args.checkpoint_file and args.gguf_file:
+        raise ValueError("Give --checkpoint_file (a timm weights file) or --gguf_file (a causal LM), not both.")
+
+
+@dataclass
+class ModelArguments(ModelSourceArguments):
+    """The classifier a command builds: a checkpoint or an architecture from scratch (see `ModelSourceArguments`),
+    its input channels and its input size and normalisation (the checkpoint's image processor / pretrained_cfg when
+    they are not given).
 
     Example:
     ```python
     >>> from datadiet.arguments import ModelArguments
     >>> ModelArguments(model_name="test_resnet", in_chans=1).model_library
     'timm'
+    >>> ModelArguments().model_name
+    'resnet18'
 
     ```
     """
 
-    model_name: str = field(default="resnet18", metadata={"help": "timm architecture or transformers model type."})
-    model_library: str = field(default="timm", metadata={"help": "'timm' or 'transformers'."})
+    model_library: str | None = field(
+        default=None,
+        metadata={"help": "'timm' (default) or 'transformers'; read from the checkpoint when one is named."},
+    )
     model_kwargs: str | None = field(default=None, metadata={"help": "JSON (or YAML mapping) of model options."})
     in_chans: int = field(default=3, metadata={"help": "Input channels (1 for MNIST / digits)."})
-    image_size: int | None = field(default=None, metadata={"help": "Resize images to this size."})
-    mean: list[float] | None = field(default=None, metadata={"help": "Normalisation mean per channel."})
-    std: list[float] | None = field(default=None, metadata={"help": "Normalisation std per channel."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Resize images to this size (default: the checkpoint's, if it fixes one)."}
+    )
+    mean: list[float] | None = field(
+        default=None, metadata={"help": "Normalisation mean per channel (default: the checkpoint's, if any)."}
+    )
+    std: list[float] | None = field(
+        default=None, metadata={"help": "Normalisation std per channel (default: the checkpoint's, if any)."}
+    )
 
     def __post_init__(self):
-        if self.model_library not in ("timm", "transformers"):
+        super().__post_init__()
+        if self.model_library not in (None, "timm", "transformers"):
             raise ValueError(f"model_library must be 'timm' or 'transformers', got {self.model_library!r}.")
+        if not self.model_name_or_path:
+            self.model_name = self.model_name or "resnet18"
+            self.model_library = self.model_library or "timm"

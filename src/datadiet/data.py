@@ -16,6 +16,8 @@ from .loading import BUILT_IN_DATASETS, load_data, load_digits_dataset
 from .models import as_model_inputs, model_name_of, num_labels_of, weights_fingerprint
 from .provenance import describe_source, record_provenance, register_provenance_finder
 from .scores.batch import score_batch, validate_methods
+from .tasks import get_task
+from .tasks.classification import Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ __all__ = [
     "detect_label_column",
     "load_data",
     "load_digits_dataset",
+    "keep_classes",
+    "label_names_of",
     "num_classes_of",
     "training_view",
 ]
@@ -108,6 +112,68 @@ def num_classes_of(dataset: Dataset, label_column: str) -> int:
     return int(column_values(dataset, label_column).max()) + 1
 
 
+def label_names_of(dataset: Dataset, label_column: str) -> list[str]:
+    """The class names: the `ClassLabel`'s, else the labels' numbers as text."""
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return [str(i) for i in range(num_classes_of(dataset, label_column))]
+
+
+def keep_classes(
+    dataset: Dataset, classes: Sequence[str | int], label_column: str, *, max_rows: int | None = None
+) -> Dataset:
+    """The rows of `classes` only (`ClassLabel` names or label ids; the first `max_rows` of them if given),
+    relabelled `0..k-1` in the order given, with a `ClassLabel` of their names: e.g. CIFAR-10's classes 5-9 as a
+    5-class dataset of its own.
+
+    Example:
+    ```python
+    >>> from datasets import ClassLabel, Dataset, Features, Value
+    >>> from datadiet.data import keep_classes
+    >>> features = Features({"x": Value("int64"), "label": ClassLabel(names=["cat", "dog", "fox"])})
+    >>> dataset = Dataset.from_dict({"x": [0, 1, 2, 3], "label": [0, 1, 2, 1]}, features=features)
+    >>> kept = keep_classes(dataset, ["fox", "dog"], "label")
+    >>> kept[:], kept.features["label"].names
+    ({'x': [1, 2, 3], 'label': [1, 0, 1]}, ['fox', 'dog'])
+
+    ```
+    """
+    names = label_names_of(dataset, label_column)
+    ids = []
+    for name in classes:
+        text = str(name)
+        if text in names:
+            ids.append(names.index(text))
+        elif text.isdigit() and int(text) < len(names):
+            ids.append(int(text))
+        else:
+            raise ValueError(
+                f"Class {text!r} is not a class of {label_column!r}: name some of {names} or ids 0-{len(names) - 1}."
+            )
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"keep_classes names a class twice: {list(classes)}.")
+    position = {label: i for i, label in enumerate(ids)}
+    kept = dataset.filter(
+        lambda labels: [label in position for label in labels], input_columns=label_column, batched=True
+    )
+    if len(kept) == 0:
+        raise ValueError(
+            f"No row of this split is in classes {list(classes)} (of {len(dataset)} rows read): read more rows "
+            "(max_rows / max_eval_rows count the rows of the kept classes) or name other classes."
+        )
+    if max_rows is not None:
+        kept = kept.select(range(min(max_rows, len(kept))))
+    features = kept.features.copy()
+    features[label_column] = ClassLabel(names=[names[i] for i in ids])
+    return kept.map(
+        lambda labels: {label_column: [position[label] for label in labels]},
+        input_columns=label_column,
+        batched=True,
+        features=features,
+    )
+
+
 def detect_label_column(dataset: Dataset, label_column: str | None = None) -> str:
     """The label column: `label_column` if given (checked), else the first `ClassLabel` column, else one named
     `label` or `labels`."""
@@ -126,86 +192,6 @@ def detect_label_column(dataset: Dataset, label_column: str | None = None) -> st
     return candidates[0]
 
 
-def _is_tokenizer(transform: Any) -> bool:
-    return hasattr(transform, "pad_token_id") and hasattr(transform, "batch_decode")
-
-
-def _is_image_processor(transform: Any) -> bool:
-    return hasattr(transform, "model_input_names") and hasattr(transform, "preprocess")
-
-
-def _default_image_to_tensor(image: Any) -> torch.Tensor:
-    # uint8 HWC (or HW) -> float CHW in [0, 1]; what torchvision's ToTensor does, without the PIL round trip.
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    tensor = torch.from_numpy(np.array(array.transpose(2, 0, 1)))  # a writable copy in CHW order
-    return tensor.float().div_(255.0) if tensor.dtype == torch.uint8 else tensor.float()
-
-
-class Preprocessor:
-    """Turns a batch of raw rows (`dict` of column lists, as `Dataset.__getitem__` / `map(batched=True)` give them)
-    into `(inputs, labels)`: `inputs` is a float tensor for images and arrays, or a dict of tensors from a tokenizer
-    or an image processor.
-
-    Args:
-        transform: `None` (images scaled to [0, 1], CHW), a callable applied to each image (a timm
-            `create_transform` or torchvision transform), a transformers image processor, or a tokenizer.
-        input_column / kind / label_column: as returned by `detect_columns`.
-        max_length: truncation length for tokenizers.
-    """
-
-    def __init__(
-        self,
-        transform: Callable | None,
-        *,
-        input_column: str,
-        kind: str,
-        label_column: str,
-        max_length: int | None = None,
-    ):
-        self.transform = transform
-        self.input_column = input_column
-        self.kind = kind
-        self.label_column = label_column
-        self.max_length = max_length
-        if kind == "text" and not _is_tokenizer(transform):
-            raise ValueError(
-                f"Column {input_column!r} holds text: pass the model's tokenizer as transform= "
-                "(e.g. AutoTokenizer.from_pretrained(...))."
-            )
-
-    @property
-    def columns(self) -> list[str]:
-        return [self.input_column, self.label_column]
-
-    def inputs(self, values: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
-        if self.kind == "text":
-            return dict(
-                self.transform(
-                    list(values), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-                )
-            )
-        if self.transform is not None and _is_image_processor(self.transform):
-            return self.transform(images=list(values), return_tensors="pt")["pixel_values"]
-        if self.kind == "image":
-            transform = self.transform or _default_image_to_tensor
-            return torch.stack([transform(image) for image in values])
-        if self.transform is not None:
-            return torch.stack([self.transform(value) for value in values])
-        return torch.as_tensor(np.asarray(values), dtype=torch.float32)
-
-    def labels(self, values: Sequence) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(values), dtype=torch.long)
-
-    def __call__(self, batch: dict[str, list]) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
-        return self.inputs(batch[self.input_column]), self.labels(batch[self.label_column])
-
-    def fingerprint(self) -> str:
-        """A stable description of the preprocessing, for caches and resumable runs."""
-        return f"{self.kind}:{self.input_column}:{self.label_column}:{self.max_length}:{_describe(self.transform)}"
-
-
 def check_input_channels(dataset: Dataset, preprocessor: Preprocessor, in_chans: int | None) -> None:
     """Refuse a model built for `in_chans` input channels when `dataset`'s first row, preprocessed, has another number
     (1-channel digits or MNIST through a 3-channel model), saying which `in_chans` to build with. Done before any
@@ -220,16 +206,6 @@ def check_input_channels(dataset: Dataset, preprocessor: Preprocessor, in_chans:
         f"The images in column {preprocessor.input_column!r} have {channels} channel(s) but the model takes {in_chans}: "
         f"build it with in_chans={channels} (`--in_chans {channels}` on the command line)."
     )
-
-
-def _describe(transform: Any) -> str:
-    if transform is None:
-        return "none"
-    if hasattr(transform, "to_json_string"):  # transformers image processors and tokenizers' configs
-        return type(transform).__name__ + ":" + transform.to_json_string()
-    if hasattr(transform, "name_or_path"):
-        return f"{type(transform).__name__}:{transform.name_or_path}:{len(transform)}"
-    return repr(transform)
 
 
 class ScoreTransform:
@@ -252,6 +228,9 @@ class ScoreTransform:
         methods: one score name or several (see `datadiet.scores.list_scores()`).
         transform: per-image callable, transformers image processor, or tokenizer (see `Preprocessor`).
         image_column / text_column / label_column: detected from the features on the first call when not given.
+        task: `"causal_lm"` to score a causal LM on instruction / SFT rows (TRL's formats or Alpaca columns) with
+            `list_scores("causal_lm")`; `None` for classifiers.
+        tokenizer / max_length: the causal LM's tokenizer and `SFTConfig.max_length` (`task="causal_lm"`).
 
     Example:
     ```python
@@ -281,9 +260,14 @@ class ScoreTransform:
         text_column: str | None = None,
         label_column: str | None = None,
         autocast_dtype: torch.dtype | None = None,
+        task: str | None = None,
+        tokenizer: Any = None,
+        max_length: int | None = 1024,
     ):
         self.model = model
-        self.methods = validate_methods(methods)
+        self.methods = validate_methods(methods, task)
+        # A task other than classification (`"causal_lm"`) builds and scores its own batches; see `datadiet.tasks`.
+        self.task = get_task(task, tokenizer=tokenizer, max_length=max_length) if task is not None else None
         self.transform = transform
         self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
         self.autocast_dtype = autocast_dtype
@@ -365,6 +349,8 @@ class ScoreTransform:
         return {"scoring": {**self.provenance, "route": "Dataset.map"}, "source": source}
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self.task is not None:
+            return self._score_task(batch)
         if self._preprocessor is None and (self.label_column is None or not (self.image_column or self.text_column)):
             # Detect the columns from the batch itself: images are PIL objects, text are strings.
             self._detect_from_batch(batch)
@@ -385,6 +371,17 @@ class ScoreTransform:
             self.model.train(was_training)
         # float32 arrays: Arrow columns of float32 (Python floats would make them float64).
         return {name: values.detach().float().cpu().numpy() for name, values in scores.items()}
+
+    def _score_task(self, batch: dict[str, list]) -> dict[str, np.ndarray]:
+        names = self.task.columns_of(self.task.detect_format(list(batch)))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            collated = self.task.collate({name: batch[name] for name in names if name in batch})
+            scores = self.task.score_batch(self.model, collated, self.methods, autocast_dtype=self.autocast_dtype)
+        finally:
+            self.model.train(was_training)
+        return {name: values.float().numpy() for name, values in scores.items()}
 
     def _detect_from_batch(self, batch: dict[str, list]) -> None:
         for name, values in batch.items():

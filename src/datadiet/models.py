@@ -13,6 +13,7 @@ from .scores.logits import forward_logits, unwrap_logits
 
 __all__ = [
     "ClassifierWrapper",
+    "LogitsModule",
     "as_model_inputs",
     "build_model",
     "forward_logits",
@@ -129,6 +130,17 @@ class ClassifierWrapper(nn.Module):
         return output
 
 
+class LogitsModule(nn.Module):
+    """A transformers image classifier called as timm's are, `module(images) -> logits` (e.g. by the curve's loop)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return unwrap_logits(self.model(pixel_values=pixel_values))
+
+
 def build_model(
     name: str,
     *,
@@ -184,24 +196,3 @@ def build_model(
         auto = AutoModelForSequenceClassification if hasattr(config, "vocab_size") else AutoModelForImageClassification
         return auto.from_config(config)
     raise ValueError(f"library must be 'timm' or 'transformers', got {library!r}.")
-
-
-def model_init_from_arguments(arguments, num_classes: int):
-    """`seed -> model` for the CLI's argument dataclasses (fields `model_name`, `model_library`, `in_chans`,
-    `image_size`, `model_kwargs` as a JSON string)."""
-    import json
-
-    model_kwargs = json.loads(arguments.model_kwargs) if arguments.model_kwargs else None
-
-    def model_init(seed: int) -> nn.Module:
-        return build_model(
-            arguments.model_name,
-            num_classes=num_classes,
-            library=arguments.model_library,
-            in_chans=arguments.in_chans,
-            image_size=arguments.image_size,
-            model_kwargs=model_kwargs,
-            seed=seed,
-        )
-
-    return model_init

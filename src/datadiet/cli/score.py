@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 from dataclasses import dataclass, field
@@ -21,7 +20,13 @@ __all__ = ["ScoreArguments", "main", "run_score"]
 class ScoreArguments(ModelArguments, DataArguments):
     """Arguments of `datadiet score`: score a dataset split with K models and save it with the score columns."""
 
-    methods: list[str] = field(default_factory=lambda: ["el2n"], metadata={"help": "Scores to compute."})
+    methods: list[str] = field(
+        default_factory=lambda: ["el2n"],
+        metadata={
+            "help": "Scores to compute; forgetting, aum, confidence, variability and correctness come from the "
+            "proxies' own training (train_epochs >= 1)."
+        },
+    )
     model_weights: str | None = field(
         default=None, metadata={"help": "A safetensors file of trained weights to score with (then one seed)."}
     )
@@ -41,11 +46,17 @@ class ScoreArguments(ModelArguments, DataArguments):
     max_eval_rows: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        from ..scores import validate_methods
+        from ..engine.dynamics import split_methods
 
         super().__post_init__()
+        if self.model_weights and self.model_name_or_path:
+            raise ValueError(
+                "--model_weights loads a weights file into --model_name's architecture; with --model_name_or_path the "
+                "checkpoint's weights are loaded already: drop --model_weights."
+            )
         check_positive_int("batch_size", self.batch_size)
-        validate_methods(self.methods)  # before any data is read or model built
+        # Before any data is read or model built; the same check as `score_dataset`.
+        split_methods(self.methods, self.train_epochs, trains=not self.model_weights)
 
 
 def run_score(args: ScoreArguments, *, command: str | None = None):
@@ -55,24 +66,27 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
         build_image_transform,
         check_input_channels,
         detect_columns,
+        keep_classes,
+        label_names_of,
         load_data,
-        num_classes_of,
     )
     from ..engine import score_dataset
-    from ..models import model_init_from_arguments
+    from ..model_sources import ModelSource
     from ..provenance import record_provenance
 
-    dataset = load_data(
-        args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows
-    )
+    max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
+    dataset = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
     input_column, kind, label_column = detect_columns(
         dataset, image_column=args.image_column, label_column=args.label_column
     )
-    transform = build_image_transform(args.image_size, mean=args.mean, std=args.std)
+    if args.keep_classes:
+        dataset = keep_classes(dataset, args.keep_classes, label_column, max_rows=args.max_rows)
+    # A named checkpoint is loaded (and its loading logged) here, before any row is scored.
+    model_init = ModelSource(args, label_names=label_names_of(dataset, label_column))
+    image_size, mean, std = model_init.image_settings()
+    transform = build_image_transform(image_size, mean=mean, std=std)
     preprocessor = Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
-    check_input_channels(dataset, preprocessor, args.in_chans)  # before any model is built or trained
-    model_init = model_init_from_arguments(args, num_classes_of(dataset, label_column))
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    check_input_channels(dataset, preprocessor, args.in_chans)  # before any model is trained
 
     common = dict(
         methods=args.methods,
@@ -106,9 +120,10 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
             "data_files": args.data_files,
             "split": args.split,
             "max_rows": args.max_rows,
+            "keep_classes": args.keep_classes,
             "fingerprint": dataset._fingerprint,
         },
-        scoring={"model": args.model_name, "model_library": args.model_library, "model_kwargs": model_kwargs},
+        scoring=model_init.provenance(),
         steps=[{"command": command or command_line()}],
     )
     from accelerate import PartialState
@@ -121,8 +136,10 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
 
 def main(argv: list[str]) -> int:
     """`datadiet score [--config recipe.yaml] [--flag value ...]`; returns the exit code."""
+    from ..engine.dynamics import TRAINING_DYNAMICS
     from ..scores import list_scores
 
-    (args,) = parse_config((ScoreArguments,), argv, epilog=f"methods: {', '.join(list_scores())}")
+    epilog = f"methods: {', '.join(list_scores())}; from the proxies' training: {', '.join(TRAINING_DYNAMICS)}"
+    (args,) = parse_config((ScoreArguments,), argv, epilog=epilog)
     run_score(args, command="datadiet " + shlex.join(["score", *argv]))
     return 0

@@ -1,5 +1,5 @@
-"""`datadiet train`: train a freshly initialised model on a (pruned) dataset, over several seeds, and report its test
-accuracy and the first seed's data map."""
+"""`datadiet train`: train a model (an architecture from scratch, or fine-tune a checkpoint) on a (pruned) dataset,
+over several seeds; report its test accuracy and the first seed's data map, and save each seed's model."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ __all__ = ["TrainArguments", "main", "run_train"]
 
 @dataclass
 class TrainArguments(ModelArguments, DataArguments):
-    """Arguments of `datadiet train`: train a freshly initialised model on a dataset (a `save_to_disk` folder, data
-    files, a folder written by `save_pruned`, or a Hub id) and report its test accuracy over several seeds."""
+    """Arguments of `datadiet train`: train a model from scratch (`model_name`) or fine-tune a checkpoint
+    (`model_name_or_path`) on a dataset (a `save_to_disk` folder, data files, a folder written by `save_pruned`, or a
+    Hub id) and report its test accuracy over several seeds."""
 
     augment: bool = field(default=False, metadata={"help": "Random crop + flip while training."})
     max_steps: int | None = field(default=None, metadata={"help": "Training budget in optimiser steps."})
@@ -29,7 +30,10 @@ class TrainArguments(ModelArguments, DataArguments):
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds."})
-    output_dir: str = field(default="outputs/train", metadata={"help": "Where results.json is written."})
+    output_dir: str = field(
+        default="outputs/train",
+        metadata={"help": "Where results.json goes, and each seed's model (seed-<n>/, loadable by from_pretrained)."},
+    )
 
     def __post_init__(self):
         if (self.max_steps is None) == (self.epochs is None):
@@ -41,8 +45,10 @@ class TrainArguments(ModelArguments, DataArguments):
 
 
 def run_train(args: TrainArguments) -> dict:
-    """Train one model per seed and write `results.json` (accuracy per seed, mean, std) and the first seed's data map
-    (`data_map.png`: confidence against variability, coloured by correctness) to `args.output_dir`."""
+    """Train one model per seed and write `results.json` (accuracy per seed, mean, std), the first seed's data map
+    (`data_map.png`: confidence against variability, coloured by correctness) and each seed's model (`seed-<n>/`:
+    `save_pretrained` for transformers, with the checkpoint's image processor; timm's `save_for_hf` with the class
+    names and normalisation) to `args.output_dir`."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -52,25 +58,32 @@ def run_train(args: TrainArguments) -> dict:
         check_input_channels,
         column_values,
         detect_columns,
+        keep_classes,
+        label_names_of,
         load_data,
-        num_classes_of,
     )
-    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows)
+    max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
+    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
     test = _load_test_split(args, train)
     # The trainer's imports (transformers' Trainer, peft) take seconds: after the data, so that a dataset that cannot
     # be read (a typo, an unreachable Hub) is refused at once.
-    from ..models import model_init_from_arguments
+    from ..model_sources import ModelSource
     from ..report import plot_data_map
     from ..trainer.proxy import evaluate_accuracy, fit
 
     input_column, kind, label_column = detect_columns(
         train, image_column=args.image_column, label_column=args.label_column
     )
-    model_init = model_init_from_arguments(args, num_classes_of(train, label_column))
-    eval_transform = build_image_transform(args.image_size, mean=args.mean, std=args.std)
+    if args.keep_classes:
+        train = keep_classes(train, args.keep_classes, label_column, max_rows=args.max_rows)
+        test = keep_classes(test, args.keep_classes, label_column, max_rows=args.max_eval_rows)
+    # A named checkpoint is loaded (and its loading logged) here, before any training.
+    model_init = ModelSource(args, label_names=label_names_of(train, label_column))
+    image_size, mean, std = model_init.image_settings()
+    eval_transform = build_image_transform(image_size, mean=mean, std=std)
     preprocessor = Preprocessor(eval_transform, input_column=input_column, kind=kind, label_column=label_column)
-    check_input_channels(train, preprocessor, args.in_chans)  # before any model is built or trained
-    train_transform = build_image_transform(args.image_size, mean=args.mean, std=args.std, augment=args.augment)
+    check_input_channels(train, preprocessor, args.in_chans)  # before any model is trained
+    train_transform = build_image_transform(image_size, mean=mean, std=std, augment=args.augment)
     accuracies = []
     for seed in tqdm(args.seeds, desc="Training seeds"):
         model, trainer = fit(
@@ -89,6 +102,12 @@ def run_train(args: TrainArguments) -> dict:
             label_column=args.label_column,
             output_dir=str(Path(args.output_dir) / f"seed-{seed}"),
         )
+        # The model alone, loadable by AutoModelForImageClassification.from_pretrained / timm (local-dir:) as it is.
+        trainer.save_model(str(Path(args.output_dir) / f"seed-{seed}"))
+        if "processor" in model_init.preprocessing and trainer.args.should_save:
+            processor = model_init.preprocessing["processor"]
+            processor.image_mean, processor.image_std = list(mean), list(std)
+            processor.save_pretrained(str(Path(args.output_dir) / f"seed-{seed}"))
         accuracies.append(
             evaluate_accuracy(
                 model, test, transform=eval_transform, image_column=args.image_column, label_column=args.label_column
@@ -102,7 +121,7 @@ def run_train(args: TrainArguments) -> dict:
                 column_values(dynamics, "variability"),
                 Path(args.output_dir) / "data_map.png",
                 correctness=column_values(dynamics, "correctness"),
-                title=f"Data map of {args.model_name} on {len(train)} rows (seed {seed})",
+                title=f"Data map of {model_init.name} on {len(train)} rows (seed {seed})",
             )
     results = {
         "accuracy": accuracies,
@@ -111,6 +130,7 @@ def run_train(args: TrainArguments) -> dict:
         "train_rows": len(train),
         "test_rows": len(test),
         "test_split": f"{args.eval_dataset_name or args.dataset_name} ({args.eval_split})",
+        "model": model_init.provenance(),
         "arguments": asdict(args),
     }
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -136,7 +156,7 @@ def _load_test_split(args: TrainArguments, train):
             args.eval_dataset_name or args.dataset_name,
             split=args.eval_split,
             data_files=args.eval_data_files or None,
-            max_rows=args.max_eval_rows,
+            max_rows=None if args.keep_classes else args.max_eval_rows,
         )
     except ValueError as error:
         if given:

@@ -20,9 +20,17 @@ import torch
 
 from .arguments import CurveArguments, check_steps, strategy_options
 from .selection import choose_cells, read_selection
-from .store import check_config, claim_run, config_digest, planned_runs, read_runs, run_key
+from .store import check_config, claim_run, config_digest, evaluated_on, planned_runs, read_runs, run_key
 from .summary import summarize_runs, write_curve_report, write_summary
-from .training import CurveData, accuracy_on, accuracy_on_test, build_curve_model, proxy_scores, train_on_rows
+from .training import (
+    CurveData,
+    accuracy_on,
+    accuracy_on_test,
+    build_curve_model,
+    proxy_scores,
+    stream_seed,
+    train_on_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +95,17 @@ def run_curve(args: CurveArguments) -> dict:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir)
-    check_config(args, output_dir)
+    check_config(args, output_dir, report_only=args.report_only)
     runs_path = output_dir / "runs.jsonl"
-    evaluated_on = "validation" if args.validation_fraction else "test"
+    protocol = evaluated_on(args)
     if args.report_only:
         selection_path, confirm_dir = output_dir / "selection.json", output_dir / "confirm"
         if args.confirm_seeds and selection_path.exists() and (confirm_dir / "runs.jsonl").exists():
             selection = json.loads(selection_path.read_text())
             confirm_args = _confirm_arguments(args, selection, confirm_dir)
+            check_config(confirm_args, confirm_dir, report_only=True, protocol="test")
             write_summary(confirm_args, confirm_dir, confirm_dir / "runs.jsonl", evaluated_on="test")
-        return write_summary(args, output_dir, runs_path, evaluated_on=evaluated_on)
+        return write_summary(args, output_dir, runs_path, evaluated_on=protocol)
     data = CurveData(args)
     logger.info(
         "Curve data: %d training rows, %d validation rows (never trained on), %d test rows, %d classes, %d channels.",
@@ -110,11 +119,11 @@ def run_curve(args: CurveArguments) -> dict:
         # Which rows were held out (positions in the training split), for anyone checking the protocol.
         (output_dir / "validation_rows.json").write_text(json.dumps(data.validation_rows.tolist()))
     scores = proxy_scores(args, data, output_dir)
-    _run_all(args, data, scores, output_dir, planned_runs(args), evaluated_on)
-    summary = write_summary(args, output_dir, runs_path, evaluated_on=evaluated_on)
+    _run_all(args, data, scores, output_dir, planned_runs(args), protocol)
+    summary = write_summary(args, output_dir, runs_path, evaluated_on=protocol)
     if not args.validation_fraction:
         return summary
-    finished = {run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in read_runs(runs_path)}
+    finished = {run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in read_runs(runs_path, protocol)}
     missing = [run for run in planned_runs(args) if run_key(*run) not in finished]
     if missing:
         logger.info("%d runs of the grid are not finished (another process?): no selection yet.", len(missing))
@@ -138,7 +147,7 @@ def _run_all(args: CurveArguments, data, scores: dict, output_dir: Path, runs: l
 
     runs_path = output_dir / "runs.jsonl"
     labels = data.y_train.numpy()
-    done = {run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in read_runs(runs_path)}
+    done = {run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in read_runs(runs_path, evaluated_on)}
     todo = [run for run in runs if run_key(*run) not in done]
     logger.info("%d runs planned, %d already finished.", len(runs), len(runs) - len(todo))
     for index, run in enumerate(tqdm(todo, desc="Curve runs" if evaluated_on == "test" else "Grid runs (validation)")):
@@ -152,7 +161,10 @@ def _run_all(args: CurveArguments, data, scores: dict, output_dir: Path, runs: l
         else:
             steps = max(1, math.ceil(args.epochs * len(rows) / args.batch_size))
             check_steps(steps, f"epochs={args.epochs} of {len(rows)} rows at batch_size={args.batch_size}")
-        model = train_on_rows(build_curve_model(args, data, seed), data, rows, steps, args, seed)
+        # Training randomness (initialisation, order, augmentation) from the training stream of this seed, apart
+        # from the proxies' stream of the same integer.
+        torch_seed = stream_seed("training", seed)
+        model = train_on_rows(build_curve_model(args, data, torch_seed), data, rows, steps, args, torch_seed)
         if evaluated_on == "validation":
             accuracy = accuracy_on(model, data, data.x_validation, data.y_validation, args.eval_batch_size)
         else:
@@ -166,9 +178,9 @@ def _run_all(args: CurveArguments, data, scores: dict, output_dir: Path, runs: l
             "train_rows": len(rows),
             "steps": steps,
             "seconds": round(time.time() - started, 1),
+            "evaluated_on": evaluated_on,
+            "torch_seed": torch_seed,
         }
-        if evaluated_on == "validation":
-            record["evaluated_on"] = "validation"
         with runs_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         logger.info("%s %s keep=%g seed=%d: %s accuracy %.4f", score, strategy, keep, seed, evaluated_on, accuracy)
@@ -185,6 +197,7 @@ def _confirm_arguments(args: CurveArguments, selection: dict, confirm_dir: Path)
         scoring_seeds=list(args.confirm_scoring_seeds),
         confirm_seeds=[],
         confirm_scoring_seeds=[],
+        confirmation=True,
         scores=list(dict.fromkeys(cell["score"] for cell in chosen)),
         strategies=list(dict.fromkeys(cell["strategy"] for cell in chosen)),
         keep_fractions=[cell["keep"] for cell in chosen],
@@ -197,7 +210,7 @@ def _confirm(args: CurveArguments, data, selection: dict, confirm_dir: Path) -> 
     proxies from fresh scoring seeds, each tested once on the test split; its own runs.jsonl and report."""
     chosen = selection["chosen"]
     confirm_args = _confirm_arguments(args, selection, confirm_dir)
-    check_config(confirm_args, confirm_dir)
+    check_config(confirm_args, confirm_dir, protocol="test")
     scores = proxy_scores(confirm_args, data, confirm_dir)
     runs = [("full", "full", 1.0, seed) for seed in confirm_args.seeds]
     for cell in chosen:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..arguments import DataArguments
+from ..arguments import DataArguments, ModelSourceArguments
 
 __all__ = ["MIN_STEPS", "CurveArguments", "check_steps", "strategy_options"]
 
@@ -27,15 +27,28 @@ def check_steps(steps: int, what: str) -> None:
 
 
 @dataclass
-class CurveArguments(DataArguments):
+class CurveArguments(ModelSourceArguments, DataArguments):
     """Arguments of `datadiet report curve`: which data, scores, strategies, keep fractions, seeds and training budget
-    a pruning curve covers, and where it writes `runs.jsonl`, `curve.png` and `curve.md`."""
+    a pruning curve covers, and where it writes `runs.jsonl`, `curve.png` and `curve.md`. Every proxy and every run
+    starts from the checkpoint `model_name_or_path` (fine-tuned, with a new head for the dataset's classes) when one
+    is named, else from a fresh `model_name` (default `datadiet_cifar_net`)."""
 
-    model_name: str = field(
-        default="datadiet_cifar_net",
-        metadata={"help": "timm architecture, e.g. datadiet_cifar_net, datadiet_tiny_net, resnet18, test_resnet."},
+    model_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "timm architecture trained from scratch, e.g. datadiet_cifar_net (the default when no "
+            "model_name_or_path), datadiet_tiny_net, resnet18, test_resnet."
+        },
     )
     model_kwargs: str | None = field(default=None, metadata={"help": "JSON mapping of extra timm model options."})
+    proxy_model_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Score with proxies of this timm architecture trained from scratch, while every run still starts "
+            "from model_name_or_path: pretrained and from-scratch proxies compared at the same fine-tuning budget "
+            "(default: the proxies start where the runs do)."
+        },
+    )
     mean: list[float] | None = field(
         default=None, metadata={"help": "Normalisation mean per channel (computed from the training data if unset)."}
     )
@@ -113,6 +126,13 @@ class CurveArguments(DataArguments):
         default_factory=list,
         metadata={"help": "Seeds of the fresh proxy models the confirm stage prunes by (none of scoring_seeds)."},
     )
+    confirmation: bool = field(
+        default=False,
+        metadata={
+            "help": "A pre-registered confirmation of cells chosen beforehand: its report gives their verdicts and "
+            "names no 'best' cell (picking among confirmed cells after seeing them would be exploratory again)."
+        },
+    )
     equivalence_margin: float = field(
         default=0.005,
         metadata={
@@ -122,6 +142,9 @@ class CurveArguments(DataArguments):
     output_dir: str = field(default="outputs/curve", metadata={"help": "Where runs.jsonl, curve.png, curve.md go."})
 
     def __post_init__(self):
+        super().__post_init__()
+        if not self.model_name_or_path:
+            self.model_name = self.model_name or "datadiet_cifar_net"
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("Give exactly one training budget: max_steps (fixed steps, fair) or epochs.")
         if self.max_steps is not None:

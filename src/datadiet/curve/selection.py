@@ -9,7 +9,7 @@ from pathlib import Path
 from .arguments import CurveArguments, strategy_options
 from .statistics import sample_std
 
-__all__ = ["SELECTION_RULE", "choose_cells", "read_selection"]
+__all__ = ["SELECTION_RULE", "choose_cells", "how_to_score", "read_selection"]
 
 SELECTION_RULE = (
     "For each keep fraction, the pruned cell (score x strategy) with the highest mean validation accuracy over the "
@@ -49,7 +49,8 @@ def choose_cells(args: CurveArguments, points: list[dict], validation_rows: int)
                     best = cell
         if best is not None:
             name, options = strategy_options(best["strategy"], args)
-            chosen.append({**best, "prune": {"by": best["score"], "keep": float(keep), "strategy": name, **options}})
+            settings = {"by": best["score"], "keep": float(keep), "strategy": name, **options}
+            chosen.append({**best, "prune": {**settings, "class_balanced": args.class_balanced}})
     baselines = [_cell(p) for p in points if p["score"] in ("full", "random")]
     return {
         "rule": SELECTION_RULE,
@@ -81,8 +82,9 @@ def _cell(point: dict) -> dict:
 
 
 def read_selection(path: str | Path, keep: float | None = None) -> dict:
-    """The `prune` arguments (`by`, `keep`, `strategy` and its options) of the cell a `selection.json` chose: the only
-    one, or the one of `keep` when the grid had several keep fractions.
+    """The `prune` arguments (`by`, `keep`, `strategy` and its options, `class_balanced`) of the cell a
+    `selection.json` chose: the only one, or the one of `keep` when the grid had several keep fractions. A selection
+    written before it stored `class_balanced` takes it from the `curve_config.json` beside it.
 
     Example:
     ```python
@@ -115,4 +117,27 @@ def read_selection(path: str | Path, keep: float | None = None) -> dict:
             f"{path} chose a cell for keep fractions {keeps}; "
             + (f"none for keep={keep}." if keep is not None else "pass --keep with one of them.")
         )
-    return dict(matching[0]["prune"])
+    settings = dict(matching[0]["prune"])
+    config = path.parent / "curve_config.json"
+    if "class_balanced" not in settings and config.exists():
+        settings["class_balanced"] = bool(json.loads(config.read_text()).get("class_balanced", False))
+    return settings
+
+
+def how_to_score(method: str, dataset: str) -> str:
+    """One line saying how `datadiet score` produces the score column `method` the curve chose (as the curve
+    computes it: from proxies trained at least one epoch; `input_norm` needs none).
+
+    Example:
+    ```python
+    >>> from datadiet.curve.selection import how_to_score
+    >>> how_to_score("forgetting", "scored")
+    'score it first, e.g. `datadiet score --dataset_name <the raw dataset> --methods forgetting --train_epochs 1 --output_dir scored` (add your usual --model_name / --seeds).'
+
+    ```
+    """
+    epochs = "" if method == "input_norm" else " --train_epochs 1"
+    return (
+        f"score it first, e.g. `datadiet score --dataset_name <the raw dataset> --methods {method}{epochs} "
+        f"--output_dir {dataset}` (add your usual --model_name / --seeds)."
+    )

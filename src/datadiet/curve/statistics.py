@@ -7,7 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["equivalent", "paired_interval", "sample_std", "verdict_against"]
+__all__ = ["MIN_PAIRS", "equivalent", "no_verdict_reason", "paired_interval", "sample_std", "verdict_against"]
+
+# Fewer paired seeds than this give no verdict: with two, one unlucky pair decides, and the t-interval of two
+# differences reaches 9 of their standard deviations either side (and, with equal differences, has zero width: a
+# false certainty).
+MIN_PAIRS = 3
 
 
 def sample_std(values: Sequence[float]) -> float:
@@ -54,9 +59,44 @@ def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 
     return {"mean": mean, "std": std, "n": n, "low": mean - half, "high": mean + half}
 
 
+def no_verdict_reason(interval: dict[str, float]) -> str | None:
+    """Why a paired interval supports no verdict, or `None` when it does: fewer than `MIN_PAIRS` pairs ("too few
+    seeds to say"), or paired differences that are all equal (a zero-width interval says nothing about the spread).
+
+    Example:
+    ```python
+    >>> from datadiet.curve.statistics import no_verdict_reason, paired_interval
+    >>> no_verdict_reason(paired_interval([0.9, 0.8], [0.8, 0.7]))
+    'too few seeds to say (n=2; a verdict needs at least 3)'
+    >>> no_verdict_reason(paired_interval([0.9, 0.8, 0.7], [0.8, 0.7, 0.6]))
+    'no spread to judge by (every seed differs by the same amount: identical runs?)'
+
+    ```
+    """
+    if interval["n"] < MIN_PAIRS:
+        return f"too few seeds to say (n={interval['n']}; a verdict needs at least {MIN_PAIRS})"
+    if not interval["std"] > 1e-12:
+        return "no spread to judge by (every seed differs by the same amount: identical runs?)"
+    return None
+
+
 def verdict_against(interval: dict[str, float], name: str) -> str:
     """'beats {name}' when the paired interval lies above 0, 'loses to {name}' when below, else 'shows no clear
-    difference from {name}'."""
+    difference from {name}'; with too few seeds or zero spread (see `no_verdict_reason`), no verdict.
+
+    Example:
+    ```python
+    >>> from datadiet.curve.statistics import paired_interval, verdict_against
+    >>> verdict_against(paired_interval([0.84, 0.85, 0.84], [0.82, 0.82, 0.82]), "random")
+    'beats random'
+    >>> verdict_against(paired_interval([0.9, 0.9], [0.8, 0.8]), "random")
+    'gives no verdict against random: too few seeds to say (n=2; a verdict needs at least 3)'
+
+    ```
+    """
+    reason = no_verdict_reason(interval)
+    if reason is not None:
+        return f"gives no verdict against {name}: {reason}"
     if interval["low"] > 0:
         return f"beats {name}"
     if interval["high"] < 0:
@@ -77,4 +117,6 @@ def equivalent(a: Sequence[float], b: Sequence[float], margin: float, alpha: flo
     ```
     """
     interval = paired_interval(a, b, confidence=1 - 2 * alpha)
+    if no_verdict_reason(interval) is not None:
+        return False
     return -margin < interval["low"] and interval["high"] < margin

@@ -13,7 +13,20 @@ from .arguments import CurveArguments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_config", "claim_run", "config_digest", "planned_runs", "read_runs", "result_config", "run_key"]
+__all__ = [
+    "SEED_SCHEME",
+    "check_config",
+    "claim_run",
+    "config_digest",
+    "planned_runs",
+    "read_runs",
+    "result_config",
+    "run_key",
+]
+
+# How a curve turns its seed integers into random streams (see `training.stream_seed`). Folders made before this key
+# existed drew training, proxy and validation randomness from the bare integers: their runs cannot be continued.
+SEED_SCHEME = "per-purpose-v1"
 
 # Fields that change what a finished run or a cached score means: a rerun with other values needs another folder.
 _RESULT_FIELDS = (
@@ -46,13 +59,32 @@ _RESULT_FIELDS = (
 )
 
 
-def result_config(args: CurveArguments) -> dict:
-    """The values that define the curve's results. The validation hold-out is among them only when it is on, so that
-    curves made before it existed resume unchanged."""
+def result_config(args: CurveArguments, protocol: str | None = None) -> dict:
+    """The values that define the curve's results, the evaluation protocol (validation hold-out fraction and seed,
+    and which rows the runs are evaluated on: `protocol`, by default `evaluated_on(args)`) and the seed scheme
+    included, whether validation is on or off; the classes kept and the checkpoint every model starts from (with
+    its weights' sha256 when local) when set."""
     config = {name: getattr(args, name) for name in _RESULT_FIELDS}
-    if args.validation_fraction:
-        config.update(validation_fraction=args.validation_fraction, validation_seed=args.validation_seed)
+    config.update(
+        validation_fraction=args.validation_fraction,
+        validation_seed=args.validation_seed,
+        evaluated_on=protocol or evaluated_on(args),
+        seed_scheme=SEED_SCHEME,
+    )
+    for name in ("keep_classes", "proxy_model_name"):
+        if getattr(args, name):
+            config[name] = getattr(args, name)
+    if args.model_name_or_path:
+        from ..model_sources import checkpoint_sha256
+
+        config.update(model_name_or_path=args.model_name_or_path, checkpoint_file=args.checkpoint_file)
+        config["checkpoint_sha256"] = checkpoint_sha256(args.model_name_or_path, args.checkpoint_file)
     return config
+
+
+def evaluated_on(args: CurveArguments) -> str:
+    """`"validation"` when the curve holds out validation rows (its runs are never tested), else `"test"`."""
+    return "validation" if args.validation_fraction else "test"
 
 
 def run_key(score: str, strategy: str, keep: float, seed: int) -> str:
@@ -72,8 +104,10 @@ def planned_runs(args: CurveArguments) -> list[tuple[str, str, float, int]]:
     return runs
 
 
-def read_runs(path: Path) -> list[dict]:
-    """The finished runs in `runs.jsonl` at `path` (none if it does not exist), skipping a line cut by an interrupt."""
+def read_runs(path: Path, protocol: str | None = None) -> list[dict]:
+    """The finished runs in `runs.jsonl` at `path` (none if it does not exist), skipping a line cut by an interrupt;
+    with `protocol` (`"validation"` or `"test"`), only the runs evaluated that way (a run without the key was
+    tested: the lines written before validation existed)."""
     if not path.exists():
         return []
     runs = []
@@ -83,6 +117,8 @@ def read_runs(path: Path) -> list[dict]:
                 runs.append(json.loads(line))
             except json.JSONDecodeError:
                 logger.warning("Skipping a truncated line of %s (an interrupted write).", path)
+    if protocol is not None:
+        runs = [run for run in runs if run.get("evaluated_on", "test") == protocol]
     return runs
 
 
@@ -126,19 +162,43 @@ def claim_run(output_dir: Path, runs_path: Path, run) -> bool:
     return False
 
 
-def check_config(args: CurveArguments, output_dir: Path) -> None:
+def check_config(
+    args: CurveArguments, output_dir: Path, *, report_only: bool = False, protocol: str | None = None
+) -> None:
     """Record the fields that define the curve's results in `output_dir/curve_config.json`, or, when the folder
-    holds a curve already, refuse to resume it with other values of them."""
+    holds a curve already, refuse to resume it with other values of them (the evaluation protocol included).
+
+    A folder made before the seed scheme was recorded is refused for training (its runs drew every random stream
+    from the bare seed integers) and read as it is with `report_only`: its missing protocol keys then mean no
+    validation, as they did when it was written. `protocol` overrides where the runs are evaluated (the confirm
+    stage holds the validation rows out of training and tests on the test split)."""
     from ..engine.store import check_or_write_config
 
     def mismatch(folder: Path, changed: list[str], previous: dict) -> str:
         return (
             f"{folder} holds a curve made with other values of {changed} (was "
-            f"{ {name: previous.get(name) for name in changed} }): its finished runs would not be comparable. "
-            "Use another output_dir, or restore those values to resume."
+            f"{ {name: previous.get(name) for name in changed} }, now { {name: config.get(name) for name in changed} }"
+            "): its finished runs would not be comparable. Use another output_dir, or restore those values to resume."
         )
 
-    config = result_config(args)
+    config = result_config(args, protocol)
+    path = Path(output_dir) / "curve_config.json"
+    stored = json.loads(path.read_text()) if path.exists() else None
+    if stored is not None and "seed_scheme" not in stored:
+        if not report_only:
+            raise ValueError(
+                f"{output_dir} was made before training, proxy and validation seeds had separate random streams (its "
+                "curve_config.json has no seed_scheme): new runs would not be comparable with its runs. Use another "
+                "output_dir, or pass --report_only true to rewrite its report from its runs."
+            )
+        legacy = {"validation_fraction": 0.0, "validation_seed": args.validation_seed, "evaluated_on": "test"}
+        if stored.get("validation_fraction"):
+            legacy["evaluated_on"] = protocol or "validation"
+        expected = {**legacy, **stored, "seed_scheme": SEED_SCHEME}
+        differing = sorted(key for key in config if expected.get(key) != config[key])
+        if differing:
+            raise ValueError(mismatch(Path(output_dir), differing, expected))
+        return
     check_or_write_config(
         output_dir, config, file_name="curve_config.json", new_keys_only=True, sort_keys=False, mismatch=mismatch
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import CurveArguments
-from .statistics import equivalent, paired_interval, sample_std, verdict_against
+from .statistics import equivalent, no_verdict_reason, paired_interval, sample_std, verdict_against
 from .store import read_runs
 
 __all__ = ["summarize_runs", "write_curve_report", "write_summary"]
@@ -19,14 +19,20 @@ __all__ = ["summarize_runs", "write_curve_report", "write_summary"]
 def write_summary(args: CurveArguments, output_dir: Path, runs_path: Path, *, evaluated_on: str = "test") -> dict:
     """Summarise the finished runs in `runs_path` and write `summary.json`, `curve.md` and `curve.png` to `output_dir`;
     return the summary."""
-    summary = summarize_runs(read_runs(runs_path))
+    # Only the runs of this folder's protocol: a validation accuracy is never summarised as a test accuracy.
+    summary = summarize_runs(read_runs(runs_path, evaluated_on))
     summary["arguments"] = asdict(args)
     summary["evaluated_on"] = evaluated_on
     summary["std"] = "sample std (ddof = 1) over training seeds"
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     title = _title(args, summary["points"])
     write_curve_report(
-        summary, output_dir, title=title, evaluated_on=evaluated_on, margin=getattr(args, "equivalence_margin", 0.005)
+        summary,
+        output_dir,
+        title=title,
+        evaluated_on=evaluated_on,
+        margin=getattr(args, "equivalence_margin", 0.005),
+        confirmation=getattr(args, "confirmation", False),
     )
     return summary
 
@@ -142,7 +148,10 @@ def _verdicts(points: list[dict], margin: float = 0.005) -> list[str]:
                 a, b = _paired(point, full)
                 if a:
                     interval = paired_interval(a, b)
-                    if len(a) > 1 and equivalent(a, b, margin):
+                    reason = no_verdict_reason(interval)
+                    if reason is not None:
+                        words = f"gives no verdict against the full data: {reason}"
+                    elif equivalent(a, b, margin):
                         words = f"matches the full data within ±{100 * margin:g} pt"
                     elif interval["low"] > 0:
                         words = "is above the full data"
@@ -195,9 +204,12 @@ def write_curve_report(
     title: str | None = None,
     evaluated_on: str = "test",
     margin: float = 0.005,
+    confirmation: bool = False,
 ) -> tuple[Path, Path]:
     """Write `curve.md` (a table of mean ± std test accuracy per score × strategy and keep fraction, then one plain
-    verdict per score × strategy) and `curve.png` (see `datadiet.report.plot_pruning_curve`); return both paths."""
+    verdict per score × strategy) and `curve.png` (see `datadiet.report.plot_pruning_curve`); return both paths.
+    An exploration (several cells per keep fraction) also names the best cell of each, as exploratory; a
+    `confirmation` (cells fixed before its runs) names none."""
     from ..report import plot_pruning_curve
 
     output_dir = Path(output_dir)
@@ -255,7 +267,7 @@ def write_curve_report(
     lines += _verdicts(points, margin)
     pruned_cells = [p for p in points if p["score"] not in ("full", "random")]
     several = any(sum(p["keep"] == keep for p in pruned_cells) > 1 for keep in keeps)
-    if best and several:  # with one cell per keep fraction (a confirmation) there is nothing to pick
+    if best and several and not confirmation:  # a confirmation's cells were fixed before its runs: nothing to pick
         lines += [
             "",
             "Best score / strategy per keep fraction, picked after seeing these runs (exploratory; the baselines on the same seeds):",

@@ -7,7 +7,6 @@ costs more than the small networks the curve is run with."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +19,41 @@ from .arguments import CurveArguments, check_steps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CurveData", "accuracy_on", "accuracy_on_test", "build_curve_model", "proxy_scores", "train_on_rows"]
+__all__ = [
+    "SEED_PURPOSES",
+    "CurveData",
+    "accuracy_on",
+    "accuracy_on_test",
+    "build_curve_model",
+    "proxy_scores",
+    "stream_seed",
+    "train_on_rows",
+]
+
+# The separate random streams of a curve: the same integer given as a training seed, a proxy (scoring) seed and the
+# validation seed draws three unrelated streams, so a proxy never shares its initialisation and data order with a
+# trained model (the overlap that made proxy and trained runs alike before streams were separated).
+SEED_PURPOSES = ("training", "proxy", "validation")
+
+
+def stream_seed(purpose: str, seed: int) -> int:
+    """The torch / numpy seed of `seed` used for `purpose` (one of `SEED_PURPOSES`): the first 31 bits of
+    sha256(`"datadiet-curve/{purpose}/{seed}"`), so that each purpose has its own stream of seeds.
+
+    Example:
+    ```python
+    >>> from datadiet.curve.training import stream_seed
+    >>> stream_seed("training", 5) != stream_seed("proxy", 5), stream_seed("training", 5) == stream_seed("training", 5)
+    (True, True)
+
+    ```
+    """
+    import hashlib
+
+    if purpose not in SEED_PURPOSES:
+        raise ValueError(f"Unknown seed purpose {purpose!r}: one of {list(SEED_PURPOSES)}.")
+    digest = hashlib.sha256(f"datadiet-curve/{purpose}/{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def _image_array(image) -> np.ndarray:
@@ -48,16 +81,24 @@ class CurveData:
     def __init__(self, args: CurveArguments):
         from ..data import detect_columns, load_data
 
-        train = load_data(args.dataset_name, split=args.split, data_files=args.data_files, max_rows=args.max_rows)
+        every = bool(args.keep_classes)  # then max_rows / max_eval_rows count rows of the kept classes
+        train = load_data(
+            args.dataset_name, split=args.split, data_files=args.data_files, max_rows=None if every else args.max_rows
+        )
         test = load_data(
             args.eval_dataset_name or args.dataset_name,
             split=args.eval_split,
             data_files=args.eval_data_files,
-            max_rows=args.max_eval_rows,
+            max_rows=None if every else args.max_eval_rows,
         )
         image_column, kind, label_column = detect_columns(
             train, image_column=args.image_column, label_column=args.label_column
         )
+        if args.keep_classes:
+            from ..data import keep_classes
+
+            train = keep_classes(train, args.keep_classes, label_column, max_rows=args.max_rows)
+            test = keep_classes(test, args.keep_classes, label_column, max_rows=args.max_eval_rows)
         if kind != "image":
             raise ValueError(
                 f"Pruning curves train image classifiers; the detected input column {image_column!r} is {kind}. "
@@ -67,6 +108,8 @@ class CurveData:
         self.x_test, self.y_test = _to_tensors(test, image_column, label_column)
         feature = train.features[label_column]
         self.num_classes = int(getattr(feature, "num_classes", 0) or int(self.y_train.max()) + 1)
+        self.label_names = list(getattr(feature, "names", None) or map(str, range(self.num_classes)))
+        self.model_sources: dict = {}  # built on first use (a named checkpoint is loaded and checked once)
         # The validation hold-out: its rows leave the training tensors here, so that no proxy and no subset (both
         # drawn from positions of x_train) can ever train on them. `train_rows` maps positions back to the split.
         self.train_rows = np.arange(len(self.y_train))
@@ -74,7 +117,7 @@ class CurveData:
         if args.validation_fraction:
             from ..selection import stratified_split
 
-            rng = np.random.default_rng(args.validation_seed)
+            rng = np.random.default_rng(stream_seed("validation", args.validation_seed))
             self.validation_rows = stratified_split(self.y_train.numpy(), args.validation_fraction, rng)
             keep = np.setdiff1d(self.train_rows, self.validation_rows)
             self.x_validation, self.y_validation = (
@@ -118,14 +161,22 @@ class CurveData:
 # ---- training and evaluation ---------------------------------------------------------------------------------------
 
 
-def build_curve_model(args: CurveArguments, data: CurveData, seed: int) -> nn.Module:
-    """A fresh timm model `args.model_name` for `data`'s classes and channels, seeded, in channels-last layout."""
-    from ..models import build_model
+def build_curve_model(args: CurveArguments, data: CurveData, seed: int, *, proxy: bool = False) -> nn.Module:
+    """A seeded model for `data`'s classes and channels, in channels-last layout: the checkpoint
+    `args.model_name_or_path` (a new head when its classes differ) or a fresh timm model `args.model_name`; for a
+    `proxy`, a fresh `args.proxy_model_name` when one is given."""
+    from types import SimpleNamespace
 
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-    model = build_model(
-        args.model_name, num_classes=data.num_classes, in_chans=data.in_chans, model_kwargs=model_kwargs, seed=seed
-    )
+    from ..model_sources import ModelSource
+    from ..models import LogitsModule
+
+    key = "proxy" if proxy and args.proxy_model_name else "runs"
+    if key not in data.model_sources:
+        source = SimpleNamespace(model_name=args.proxy_model_name) if key == "proxy" else args
+        data.model_sources[key] = ModelSource(source, label_names=data.label_names, in_chans=data.in_chans)
+    model = data.model_sources[key](seed)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "model_type"):
+        model = LogitsModule(model)  # transformers: called as model(images) -> logits by the loop below
     # channels-last convolutions train the small CIFAR nets about 1.4x faster on this kind of CPU (oneDNN).
     return model.to(memory_format=torch.channels_last)
 
@@ -215,6 +266,7 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
             return {name: cached[name] for name in cached.files}
     from ..scores import forgetting_events
     from ..scores.batch import score_batch
+    from ..scores.trackers import fill_unseen
 
     num_rows = len(data.y_train)
     steps_per_epoch = max(num_rows // args.batch_size, 1)
@@ -224,8 +276,9 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
         steps,
         f"Scoring the proxies ({num_rows} rows, batch_size={args.batch_size}, scoring_epochs={args.scoring_epochs})",
     )
-    model = build_curve_model(args, data, seed)
-    train_on_rows(model, data, np.arange(num_rows), steps, args, seed, history)
+    torch_seed = stream_seed("proxy", seed)
+    model = build_curve_model(args, data, torch_seed, proxy=True)
+    train_on_rows(model, data, np.arange(num_rows), steps, args, torch_seed, history)
     wanted = [name for name in args.scores if name not in ("forgetting", "input_norm")]
     values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
     for start in range(0, num_rows, args.eval_batch_size):
@@ -239,8 +292,7 @@ def _score_proxy(args: CurveArguments, data: CurveData, seed: int, path: Path) -
     result = {name: np.concatenate(parts).astype(np.float64) for name, parts in values.items()}
     # Rows never presented (the dropped partial batch of a one-epoch run) count as unseen: NaN events. They are
     # given the median so that every row has a score.
-    events = forgetting_events(history)
-    result["forgetting"] = np.where(np.isnan(events), np.nanmedian(events), events)
+    result["forgetting"] = fill_unseen(forgetting_events(history))
     result["proxy_train_accuracy"] = np.array([np.nanmean(history[:, -1])])
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **result)

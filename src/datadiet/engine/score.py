@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from contextlib import closing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Preprocessor, check_input_channels, detect_columns
-from ..models import as_model_inputs, input_channels_of, model_name_of, num_labels_of, weights_fingerprint
+from ..models import input_channels_of, model_name_of, weights_fingerprint
 from ..provenance import describe_source, read_provenance, record_provenance
-from ..scores.batch import score_batch, validate_methods
 from ..scores.registry import varies_with_the_model
 from ..validation import check_positive_int
+from .batches import preprocess, rows_digest, score_preprocessed, task_batches, task_provenance
+from .dynamics import dynamics_of, split_methods
 from .prefetch import prefetch
 from .process import get_process_state
 from .store import (
@@ -49,10 +51,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["score_dataset"]
 
 
-def _to_device(inputs: torch.Tensor | dict, device: torch.device) -> torch.Tensor | dict:
-    if isinstance(inputs, dict):
-        return {key: value.to(device) for key, value in inputs.items()}
-    return inputs.to(device)
+def _scorer(model: nn.Module, methods: Sequence[str], preprocessor, device, autocast_dtype) -> Callable:
+    """`score(inputs, labels, row_ids=...)` for one batch, through the task's scoring when there is one."""
+    task = getattr(preprocessor, "task", None)
+    return partial(score_preprocessed, model, methods, device=device, autocast_dtype=autocast_dtype, task=task)
 
 
 def _contiguous(indices: np.ndarray) -> bool:
@@ -101,9 +103,11 @@ def _score_model(
     pending = 0
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
 
+    score = _scorer(model, methods, preprocessor, state.device, autocast_dtype)
+
     def load(indices: np.ndarray) -> tuple:
         rows = source[int(indices[0]) : int(indices[-1]) + 1] if _contiguous(indices) else source[indices.tolist()]
-        return indices, *preprocessor(rows)
+        return indices, *preprocess(preprocessor, rows, indices if keys is None else keys[indices])
 
     # The next batches are read and decoded in a background thread while the model scores this one.
     loaded = prefetch(load, batches)
@@ -111,9 +115,7 @@ def _score_model(
         progress = tqdm(loaded, total=len(batches), desc=description, disable=not state.is_local_main_process)
         for indices, inputs, labels in progress:
             row_ids = indices if keys is None else keys[indices]
-            scores = _score(
-                model, methods, inputs, labels, state.device, row_ids=row_ids, autocast_dtype=autocast_dtype
-            )
+            scores = score(inputs, labels, row_ids=row_ids)
             new_ids.append(indices)
             new_values.append(scores)
             pending += 1
@@ -184,6 +186,8 @@ def _score_stream(
     seen = scored = 0
     progress = tqdm(desc=description, disable=not state.is_local_main_process, unit="row")
 
+    score = _scorer(model, methods, preprocessor, state.device, autocast_dtype)
+
     def load(batch: dict) -> tuple:
         ids = np.asarray(batch[row_id_column], dtype=np.int64)
         todo = ~isin_sorted(ids, done)
@@ -192,7 +196,7 @@ def _score_stream(
         if not todo.all():
             keep = np.flatnonzero(todo)
             batch = {name: [values[i] for i in keep] for name, values in batch.items()}
-        return len(ids), ids[todo], *preprocessor(batch)
+        return len(ids), ids[todo], *preprocess(preprocessor, batch, ids[todo])
 
     try:
         # The stream is read and the next batches decoded in a background thread while the model scores this one.
@@ -202,9 +206,7 @@ def _score_stream(
                 progress.update(read)
                 if not len(ids):
                     continue
-                scores = _score(
-                    model, methods, inputs, labels, state.device, row_ids=ids, autocast_dtype=autocast_dtype
-                )
+                scores = score(inputs, labels, row_ids=ids)
                 pending_values.append(scores)
                 pending_ids.append(ids)
                 scored += len(ids)
@@ -235,32 +237,6 @@ def _score_stream(
         )
 
 
-def _score(
-    model: nn.Module,
-    methods: Sequence[str],
-    inputs: torch.Tensor | dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    device: torch.device,
-    *,
-    row_ids: Sequence[int] | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, np.ndarray]:
-    """`score_batch` on preprocessed `inputs` (moved to `device` and adapted to the model here), as float32 numpy
-    arrays of shape `[B]`."""
-    inputs, labels = _to_device(inputs, device), labels.to(device)
-    scores = score_batch(
-        model,
-        as_model_inputs(model, inputs),
-        labels,
-        methods,
-        input_tensor=inputs if isinstance(inputs, torch.Tensor) else None,
-        row_ids=row_ids,
-        num_classes=num_labels_of(model),
-        autocast_dtype=autocast_dtype,
-    )
-    return {name: value.numpy() for name, value in scores.items()}
-
-
 def _model_identity(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}:{weights_fingerprint(model)}"
 
@@ -284,6 +260,9 @@ def score_dataset(
     save_every: int = 20,
     training_kwargs: dict[str, Any] | None = None,
     row_id_column: str | None = None,
+    task: str | None = None,
+    tokenizer=None,
+    max_length: int | None = 1024,
 ) -> Dataset:
     """Score every example of `dataset` and return the dataset with one float32 column per method.
 
@@ -323,6 +302,13 @@ def score_dataset(
         training_kwargs: extra arguments for the proxy models' training (learning rate, ...).
         row_id_column: an integer column holding each row's own id, which keys the shards in `output_dir`.
             Required for an `IterableDataset`; optional for a `Dataset`, whose rows are keyed by position without it.
+        task: `None` for classifiers, or `"causal_lm"` for a causal language model scored on instruction / SFT rows
+            (TRL's `text`, `prompt`/`completion`, `messages`, or Alpaca `instruction`/`input`/`output`), with the
+            methods of `list_scores("causal_lm")` (`loss`, `perplexity`, `el2n`, `ifd`, `grand`) over the tokens
+            `SFTTrainer` trains on (see `datadiet.tasks.CausalLMTask`).
+        tokenizer: the causal LM's tokenizer (`task="causal_lm"`).
+        max_length: `SFTConfig.max_length` for `task="causal_lm"`: rows are truncated to their first `max_length`
+            tokens.
 
     Example:
     ```python
@@ -340,8 +326,11 @@ def score_dataset(
 
     ```
     """
-    methods = validate_methods(methods)
+    evaluated, dynamics = split_methods(methods, train_epochs, trains=model_init is not None, task=task)
+    methods = [*evaluated, *dynamics]
     streaming = isinstance(dataset, IterableDataset)
+    if streaming and dynamics:
+        raise ValueError(f"{dynamics} come from training on the rows, which a stream cannot do: load a Dataset.")
     if streaming:
         check_stream_arguments(dataset, row_id_column, output_dir, train_epochs)
     elif len(dataset) == 0:
@@ -361,15 +350,19 @@ def score_dataset(
         raise ValueError(f"save_every must be >= 1 (batches between two shard writes), got {save_every}.")
     check_positive_int("batch_size", batch_size)
     autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
-    input_column, kind, label_column = detect_columns(
-        dataset, image_column=image_column, text_column=text_column, label_column=label_column
-    )
+    if task is not None:
+        preprocessor = task_batches(dataset, task, tokenizer or transform, max_length, train_epochs)
+        input_column, label_column = preprocessor.columns, None
+    else:
+        input_column, kind, label_column = detect_columns(
+            dataset, image_column=image_column, text_column=text_column, label_column=label_column
+        )
+        preprocessor = Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
     keys = None if streaming else row_keys(dataset, row_id_column)
     new_columns = [name for method in methods for name in (method, f"{method}_std")]
     clashing = [name for name in new_columns if name in dataset.column_names]
     if clashing and not overwrite and not streaming:
         raise ValueError(f"The dataset already has column(s) {clashing}: pass overwrite=True to replace them.")
-    preprocessor = Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
     state = get_process_state()
     output_dir = Path(output_dir) if output_dir is not None else None
 
@@ -382,7 +375,7 @@ def score_dataset(
             seed_model = model_init(seed)
         else:
             seed_model = copy.deepcopy(model) if train_epochs > 0 else model
-        if seed == seeds[0]:
+        if seed == seeds[0] and task is None:
             check_input_channels(dataset, preprocessor, input_channels_of(seed_model))
         seed_dir = output_dir / f"seed-{seed}" if output_dir is not None else None
         if output_dir is not None and seed == seeds[0]:
@@ -393,9 +386,11 @@ def score_dataset(
                 "num_rows": None if streaming else len(dataset),
                 "row_id_column": row_id_column,
                 "data": (
-                    stream_digest(dataset, row_id_column, label_column)
+                    stream_digest(dataset, row_id_column, label_column or row_id_column)
                     if streaming
                     else dataset_digest(dataset, label_column)
+                    if label_column is not None
+                    else rows_digest(dataset, preprocessor.columns)
                 ),
                 "preprocessing": preprocessor.fingerprint(),
                 "model": _model_identity(seed_model),  # hashes every weight: only where a run folder needs it
@@ -403,17 +398,23 @@ def score_dataset(
                 "training": json.dumps(training_kwargs or {}, sort_keys=True, default=str),
             }
             check_or_write_config(output_dir, config, state=state)
+        seed_dynamics: dict[str, np.ndarray] = {}
         if train_epochs > 0:
             weights = seed_dir / "model.safetensors" if seed_dir is not None else None
+            dynamics_cache = seed_dir / "dynamics.npz" if seed_dir is not None else None
             if weights is not None and weights.exists():
                 logger.info("Loading the seed-%d model trained by an earlier run from %s.", seed, weights)
                 load_weights(seed_model, weights)
+                if dynamics:
+                    seed_dynamics = dynamics_of(None, dynamics, dynamics_cache)
             else:
                 from ..trainer.proxy import fit  # transformers loads only when a proxy trains
 
                 which = f"seed {seed} ({position} of {len(seeds)})"
                 logger.info("Training proxy %s for %s epochs.", which, train_epochs)
-                seed_model = fit(
+                # Training-dynamics scores are tracked during this very training (as the curve's proxies do).
+                tracking = {"track_scores": dynamics, "return_trainer": True} if dynamics else {}
+                fitted = fit(
                     seed_model,
                     dataset,
                     preprocessor=preprocessor,
@@ -423,8 +424,11 @@ def score_dataset(
                     output_dir=seed_dir / "training" if seed_dir else None,
                     progress_bar=state.is_local_main_process,
                     progress_description=f"Training proxy {which}",
-                    **(training_kwargs or {}),
+                    **{**(training_kwargs or {}), **tracking},
                 )
+                seed_model, trainer = fitted if dynamics else (fitted, None)
+                if dynamics:
+                    seed_dynamics = dynamics_of(trainer, dynamics, dynamics_cache if state.is_main_process else None)
                 if weights is not None and state.is_main_process:
                     weights.parent.mkdir(parents=True, exist_ok=True)
                     save_weights(seed_model, weights)
@@ -434,7 +438,7 @@ def score_dataset(
             "state": state,
             "autocast_dtype": autocast_dtype,
             "save_every": save_every,
-            "description": f"Scoring {'+'.join(methods)} (seed {seed})",
+            "description": f"Scoring {'+'.join(evaluated)} (seed {seed})",
         }
         if streaming:
             _score_stream(
@@ -448,9 +452,12 @@ def score_dataset(
             )
         else:
             shard_dir = seed_dir / "scores" if seed_dir is not None else None
-            per_seed.append(
-                _score_model(seed_model, dataset, methods, preprocessor, shard_dir=shard_dir, keys=keys, **common)
+            scores = (
+                _score_model(seed_model, dataset, evaluated, preprocessor, shard_dir=shard_dir, keys=keys, **common)
+                if evaluated
+                else {}
             )
+            per_seed.append({**scores, **seed_dynamics})
 
     model_description = model_name_of(model if model is not None else seed_model)
     config_of = getattr(model if model is not None else seed_model, "config", None)
@@ -470,6 +477,8 @@ def score_dataset(
         "training": training_kwargs or None,
         "preprocessing": preprocessor.fingerprint(),
     }
+    if task is not None:
+        provenance.update(task=task, **task_provenance(preprocessor.task))
     recorded = {} if streaming else read_provenance(dataset)
     # A dataset scored from Python names its source too (the command records its own, fuller one).
     source = {} if recorded.get("source") or streaming else {"source": describe_source(dataset)}
@@ -480,6 +489,6 @@ def score_dataset(
     for method in methods:
         stacked = np.stack([scores[method] for scores in per_seed]).astype(np.float64)
         scored = scored.add_column(method, stacked.mean(axis=0).astype(np.float32))
-        if len(seeds) > 1 and varies_with_the_model(method):
+        if len(seeds) > 1 and (method in dynamics or varies_with_the_model(method)):
             scored = scored.add_column(f"{method}_std", stacked.std(axis=0).astype(np.float32))
     return record_provenance(scored, scoring=provenance, **source)

@@ -8,14 +8,23 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .causal_lm import IGNORE_INDEX, per_example_mean, per_token_cross_entropy
 from .logits import forward_logits, slice_batch
 from .registry import get_score_spec
 
-__all__ = ["main_input", "score_batch", "validate_methods"]
+__all__ = [
+    "check_class_labels",
+    "check_token_labels",
+    "main_input",
+    "score_batch",
+    "score_causal_lm_batch",
+    "validate_methods",
+]
 
 
-def validate_methods(methods: Sequence[str] | str) -> list[str]:
-    """Check every method is a registered score; return them as a list (a single string is one method).
+def validate_methods(methods: Sequence[str] | str, task: str | None = None) -> list[str]:
+    """Check every method is a registered score (of `task`, classification when `None`); return them as a list (a
+    single string is one method).
 
     Example:
     ```python
@@ -29,7 +38,7 @@ def validate_methods(methods: Sequence[str] | str) -> list[str]:
     if not methods:
         raise ValueError("methods is empty: name at least one score, e.g. methods=('el2n',).")
     for method in methods:
-        get_score_spec(method)  # raises a ValueError listing the valid names
+        get_score_spec(method, task)  # raises a ValueError listing the valid names
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods {methods} names a score more than once.")
     return methods
@@ -48,13 +57,27 @@ def main_input(inputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor |
     return tensors[0] if len(tensors) == 1 else inputs
 
 
-def _check_labels(labels: torch.Tensor, num_classes: int, row_ids: Sequence[int]) -> None:
+def check_class_labels(labels: torch.Tensor, num_classes: int, row_ids: Sequence[int]) -> None:
+    """Refuse class ids outside `[0, num_classes)`, naming the rows (a classifier's label check; never a causal LM's,
+    whose config reports a `num_labels` unrelated to its vocabulary)."""
     bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()
     if len(bad):
         rows = [int(row_ids[i]) for i in bad[:5]]
         raise ValueError(
             f"Labels outside the model's {num_classes} classes at rows {rows} (label {int(labels[bad[0]])}). Build "
             "the model with as many outputs as the dataset has classes, or fix the label column."
+        )
+
+
+def check_token_labels(labels: torch.Tensor, vocab_size: int, row_ids: Sequence[int]) -> None:
+    """Refuse token labels `[B, T]` outside the vocabulary `[0, vocab_size)`, `-100` (untrained) excepted, naming the
+    rows: a causal LM's label check."""
+    bad = ((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))).any(dim=1).nonzero().flatten()
+    if len(bad):
+        rows = [int(row_ids[i]) for i in bad[:5]]
+        raise ValueError(
+            f"Token ids outside the model's vocabulary of {vocab_size} at rows {rows}: tokenise with the model's own "
+            "tokenizer (a tokenizer with a larger vocabulary needs model.resize_token_embeddings(len(tokenizer)))."
         )
 
 
@@ -122,9 +145,9 @@ def score_batch(
         with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = forward_logits(model, inputs).float()
         _check_finite(logits, row_ids)
-        _check_labels(labels, logits.shape[-1], row_ids)
+        check_class_labels(labels, logits.shape[-1], row_ids)
     elif num_classes is not None:
-        _check_labels(labels, num_classes, row_ids)
+        check_class_labels(labels, num_classes, row_ids)
     for spec in specs:
         if spec.needs == "logits":
             results[spec.name] = spec.fn(logits, labels)
@@ -150,3 +173,81 @@ def _gradient_score(fn, model: nn.Module, inputs, labels: torch.Tensor, chunk_si
             for start in range(0, batch_size, chunk_size)
         ]
     )
+
+
+def score_causal_lm_batch(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    methods: Sequence[str] | str,
+    *,
+    response: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
+    row_ids: Sequence[int] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    gradient_chunk_size: int | None = None,
+    return_token_scores: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Score one batch of a causal LM (already in eval mode) for each method of the `causal_lm` task: one no-grad
+    forward shared by `loss`, `perplexity`, `el2n` and `ifd`'s conditioned loss, a second on the response alone for
+    `ifd`, the exact per-example gradient norm for `grand`. Labels are checked against the vocabulary (the logits' last
+    dimension), never against a classifier's `num_labels`.
+
+    Args:
+        model (`nn.Module`): the causal LM (e.g. `LlamaForCausalLM`, or a peft model around it), in eval mode.
+        inputs (`dict`): model inputs (`input_ids`, `attention_mask`, ...), without `labels`.
+        labels (`torch.Tensor`): `[B, T]` token ids, `-100` where not trained on (not yet shifted).
+        methods (`str` or sequence of `str`): names from `list_scores("causal_lm")`.
+        response (`tuple`, *optional*): `(inputs, labels)` of each row's response alone, needed by `ifd` (built by
+            `datadiet.tasks.CausalLMTask.response_batch`).
+        row_ids, autocast_dtype, gradient_chunk_size: as for `score_batch`.
+        return_token_scores (`bool`, *optional*, defaults to `False`): also return, under `"<method>_tokens"`, the
+            per-position values `[B, T-1]` of `loss`, `perplexity` and `el2n` (NaN where not trained).
+
+    Returns:
+        `dict[str, torch.Tensor]`: one detached float32 CPU tensor `[B]` per method (and `[B, T-1]` token scores).
+    """
+    row_ids = range(len(labels)) if row_ids is None else row_ids
+    specs = [get_score_spec(method, "causal_lm") for method in ([methods] if isinstance(methods, str) else methods)]
+    results: dict[str, torch.Tensor] = {}
+    if any(spec.needs != "gradients" for spec in specs):
+        with (
+            torch.no_grad(),
+            torch.autocast(labels.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+        ):
+            logits = forward_logits(model, inputs).float()
+        _check_finite(logits.flatten(1), row_ids)
+        check_token_labels(labels, logits.shape[-1], row_ids)
+    for spec in specs:
+        if spec.needs == "logits":
+            values = spec.fn(logits, labels, return_token_scores=return_token_scores)
+            if return_token_scores:
+                values, results[f"{spec.name}_tokens"] = values
+            results[spec.name] = values
+        elif spec.needs == "response":
+            if response is None:
+                raise ValueError(f"{spec.name} needs each row's response alone: pass response=(inputs, labels).")
+            conditioned = per_example_mean(*per_token_cross_entropy(logits, labels))
+            with (
+                torch.no_grad(),
+                torch.autocast(labels.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+            ):
+                response_logits = forward_logits(model, response[0]).float()
+            alone = per_example_mean(*per_token_cross_entropy(response_logits, response[1]))
+            results[spec.name] = spec.fn(conditioned, alone)
+        elif spec.needs == "gradients":
+            check_token_labels(labels, _vocab_size(model, labels), row_ids)
+            values = _gradient_score(spec.fn, model, inputs, labels, gradient_chunk_size)
+            if not torch.isfinite(values).all():
+                _check_finite(values[:, None], row_ids)
+            results[spec.name] = values
+        else:
+            raise ValueError(f"{spec.name} needs {spec.needs!r}, which a causal LM's batch does not provide.")
+    return {name: value.detach().float().cpu() for name, value in results.items()}
+
+
+def _vocab_size(model: nn.Module, labels: torch.Tensor) -> int:
+    # The output embedding's rows when the model says (transformers' get_output_embeddings), else no bound beyond ids.
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    weight = getattr(output, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else int(labels.max()) + 1

@@ -27,32 +27,34 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .causal_lm import per_example_mean, per_token_cross_entropy
+from .functional import loss as cross_entropy
 from .logits import slice_batch, unwrap_logits
 from .registry import register_score
 from .tracer import PerExampleGradTracer
 
-__all__ = ["per_example_grad_norms", "grand"]
+__all__ = ["per_example_grad_norms", "grand", "causal_lm_grand"]
 
 
-def _per_example_losses(logits: torch.Tensor, targets: torch.Tensor, loss_fn: Callable | None) -> torch.Tensor:
+def _per_example_losses(
+    logits: torch.Tensor, targets: torch.Tensor, loss_fn: Callable | None, task: str | None
+) -> torch.Tensor:
     """Each example's own loss, shape `[B]`, whatever the reduction of `loss_fn`."""
     B = targets.shape[0]
     if loss_fn is None:
-        if logits.ndim == 2:
-            return F.cross_entropy(logits.float(), targets.long(), reduction="none")
-        # Token-level logits [B, ..., C]: an example's loss is the mean over its own labelled positions (-100 ignored),
-        # as transformers computes it for a batch of one.
-        per_position = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            targets.long().reshape(-1),
-            reduction="none",
-            ignore_index=-100,
-        ).reshape(B, -1)
-        counted = (targets.reshape(B, -1) != -100).sum(1).clamp(min=1)
-        return per_position.sum(1) / counted
+        if task == "causal_lm":
+            # The next-token loss over the row's trained tokens, as transformers / SFTTrainer compute it for the row
+            # alone: logits at t predict labels at t + 1.
+            return per_example_mean(*per_token_cross_entropy(logits, targets))
+        if logits.ndim == 2 and targets.ndim == 1:
+            return cross_entropy(logits, targets)
+        raise ValueError(
+            f"Token-level logits {tuple(logits.shape)} with targets {tuple(targets.shape)}: say how targets align with "
+            "the logits. For a causal language model pass task='causal_lm' (targets are the input ids with untrained "
+            "positions set to -100, shifted by one here), or pass loss_fn= returning one loss per example."
+        )
     losses = loss_fn(logits, targets)
     if not isinstance(losses, torch.Tensor):
         raise ValueError(f"loss_fn must return a tensor, got {type(losses).__name__}.")
@@ -81,6 +83,7 @@ def per_example_grad_norms(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     *,
     chunk_size: int | None = None,
+    task: str | None = None,
 ) -> torch.Tensor:
     """The exact L2 norm of each example's loss gradient over all trainable parameters, ‖∇_θ ℓ(f(x_i), y_i)‖₂ — the
     GraNd score of Paul et al. (2021, eq. 3) — at about the cost of one forward and one backward pass of the batch.
@@ -94,11 +97,14 @@ def per_example_grad_norms(
             (`model(inputs)`), a dict as keywords (`model(**inputs)`, any `labels` key dropped); the logits are the
             output itself, its `.logits`, or its first item. The batch must be the first dimension of activations.
         inputs: the batch, a tensor `[B, ...]` or a dict of tensors (e.g. `input_ids`, `attention_mask`).
-        targets: the labels, `[B]` (or `[B, ...]` for token-level logits, `-100` ignored).
+        targets: the labels, `[B]`; for `task="causal_lm"`, `[B, T]` token ids with untrained positions `-100`.
         loss_fn: `loss_fn(logits, targets)`, returning per-example losses `[B]` or a scalar; a scalar loss is
             evaluated on each example alone, so each norm is that of the example's own loss whatever the reduction.
             Defaults to cross-entropy.
         chunk_size: if set, the batch is processed in pieces of at most this many examples, to bound memory.
+        task: `"causal_lm"` for a causal language model: each row's loss is the mean over its trained tokens of the
+            next-token NLL (logits at t against targets at t + 1), the loss `SFTTrainer` trains the row on alone.
+            Token-level logits without it (and without `loss_fn`) are refused: how targets align is not guessed.
 
     Returns:
         `torch.Tensor` of shape `[B]` (float32): each example's gradient norm.
@@ -139,6 +145,8 @@ def per_example_grad_norms(
         raise ValueError(f"inputs must be a tensor or a dict of tensors, got {type(inputs).__name__}.")
     if torch.is_inference_mode_enabled():
         raise ValueError("per_example_grad_norms needs autograd: call it outside torch.inference_mode().")
+    if task not in (None, "causal_lm"):
+        raise ValueError(f"task={task!r} is not supported here: pass task='causal_lm' or leave it None (classifiers).")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}.")
     if chunk_size is not None and chunk_size < batch_size:
@@ -149,6 +157,7 @@ def per_example_grad_norms(
                     slice_batch(inputs, start, min(start + chunk_size, batch_size), batch_size),
                     targets[start : start + chunk_size],
                     loss_fn,
+                    task=task,
                 )
                 for start in range(0, batch_size, chunk_size)
             ]
@@ -184,7 +193,7 @@ def per_example_grad_norms(
                 raise ValueError(
                     f"The model returned logits of shape {tuple(logits.shape)} for {batch_size} examples."
                 )
-            losses = _per_example_losses(logits, targets.to(logits.device), loss_fn)
+            losses = _per_example_losses(logits, targets.to(logits.device), loss_fn, task)
             sq_norms = tracer.finish(losses.sum())
     finally:
         for handle in handles:
@@ -213,3 +222,26 @@ def grand(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor], labe
     ```
     """
     return per_example_grad_norms(model, inputs, labels)
+
+
+@register_score("grand", needs="gradients", task="causal_lm")
+def causal_lm_grand(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """GraNd for a causal LM: the exact norm of the gradient of each row's next-token loss (mean over its trained
+    tokens, see `causal_lm_loss`) over the trainable parameters, read from `requires_grad` (with a peft LoRA model,
+    the adapters only), model in eval mode (dropout off). Shape `[B]`.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from datadiet.scores import get_score
+    >>> config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, num_key_value_heads=1)
+    >>> model = LlamaForCausalLM(config)
+    >>> ids = torch.randint(0, 32, (2, 6))
+    >>> get_score("grand", task="causal_lm")(model, {"input_ids": ids}, ids).shape
+    torch.Size([2])
+
+    ```
+    """
+    return per_example_grad_norms(model, inputs, labels, task="causal_lm")

@@ -23,6 +23,7 @@ __all__ = [
     "area_under_margin",
     "confidence",
     "correctness",
+    "fill_unseen",
     "forgetting_events",
     "training_quantities",
     "variability",
@@ -181,12 +182,32 @@ def correctness(correct_history) -> np.ndarray:
 
 
 def _last_observed(history: np.ndarray) -> np.ndarray:
-    """The value at the last epoch each row was seen (NaN for rows never seen)."""
+    """The value at the last epoch each row was seen (NaN for rows never seen; all NaN for an empty history)."""
+    if history.shape[1] == 0:
+        return np.full(history.shape[0], np.nan)
     present = ~np.isnan(history)
     last = history.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
     values = history[np.arange(history.shape[0]), last]
     values[~present.any(axis=1)] = np.nan
     return values
+
+
+def fill_unseen(values) -> np.ndarray:
+    """`values` with the NaN of rows never presented (a fraction of an epoch, a dropped last batch) replaced by the
+    median of the others, so that every row has a score to rank by.
+
+    Example:
+    ```python
+    >>> from datadiet.scores.trackers import fill_unseen
+    >>> fill_unseen([0.0, float("nan"), 2.0, 1.0]).tolist()
+    [0.0, 1.0, 2.0, 1.0]
+
+    ```
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isnan(values).any():
+        return values
+    return np.where(np.isnan(values), np.nanmedian(values), values)
 
 
 # The summary scores a `TrainingDynamics` can produce: name -> (function of the histories, higher_is_harder).
@@ -283,5 +304,10 @@ class TrainingDynamics:
         unknown = [name for name in names if name not in _SUMMARIES]
         if unknown:
             raise ValueError(f"Unknown tracked scores {unknown}; valid names are {list(TRACKED_SCORES)}.")
+        if self.num_epochs == 0:
+            raise ValueError(
+                "No epoch of training dynamics was recorded, so there are no scores: train at least one epoch with "
+                "the scores tracked (no training batch was recorded)."
+            )
         histories = {name: self.history(name).astype(np.float64) for name in TRACKED_QUANTITIES}
         return {name: _SUMMARIES[name][0](histories) for name in names}

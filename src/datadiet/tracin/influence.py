@@ -8,9 +8,8 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from ..scores.gradients import (
     per_example_gradients,
     select_parameters,
 )
-from .checkpoints import TRAINER_STATE, Checkpoint, load_checkpoint, match_keys, read_learning_rate
+from .checkpoints import Checkpoint, load_checkpoint, match_keys, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -146,36 +145,10 @@ class TracIn:
                     f"{self.num_parameters:,}", "" if layers is None else f" in {list(layers)}")  # fmt: skip
 
     def _checkpoint(self, spec: Any, index: int, learning_rates: Sequence[float] | None) -> Checkpoint:
-        given_lr = None if learning_rates is None else float(learning_rates[index])
-        if isinstance(spec, tuple):
-            if len(spec) != 2:
-                raise ValueError(f"Checkpoint {index} is a tuple of {len(spec)} items: give (state_dict, lr).")
-            weights, lr = spec
-            given_lr = float(lr) if given_lr is None else given_lr
-            if isinstance(weights, Mapping):
-                state_dict = {k: v.detach() for k, v in weights.items()}
-                # A copy: the caller's model may keep training and change the tensors under us.
-                return Checkpoint(f"#{index}", given_lr, {k: v.clone() for k, v in state_dict.items()})
-            spec = weights
-        if not isinstance(spec, (str, os.PathLike)):
-            raise ValueError(
-                f"Checkpoint {index} is a {type(spec).__name__}: give a checkpoint folder, a weights file, or a "
-                "(state_dict, learning_rate) pair."
-            )
-        path = Path(spec)
-        lr = given_lr
-        if lr is None:
-            lr = read_learning_rate(path) if path.is_dir() else None
-        if lr is None:
-            raise ValueError(
-                f"No learning rate for checkpoint {str(path)!r}: its folder has no {TRAINER_STATE} with a logged "
-                "learning_rate. Pass learning_rates=[...] (one per checkpoint) or (path, lr) pairs."
-            )
-        if lr < 0 or not math.isfinite(lr):
-            raise ValueError(f"Checkpoint {str(path)!r} has learning rate {lr}: it must be finite and >= 0.")
-        state_dict = load_checkpoint(path)[0]
-        match_keys(state_dict, self.model, str(path))
-        return Checkpoint(str(path), lr)
+        checkpoint = resolve_checkpoint(spec, index, None if learning_rates is None else learning_rates[index])
+        if checkpoint.state_dict is None:
+            match_keys(load_checkpoint(checkpoint.source)[0], self.model, checkpoint.source)
+        return checkpoint
 
     @property
     def learning_rates(self) -> list[float]:

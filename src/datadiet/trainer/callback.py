@@ -1,6 +1,5 @@
 """`ScoreCallback`: per-example training dynamics (loss, EL2N, margin, correctness at every epoch, and the forgetting,
-AUM and data-map scores derived from them) recorded from a `transformers.Trainer`'s training forward passes, and the
-dataset views that feed it (`with_row_ids`)."""
+AUM and data-map scores derived from them) recorded from a `transformers.Trainer`'s training forward passes."""
 
 from __future__ import annotations
 
@@ -21,109 +20,18 @@ from ..scores.trackers import (
     TrainingDynamics,
     training_quantities,
 )
-from .batch_indices import BatchIndexRecorder, record_batch_indices
+from .batch_indices import record_batch_indices
 from .checkpoint import checkpoint_folder, dynamics_from_history, load_checkpoint_state, save_checkpoint_state
+from .row_check import RowCheck, collator_name, dataset_labels
+from .views import DEFAULT_ROW_ID_COLUMN
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "RowIdDataset",
-    "ScoreCallback",
-    "TransformedView",
-    "add_score_columns",
-    "all_gather_objects",
-    "has_transform",
-    "with_row_ids",
-]
+__all__ = ["ScoreCallback", "add_score_columns", "all_gather_objects"]
 
-DEFAULT_ROW_ID_COLUMN = "datadiet_row_id"
 # The file names of the score state in a Trainer checkpoint folder.
 DYNAMICS_STATE = "datadiet_dynamics"
 EPOCH_BUFFER_STATE = "datadiet_epoch_buffer_rank{rank}"
-
-
-class RowIdDataset(torch.utils.data.Dataset):
-    """A map-style view of `dataset` whose items carry their position under `column`, so that every example of a
-    batch can be traced back to its row whatever the sampler, the number of processes or the preprocessing (a
-    `set_transform` that returns only model inputs keeps it too). See [`with_row_ids`]."""
-
-    def __init__(self, dataset, column: str = DEFAULT_ROW_ID_COLUMN):
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise ValueError(
-                f"Row ids need a map-style dataset (with __len__ and __getitem__); got {type(dataset).__name__}. "
-                "For a streaming dataset, materialise it first (e.g. `Dataset.from_generator`)."
-            )
-        self.dataset = dataset
-        self.column = column
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _with_id(self, item, index) -> dict:
-        if not isinstance(item, dict):
-            item = dict(item)  # BatchEncoding and other mappings
-        return {**item, self.column: int(index)}
-
-    def __getitem__(self, index: int) -> dict:
-        return self._with_id(self.dataset[index], index)
-
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        # `datasets.Dataset.__getitems__` reads and transforms the whole batch at once (much faster than row by row).
-        getitems = getattr(self.dataset, "__getitems__", None)
-        items = getitems(list(indices)) if getitems is not None else [self.dataset[i] for i in indices]
-        return [self._with_id(item, index) for item, index in zip(items, indices)]
-
-
-def with_row_ids(dataset, column: str = DEFAULT_ROW_ID_COLUMN) -> RowIdDataset:
-    """`dataset` (a `datasets.Dataset`, formatted or with a `set_transform`, or any map-style dataset of dicts) with
-    each item's position added under `column`: what a stock `transformers.Trainer` needs to feed [`ScoreCallback`].
-    [`DataDietTrainer`] does this itself.
-
-    Example:
-    ```python
-    >>> from datasets import Dataset
-    >>> from datadiet.trainer import with_row_ids
-    >>> with_row_ids(Dataset.from_dict({"x": [5, 6]}))[1]
-    {'x': 6, 'datadiet_row_id': 1}
-
-    ```
-    """
-    return RowIdDataset(dataset, column)
-
-
-def has_transform(dataset) -> bool:
-    """Whether `dataset` is a `datasets.Dataset` preprocessed on the fly by `set_transform` / `with_transform`.
-
-    Example:
-    ```python
-    >>> from datasets import Dataset
-    >>> from datadiet.trainer.callback import has_transform
-    >>> dataset = Dataset.from_dict({"x": [1, 2]})
-    >>> has_transform(dataset), has_transform(dataset.with_transform(lambda batch: batch))
-    (False, True)
-
-    ```
-    """
-    format_kwargs = (getattr(dataset, "format", None) or {}).get("format_kwargs") or {}
-    return format_kwargs.get("transform") is not None
-
-
-class TransformedView(torch.utils.data.Dataset):
-    """A `datasets.Dataset` with a `set_transform`, hidden from the Trainer's dataset-level column removal (which
-    would drop the raw columns the transform reads, e.g. the images); unused keys are removed after the transform
-    by the Trainer's collator instead."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return self.dataset[index]
-
-    def __getitems__(self, indices):
-        return self.dataset.__getitems__(list(indices))
 
 
 def all_gather_objects(obj) -> list:
@@ -157,21 +65,26 @@ class ScoreCallback(TrainerCallback):
     example is seen (as in those papers), not from a separate eval-mode pass.
 
     Each example is known by its position in the training set, read from the indices the training data loader's
-    sampler yields in this process (see [`~datadiet.trainer.batch_indices.BatchIndexRecorder`]), so that any data
-    collator, `with_transform` or `remove_unused_columns` works: the batch itself carries no row id. The model is
-    hooked at the start of training and needs the labels under `label_name` in its forward call. Under distributed
-    training the records of all processes are gathered at the end of every epoch and the sampler's wrap-around
-    duplicates dropped by row id. Each checkpoint holds the recorded history, restored by
+    sampler yields in this process (see [`~datadiet.trainer.batch_indices.BatchIndexRecorder`]), so that
+    `with_transform` and `remove_unused_columns` work and the batch need carry no row id. Each batch is checked
+    against those rows (see [`~datadiet.trainer.row_check.RowCheck`]): a data collator that reorders examples raises
+    an error naming it, unless the batch carries the row ids of [`with_row_ids`] (then they attribute each example
+    exactly, whatever the order); so does a batch on which the model runs twice in training mode, or not at all. The
+    model is hooked at the start of training and needs the labels under `label_name` in its forward call. Under
+    distributed training the records of all processes are gathered at the end of every epoch and the sampler's
+    wrap-around duplicates dropped by row id. Each checkpoint holds the recorded history, restored by
     `trainer.train(resume_from_checkpoint=...)`.
 
     Args:
         track_scores: the summary scores `scores` returns (see [`DataDietConfig`]); all by default.
-        row_id_column: a batch key removed before the model's forward call, if present (the row ids of
-            [`with_row_ids`]; the rows are known from the sampler).
+        row_id_column: a batch key removed before the model's forward call, if present: the row ids of
+            [`with_row_ids`], which then say each example's row (a stock Trainer keeps the key with
+            `remove_unused_columns=False`).
         label_name: the batch key holding the labels.
 
-    Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics; `remove_unused_columns=False`
-    is for `ClassifierWrapper`, whose forward takes `**inputs`, not for the rows, which come from the sampler):
+    Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics;
+    `remove_unused_columns=False` is for `ClassifierWrapper`, whose forward takes `**inputs`, not for the rows, which
+    come from the sampler):
     ```python
     >>> import tempfile, torch
     >>> from datasets import Dataset
@@ -214,7 +127,9 @@ class ScoreCallback(TrainerCallback):
         self._always_record = False
         self._hooks: list = []
         self._pending = None
-        self._indices: BatchIndexRecorder | None = None
+        self._rows: RowCheck | None = None
+        # The compute_loss that feeds `record` (DataDietTrainer's), named in errors; None: the forward hooks do.
+        self._caller: str | None = None
         # The checkpoint a resumed training restores the history from (DataDietTrainer sets it; a stock Trainer's
         # resumed checkpoint is found as <output_dir>/checkpoint-<global_step>).
         self.resume_folder = None
@@ -266,16 +181,19 @@ class ScoreCallback(TrainerCallback):
 
     # ---- forward hooks (stock Trainer) -----------------------------------------------------------------------------
 
-    def next_row_ids(self, batch_size: int) -> torch.Tensor:
-        """The training-set positions of the next training micro-batch, of `batch_size` examples, from the sampler."""
-        if self._indices is None:
+    def next_row_ids(self, labels: torch.Tensor, row_ids=None) -> torch.Tensor | None:
+        """The training-set positions of the next training micro-batch, whose `labels` (and `row_ids`, when the batch
+        carries them) are given, checked against the sampler's rows; None when nothing is recorded."""
+        if not self.recording:
+            return None
+        if self._rows is None:
             raise ValueError("ScoreCallback saw a training batch before training began: add it to the Trainer.")
-        return torch.as_tensor(self._indices.pop(batch_size), dtype=torch.long)
+        return self._rows.rows(labels, row_ids)
 
     def _pre_hook(self, module, args, kwargs):
         # A row id from `with_row_ids` is never a model input: remove it whether training or evaluating.
-        kwargs.pop(self.row_id_column, None)
-        if not module.training:
+        batch_row_ids = kwargs.pop(self.row_id_column, None)
+        if not module.training or not self.recording:
             return args, kwargs
         labels = kwargs.get(self.label_name)
         if labels is None:
@@ -284,9 +202,7 @@ class ScoreCallback(TrainerCallback):
                 f"has {sorted(kwargs)}. (A stock Trainer removes them when label_smoothing_factor > 0 or "
                 "compute_loss_func is set: use DataDietTrainer then.)"
             )
-        row_ids = self.next_row_ids(len(labels))
-        if self.recording:
-            self._pending = (row_ids, labels)
+        self._pending = (self.next_row_ids(labels, batch_row_ids), labels)
         return args, kwargs
 
     def _post_hook(self, module, args, kwargs, output):
@@ -308,7 +224,17 @@ class ScoreCallback(TrainerCallback):
                 "ScoreCallback needs the Trainer's training data loader: add it to a Trainer's callbacks."
             )
         # Refuses a training set whose rows cannot be known (a streaming one), with the fix.
-        self._indices = record_batch_indices(train_dataloader)
+        indices = record_batch_indices(train_dataloader)
+        tracking = bool(self.track_scores) or self._always_record
+        labels, label_column = dataset_labels(train_dataloader.dataset, self.label_name) if tracking else (None, None)
+        self._rows = RowCheck(
+            indices,
+            labels,
+            label_column,
+            collator=collator_name(train_dataloader),
+            caller=self._caller,
+            row_id_column=self.row_id_column,
+        )
         num_rows = len(train_dataloader.dataset)
         self.dynamics = TrainingDynamics(num_rows)
         self.epoch = -1
@@ -331,7 +257,7 @@ class ScoreCallback(TrainerCallback):
         epochs_trained, steps = self.resume_position or divmod(state.global_step, steps_per_epoch)
         self.epoch = epochs_trained - 1
         if not args.ignore_data_skip:
-            self._indices.skip_next(steps * accumulation)
+            self._rows.indices.skip_next(steps * accumulation)
         folder = self.resume_folder or checkpoint_folder(args.output_dir, state.global_step)
         stored = load_checkpoint_state(folder, DYNAMICS_STATE)
         if stored is None:
@@ -381,12 +307,21 @@ class ScoreCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.epoch += 1
         self._reset_buffer()
+        self._rows.reset()
         if self._resumed_buffer is not None:
             arrays, _ = self._resumed_buffer
             self._resumed_buffer = None
             if len(arrays["ids"]):
                 self._buffer_ids.append(torch.as_tensor(arrays["ids"]))
                 self._buffer_values.append({name: torch.as_tensor(arrays[name]) for name in TRACKED_QUANTITIES})
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.recording:
+            self._rows.end_batch()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.recording:
+            self._rows.end_batch()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._commit_epoch()
@@ -461,7 +396,7 @@ def add_score_columns(
             f"The dataset has {len(dataset)} rows but the scores cover {len(scores)} training rows: pass the training "
             "set itself (same rows, same order)."
         )
-    columns = {name: np.asarray(scores[name], dtype=np.float32) for name in scores.column_names}
+    columns = {name: np.asarray(values, dtype=np.float32) for name, values in scores.with_format("numpy")[:].items()}
     if history is not None:
         columns.update({f"{name}_history": [row.tolist() for row in values] for name, values in history.items()})
     clashing = [name for name in columns if name in dataset.column_names]

@@ -117,7 +117,9 @@ def write_final_scores(output_dir: str | os.PathLike, scores, *, seed: int) -> P
 
     ```
     """
-    scores = {name: np.asarray(scores[name], dtype=np.float32) for name in getattr(scores, "column_names", scores)}
+    if hasattr(scores, "with_format"):
+        scores = scores.with_format("numpy")[:]  # whole columns, not a row-by-row `Column` per name
+    scores = {name: np.asarray(values, dtype=np.float32) for name, values in scores.items()}
     folder = Path(output_dir) / SCORES_FOLDER
     config = {"methods": list(scores), "seeds": [seed], "source": "DataDietTrainer"}
     if (folder / SCORING_CONFIG_FILE).exists():

@@ -3,12 +3,22 @@ the sampler that yields the kept rows, and a learning-rate schedule driven by ep
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import torch
 
-__all__ = ["DynamicPruningSampler", "EpochProgressScheduler", "plan_epoch", "resume_position", "steps_in_epoch"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DynamicPruning",
+    "DynamicPruningSampler",
+    "EpochProgressScheduler",
+    "plan_epoch",
+    "resume_position",
+    "steps_in_epoch",
+]
 
 
 class DynamicPruningSampler(torch.utils.data.Sampler):
@@ -209,3 +219,52 @@ def resume_position(pruning_history: list[dict], global_step: int) -> tuple[int,
         completed += entry["steps"]
     last = max((entry["epoch"] for entry in pruning_history), default=-1)
     return last + 1, global_step - completed
+
+
+class DynamicPruning:
+    """`DataDietTrainer`'s dynamic pruning (a mixin of its `Trainer`): each epoch's plan of kept rows and loss weights
+    set on its [`DynamicPruningSampler`], and the epoch-driven learning-rate schedule. The trainer holds
+    `_pruning_sampler`, `_pruning_weights`, `pruning_history`, `score_callback` and `_steps_per_epoch`."""
+
+    def _plan_epoch(self, epoch: int) -> None:
+        """Choose the rows of `epoch` and their loss weights (InfoBatch, Qin et al. 2024, sec. 3.1-3.2)."""
+        sampler = self._pruning_sampler
+        if sampler is None:
+            return
+        num_rows = sampler.num_rows
+        dynamics = self.score_callback.dynamics
+        scores = dynamics.latest(self.args.dynamic_pruning_score) if dynamics and dynamics.num_epochs else None
+        kept, weights = plan_epoch(
+            scores,
+            epoch=epoch,
+            num_rows=num_rows,
+            ratio=self.args.dynamic_pruning_ratio,
+            # InfoBatch's annealing: the final (1 - until) of the epochs train on the full data.
+            pruning_epochs=int(self.args.dynamic_pruning_until * self.args.num_train_epochs),
+            seed=self.args.seed,
+            batch_size=self._train_batch_size,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            world_size=self.args.world_size,
+        )
+        sampler.set_plan(epoch, kept)
+        self._pruning_weights = torch.as_tensor(weights, device=self.args.device)
+        skipped_fraction = 1.0 - len(kept) / max(num_rows, 1)
+        steps = steps_in_epoch(
+            len(kept),
+            batch_size=self._train_batch_size,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            world_size=self.args.world_size,
+        )
+        # A run resumed in the middle of `epoch` plans it again, identically: one entry per epoch.
+        entry = {"epoch": epoch, "kept": len(kept), "skipped_fraction": skipped_fraction, "steps": steps}
+        self.pruning_history = [e for e in self.pruning_history if e["epoch"] < epoch] + [entry]
+        if isinstance(self.lr_scheduler, EpochProgressScheduler):
+            self.lr_scheduler.start_epoch(epoch, steps)
+        logger.info("Epoch %d: dynamic pruning skips %.1f%% of the rows.", epoch, 100 * skipped_fraction)
+        self.log({"dynamic_pruning_skipped_fraction": skipped_fraction})
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.args.dynamic_pruning and not isinstance(scheduler, EpochProgressScheduler):
+            self.lr_scheduler = EpochProgressScheduler(scheduler, self._steps_per_epoch)
+        return self.lr_scheduler

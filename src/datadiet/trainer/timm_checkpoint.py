@@ -27,7 +27,8 @@ def wrapped_timm_model(model) -> torch.nn.Module | None:
 
 def save_timm_model(network: torch.nn.Module, output_dir: str | os.PathLike, args=None) -> None:
     """Save a timm `network` in `output_dir` with timm's own `save_for_hf`: `model.safetensors` with the network's
-    keys and timm's `config.json` (architecture, number of classes, input configuration); plus the Trainer's
+    keys and timm's `config.json` (architecture, number of classes, input configuration, the class names when
+    `network.pretrained_cfg` has them); plus the Trainer's
     `training_args.bin` when `args` are given.
 
     Example:
@@ -46,7 +47,9 @@ def save_timm_model(network: torch.nn.Module, output_dir: str | os.PathLike, arg
     from timm.models import save_for_hf
     from transformers.trainer import TRAINING_ARGS_NAME
 
-    save_for_hf(network, str(output_dir), safe_serialization=True)
+    label_names = (getattr(network, "pretrained_cfg", None) or {}).get("label_names")
+    model_config = {"label_names": list(label_names)} if label_names else None  # the classes, as timm records them
+    save_for_hf(network, str(output_dir), model_config=model_config, safe_serialization=True)
     if args is not None:
         torch.save(args, Path(output_dir) / TRAINING_ARGS_NAME)
 

@@ -16,12 +16,13 @@ from transformers.trainer_utils import has_length
 from ..engine.process import get_process_state
 from ..models import ClassifierWrapper
 from ..scores.logits import unwrap_logits
-from .callback import ScoreCallback, TransformedView, add_score_columns, has_transform
+from .callback import ScoreCallback, add_score_columns
 from .checkpoint import checkpoint_folder, load_trainer_state, save_trainer_state, write_final_scores
 from .config import DataDietConfig
-from .dynamic import DynamicPruningSampler, EpochProgressScheduler, plan_epoch, resume_position, steps_in_epoch
+from .dynamic import DynamicPruning, DynamicPruningSampler, EpochProgressScheduler, resume_position
 from .scoring_pass import score_rows
 from .timm_checkpoint import TimmCheckpoints, is_timm_model
+from .views import TransformedView, has_transform
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class _EpochHooks(TrainerCallback):
         self.trainer._on_save()
 
 
-class DataDietTrainer(TimmCheckpoints, Trainer):
+class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
     """A drop-in [`~transformers.Trainer`] for classifiers that tracks every training example's scores as it trains,
     from the training forward passes (no extra pass): per epoch the loss, EL2N, margin and correctness, and from
     them forgetting events, AUM and data-map confidence / variability / correctness. It can also run eval-mode
@@ -63,8 +64,10 @@ class DataDietTrainer(TimmCheckpoints, Trainer):
       and divided by the number of examples in the whole accumulated batch, so that gradient accumulation gives the
       same losses and gradients as one large batch whatever the model's forward signature (the stock Trainer
       inflates them for models whose forward takes `**kwargs`, transformers #47688);
-    - each batch's rows are the indices the sampler yields, so any `data_collator` works; a `set_transform` training
-      set works with `remove_unused_columns=True` (unused keys are dropped after the transform);
+    - each batch's rows are the indices the sampler yields, checked against its labels (or its row ids, see
+      [`~datadiet.trainer.row_check.RowCheck`]): a `data_collator` keeps the examples' order or passes the row ids of
+      [`with_row_ids`] through, and a `compute_loss` override calls this one once per training batch;
+    - a `set_transform` training set works with `remove_unused_columns=True` (unused keys go after the transform);
     - checkpoints hold the score state, which `train(resume_from_checkpoint=...)` restores; after `train()` the
       scores are also in `<output_dir>/scores/` (`datadiet.load_scores` reads them);
     - a timm model is wrapped in [`~datadiet.models.ClassifierWrapper`] (`pixel_values` / `labels` in, loss and
@@ -161,6 +164,7 @@ class DataDietTrainer(TimmCheckpoints, Trainer):
             args.track_scores, row_id_column=args.row_id_column, label_name=args.label_names[0]
         )
         self.score_callback._record_from_hooks = False
+        self.score_callback._caller = f"{type(self).__name__}.compute_loss"
         self.score_callback._always_record = args.dynamic_pruning
         self.add_callback(self.score_callback)
         self.add_callback(_EpochHooks(self))
@@ -176,6 +180,8 @@ class DataDietTrainer(TimmCheckpoints, Trainer):
         super()._set_signature_columns_if_needed()
         if isinstance(self.model, ClassifierWrapper) and self.model.input_name not in self._signature_columns:
             self._signature_columns.append(self.model.input_name)
+        if self.args.row_id_column not in self._signature_columns:  # `with_row_ids`'s ids: exact rows
+            self._signature_columns.append(self.args.row_id_column)
 
     def _map_style(self, dataset, description: str):
         if not has_length(dataset):
@@ -235,7 +241,7 @@ class DataDietTrainer(TimmCheckpoints, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        inputs.pop(self.args.row_id_column, None)
+        batch_row_ids = inputs.pop(self.args.row_id_column, None)
         label_name = self.args.label_names[0]
         labels = inputs.pop(label_name, None)
         if labels is None:
@@ -252,8 +258,8 @@ class DataDietTrainer(TimmCheckpoints, Trainer):
                 f"({labels.dtype})."
             )
         training = model.training
-        row_ids = self.score_callback.next_row_ids(len(labels)) if training else None
-        if training:
+        row_ids = self.score_callback.next_row_ids(labels, batch_row_ids) if training else None
+        if row_ids is not None:
             self.score_callback.record(row_ids, logits, labels)
 
         if self.compute_loss_func is not None:
@@ -354,51 +360,6 @@ class DataDietTrainer(TimmCheckpoints, Trainer):
         if self.args.should_save and (self.score_callback.track_scores or self.scoring_columns):
             write_final_scores(self.args.output_dir, self.scores, seed=self.args.seed)
 
-    # ---- dynamic pruning --------------------------------------------------------------------------------------------
-
-    def _plan_epoch(self, epoch: int) -> None:
-        """Choose the rows of `epoch` and their loss weights (InfoBatch, Qin et al. 2024, sec. 3.1-3.2)."""
-        sampler = self._pruning_sampler
-        if sampler is None:
-            return
-        num_rows = sampler.num_rows
-        dynamics = self.score_callback.dynamics
-        scores = dynamics.latest(self.args.dynamic_pruning_score) if dynamics and dynamics.num_epochs else None
-        kept, weights = plan_epoch(
-            scores,
-            epoch=epoch,
-            num_rows=num_rows,
-            ratio=self.args.dynamic_pruning_ratio,
-            # InfoBatch's annealing: the final (1 - until) of the epochs train on the full data.
-            pruning_epochs=int(self.args.dynamic_pruning_until * self.args.num_train_epochs),
-            seed=self.args.seed,
-            batch_size=self._train_batch_size,
-            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-            world_size=self.args.world_size,
-        )
-        sampler.set_plan(epoch, kept)
-        self._pruning_weights = torch.as_tensor(weights, device=self.args.device)
-        skipped_fraction = 1.0 - len(kept) / max(num_rows, 1)
-        steps = steps_in_epoch(
-            len(kept),
-            batch_size=self._train_batch_size,
-            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-            world_size=self.args.world_size,
-        )
-        # A run resumed in the middle of `epoch` plans it again, identically: one entry per epoch.
-        entry = {"epoch": epoch, "kept": len(kept), "skipped_fraction": skipped_fraction, "steps": steps}
-        self.pruning_history = [e for e in self.pruning_history if e["epoch"] < epoch] + [entry]
-        if isinstance(self.lr_scheduler, EpochProgressScheduler):
-            self.lr_scheduler.start_epoch(epoch, steps)
-        logger.info("Epoch %d: dynamic pruning skips %.1f%% of the rows.", epoch, 100 * skipped_fraction)
-        self.log({"dynamic_pruning_skipped_fraction": skipped_fraction})
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.args.dynamic_pruning and not isinstance(scheduler, EpochProgressScheduler):
-            self.lr_scheduler = EpochProgressScheduler(scheduler, self._steps_per_epoch)
-        return self.lr_scheduler
-
     # ---- eval-mode scoring passes -----------------------------------------------------------------------------------
 
     def _scoring_pass(self, epoch: int) -> None:
@@ -446,7 +407,7 @@ class DataDietTrainer(TimmCheckpoints, Trainer):
         columns = {}
         if self.score_callback.track_scores:
             scores = self.score_callback.scores
-            columns = {name: scores[name] for name in scores.column_names}
+            columns = scores.with_format("numpy")[:]  # whole columns (not a row-by-row `Column` per name)
         columns.update(self.scoring_columns)
         if not columns:
             raise ValueError(

@@ -1,0 +1,126 @@
+"""Rows to scored batches for the engine: a classifier's `Preprocessor` output through `score_batch`, or a task's
+(`causal_lm`) collated batch through the task's own `score_batch`; the digest and provenance of a task's rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+
+from ..models import as_model_inputs, num_labels_of
+from ..scores.batch import score_batch
+
+__all__ = [
+    "TaskBatches",
+    "preprocess",
+    "rows_digest",
+    "score_preprocessed",
+    "task_batches",
+    "task_provenance",
+    "to_device",
+]
+
+
+def to_device(inputs: torch.Tensor | dict, device: torch.device) -> torch.Tensor | dict:
+    if isinstance(inputs, dict):
+        return {key: value.to(device) for key, value in inputs.items()}
+    return inputs.to(device)
+
+
+class TaskBatches:
+    """A task's rows -> batch step in the place of a classifier's `Preprocessor`: reads `columns`, returns `(batch,
+    None)` (the labels live in the batch), names the dataset's rows in its refusals."""
+
+    def __init__(self, task, columns: list[str]):
+        self.task, self.columns = task, columns
+
+    def __call__(self, rows: dict[str, list], row_ids: Sequence[int] | None = None) -> tuple[dict, None]:
+        return self.task.collate(rows, row_ids=row_ids), None
+
+    def fingerprint(self) -> str:
+        return f"{self.task.fingerprint()}:{self.columns}"
+
+
+def preprocess(preprocessor, rows: dict[str, list], row_ids) -> tuple:
+    if isinstance(preprocessor, TaskBatches):
+        return preprocessor(rows, row_ids=[int(i) for i in row_ids])
+    return preprocessor(rows)
+
+
+def rows_digest(dataset: Dataset, columns: list[str]) -> str:
+    """A hash of the rows' content in `columns` (text, conversations), which resuming must not change."""
+    import hashlib
+
+    import pyarrow as pa
+
+    table = dataset.select_columns(columns).with_format("arrow")[:]
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(f"{len(dataset)}:{columns}".encode() + sink.getvalue().to_pybytes()).hexdigest()
+
+
+def score_preprocessed(
+    model: nn.Module,
+    methods: Sequence[str],
+    inputs: torch.Tensor | dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    device: torch.device,
+    *,
+    row_ids: Sequence[int] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    task=None,
+) -> dict[str, np.ndarray]:
+    """`score_batch` on preprocessed `inputs` (moved to `device` and adapted to the model here), as float32 numpy
+    arrays of shape `[B]`; with `task`, the task's own `score_batch` on its batch (`labels` is then `None`)."""
+    if task is not None:
+        batch = to_device(inputs, device)
+        scores = task.score_batch(model, batch, methods, row_ids=row_ids, autocast_dtype=autocast_dtype)
+        return {name: value.numpy() for name, value in scores.items()}
+    inputs, labels = to_device(inputs, device), labels.to(device)
+    scores = score_batch(
+        model,
+        as_model_inputs(model, inputs),
+        labels,
+        methods,
+        input_tensor=inputs if isinstance(inputs, torch.Tensor) else None,
+        row_ids=row_ids,
+        num_classes=num_labels_of(model),
+        autocast_dtype=autocast_dtype,
+    )
+    return {name: value.numpy() for name, value in scores.items()}
+
+
+def task_batches(dataset, task: str, tokenizer, max_length: int | None, train_epochs: float) -> TaskBatches:
+    """The rows -> batch step of `task` for `dataset`, its columns detected from the features."""
+    from ..tasks import get_task
+
+    if task != "causal_lm":
+        raise ValueError(
+            f"task={task!r}: score_dataset takes task='causal_lm' or no task (classifiers, detected from the columns)."
+        )
+    if train_epochs > 0:
+        raise ValueError(
+            "train_epochs > 0 is not supported with task='causal_lm': fine-tune the model with TRL's SFTTrainer, then "
+            "score the checkpoint (train_epochs=0)."
+        )
+    built = get_task(task, tokenizer=tokenizer, max_length=max_length)
+    names = list(dataset.features) if dataset.features is not None else list(dataset.column_names or [])
+    columns = [name for name in built.columns_of(built.detect_format(names)) if name in names]
+    return TaskBatches(built, columns)
+
+
+def task_provenance(task) -> dict[str, Any]:
+    """What a causal-LM card records about the batches: max_length, the tokenizer and its chat template's hash."""
+    import hashlib
+
+    template = getattr(task.tokenizer, "chat_template", None)
+    return {
+        "max_length": task.max_length,
+        "tokenizer": getattr(task.tokenizer, "name_or_path", type(task.tokenizer).__name__),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+    }

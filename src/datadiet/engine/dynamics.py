@@ -1,0 +1,68 @@
+"""Training-dynamics scores in `score_dataset` (`forgetting`, `aum`, data-map `confidence` / `variability` /
+`correctness`): taken from the proxy models' own training, as the pruning curve takes forgetting from its proxies,
+rather than from an eval-mode pass over a finished model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..scores import list_scores, validate_methods
+from ..scores.trackers import TRACKED_SCORES, fill_unseen
+
+__all__ = ["TRAINING_DYNAMICS", "dynamics_of", "split_methods"]
+
+# Scores only a training run gives (from the training forward passes of every epoch); the others (`loss`, `el2n`,
+# `margin`, `grand`, ...) are taken in eval mode from the model once it is trained.
+TRAINING_DYNAMICS = tuple(name for name in TRACKED_SCORES if name not in list_scores())
+
+
+def split_methods(
+    methods: Sequence[str] | str, train_epochs: float, *, trains: bool = True, task: str | None = None
+) -> tuple[list[str], list[str]]:
+    """`methods` checked and split into (eval-mode scores, training-dynamics scores); a training-dynamics score needs
+    proxies that train (`train_epochs` >= 1 and `trains`: models built by `model_init`, not given already trained).
+
+    Example:
+    ```python
+    >>> from datadiet.engine.dynamics import split_methods
+    >>> split_methods(["el2n", "forgetting"], train_epochs=2)
+    (['el2n'], ['forgetting'])
+
+    ```
+    """
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    dynamics = [] if task == "causal_lm" else [name for name in methods if name in TRAINING_DYNAMICS]
+    evaluated = [name for name in methods if name not in dynamics]
+    if evaluated or not dynamics:
+        validate_methods(evaluated, task)
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods {methods} names a score more than once.")
+    if dynamics and (train_epochs < 1 or not trains):
+        raise ValueError(
+            f"{dynamics} come from the proxy models' training (at least one epoch): pass train_epochs >= 1 (e.g. "
+            "--train_epochs 1) and no model_weights."
+        )
+    return evaluated, dynamics
+
+
+def dynamics_of(trainer, names: Sequence[str], cache: Path | None) -> dict[str, np.ndarray]:
+    """The training-dynamics scores `names` of the rows a proxy trained on (from its `DataDietTrainer`), rows never
+    presented (a fraction of an epoch) given the median, as the curve does; cached at `cache` (an `.npz`) so that a
+    resumed run whose proxy weights are loaded from disk has them too. With `trainer=None`, read from `cache`."""
+    if trainer is None:
+        if cache is None or not cache.exists():
+            raise ValueError(
+                f"The proxy weights of an earlier run were found but not its training-dynamics scores {list(names)} "
+                f"({cache}): delete that run's folder to train the proxies again."
+            )
+        with np.load(cache) as stored:
+            return {name: stored[name] for name in names}
+    scores = trainer.scores
+    values = {name: fill_unseen(np.asarray(scores[name], dtype=np.float64)) for name in names}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **values)
+    return values

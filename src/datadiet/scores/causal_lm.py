@@ -1,0 +1,176 @@
+"""Per-example scores of a causal language model over the tokens it is trained on (the completion / assistant tokens
+left in `labels`, after the next-token shift): `loss`, `perplexity`, token-level `el2n` and `ifd`. Pure PyTorch.
+
+Conventions, as transformers and TRL's `SFTTrainer` compute a causal-LM loss: the logit at position t predicts the
+token at position t + 1, so the targets are `labels[:, 1:]` against `logits[:, :-1]`; positions whose label is `-100`
+(prompt, padding, non-assistant turns) are not trained on and take no part in any score. A row's value is the mean
+over its own trained tokens, the loss `SFTTrainer` computes for that row alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .registry import register_score
+
+__all__ = [
+    "IGNORE_INDEX",
+    "causal_lm_el2n",
+    "causal_lm_loss",
+    "causal_lm_perplexity",
+    "ifd",
+    "next_token_targets",
+    "per_token_cross_entropy",
+    "per_example_mean",
+]
+
+IGNORE_INDEX = -100
+
+
+def next_token_targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The label shift of a causal LM: `(logits[:, :-1], labels[:, 1:], mask)` with `mask` the trained positions
+    (`labels[:, 1:] != -100`), shapes `[B, T-1, V]`, `[B, T-1]`, `[B, T-1]`.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datadiet.scores.causal_lm import next_token_targets
+    >>> _, targets, mask = next_token_targets(torch.zeros(1, 3, 5), torch.tensor([[-100, 4, 2]]))
+    >>> targets.tolist(), mask.tolist()
+    ([[4, 2]], [[True, True]])
+
+    ```
+    """
+    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"A causal LM's logits must be [B, T, V] and its labels [B, T] with the same B and T; got logits "
+            f"{tuple(logits.shape)} and labels {tuple(labels.shape)}."
+        )
+    targets = labels[:, 1:].long()
+    return logits[:, :-1], targets, targets != IGNORE_INDEX
+
+
+def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's next-token negative log-likelihood, `-log softmax(logits[:, t])[labels[:, t + 1]]`, in float32,
+    and the mask of trained positions; both `[B, T-1]`, the NLL zero where the mask is False. This is the one
+    per-token cross-entropy of datadiet's causal-LM path."""
+    shifted, targets, mask = next_token_targets(logits, labels)
+    nll = F.cross_entropy(
+        shifted.float().reshape(-1, shifted.shape[-1]),
+        targets.reshape(-1),
+        reduction="none",
+        ignore_index=IGNORE_INDEX,
+    ).reshape(targets.shape)
+    return nll, mask
+
+
+def per_example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` `[B, T]` over each row's trained positions (`mask`); NaN for a row with none (callers
+    refuse such rows before scoring, see `datadiet.tasks.causal_lm`)."""
+    counts = mask.sum(dim=1)
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim=1)
+    return total / counts.to(values.dtype)  # 0 / 0 = NaN for a row with no trained token
+
+
+def _reduce(per_token: torch.Tensor, mask: torch.Tensor, return_token_scores: bool):
+    per_example = per_example_mean(per_token, mask)
+    return (per_example, per_token.masked_fill(~mask, float("nan"))) if return_token_scores else per_example
+
+
+@register_score("loss", task="causal_lm")
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, return_token_scores: bool = False):
+    """A causal LM's per-example loss: the mean next-token negative log-likelihood over the row's trained tokens,
+    (1/|S|) Σ_{t∈S} −log p(x_{t+1} | x_{≤t}), S the positions whose next label is not `-100`. It is the loss
+    transformers / `SFTTrainer` compute for the row alone. Low loss = easy; loss-based SFT filters keep low or high
+    loss depending on the paper, so measure both ends.
+
+    Args:
+        logits (`torch.Tensor`): `[B, T, V]`, the model's output for `input_ids`.
+        labels (`torch.Tensor`): `[B, T]`, the input ids with untrained positions set to `-100` (not yet shifted).
+        return_token_scores (`bool`, *optional*, defaults to `False`): also return the per-position values `[B, T-1]`
+            (NaN where not trained), position t scoring the prediction of token t + 1.
+
+    Returns:
+        `torch.Tensor` `[B]` (float32), or `(per_example, per_token)` with `return_token_scores=True`.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datadiet.scores.causal_lm import causal_lm_loss
+    >>> logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens: every NLL is log 4
+    >>> causal_lm_loss(logits, torch.tensor([[-100, 1, 2]]))
+    tensor([1.3863])
+
+    ```
+    """
+    nll, mask = per_token_cross_entropy(logits, labels)
+    return _reduce(nll, mask, return_token_scores)
+
+
+@register_score("perplexity", task="causal_lm")
+def causal_lm_perplexity(logits: torch.Tensor, labels: torch.Tensor, *, return_token_scores: bool = False):
+    """Perplexity over the row's trained tokens, exp(`causal_lm_loss`) (Jelinek et al. 1977). With
+    `return_token_scores=True` the per-token values are each token's exp(NLL), 1 / p(x_{t+1} | x_{≤t}).
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datadiet.scores.causal_lm import causal_lm_perplexity
+    >>> causal_lm_perplexity(torch.zeros(1, 3, 4), torch.tensor([[-100, 1, 2]]))
+    tensor([4.])
+
+    ```
+    """
+    nll, mask = per_token_cross_entropy(logits, labels)
+    loss = per_example_mean(nll, mask).exp()
+    return (loss, nll.exp().masked_fill(~mask, float("nan"))) if return_token_scores else loss
+
+
+@register_score("el2n", task="causal_lm")
+def causal_lm_el2n(logits: torch.Tensor, labels: torch.Tensor, *, return_token_scores: bool = False):
+    """Token-level EL2N: the mean over the row's trained tokens of ‖softmax(z_t) − onehot(x_{t+1})‖₂, the error
+    L2-norm of Paul et al. (2021, eq. 2) applied to each next-token prediction (as in Marion et al. 2023, "When Less
+    is More", which prunes LLM pre-training data by it). Computed as √(Σ_v p_v² − 2 p_y + 1) without building the
+    one-hot tensor.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datadiet.scores.causal_lm import causal_lm_el2n
+    >>> causal_lm_el2n(torch.zeros(1, 2, 2), torch.tensor([[-100, 0]]))  # ‖(0.5, 0.5) − (1, 0)‖₂
+    tensor([0.7071])
+
+    ```
+    """
+    shifted, targets, mask = next_token_targets(logits, labels)
+    probs = shifted.float().softmax(dim=-1)
+    true_prob = probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    per_token = (probs.square().sum(dim=-1) - 2 * true_prob + 1).clamp(min=0).sqrt()
+    return _reduce(per_token, mask, return_token_scores)
+
+
+@register_score("ifd", needs="response", task="causal_lm")
+def ifd(conditioned_loss: torch.Tensor, response_loss: torch.Tensor) -> torch.Tensor:
+    """Instruction-Following Difficulty (Li et al. 2024, "From Quantity to Quality", NAACL; Superfiltering, Li et al.
+    2024, ACL): IFD = PPL(response | instruction) / PPL(response alone) = exp(loss_conditioned − loss_alone), both
+    losses means over the response tokens. Values ≥ 1 mean the instruction does not help the model predict the
+    response; the papers keep high-IFD rows (below 1).
+
+    What "response alone" is, is the task's choice (see `datadiet.tasks.CausalLMTask.response_batch`): datadiet scores
+    exactly the tokens trained on in the conditioned sequence, moved to the start of a sequence.
+
+    Args:
+        conditioned_loss (`torch.Tensor`): `[B]`, the mean NLL of the response tokens after the instruction.
+        response_loss (`torch.Tensor`): `[B]`, the mean NLL of the same tokens without the instruction.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datadiet.scores.causal_lm import ifd
+    >>> ifd(torch.tensor([1.0]), torch.tensor([1.0]))
+    tensor([1.])
+
+    ```
+    """
+    return (conditioned_loss.float() - response_loss.float()).exp()

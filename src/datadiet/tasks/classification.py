@@ -1,0 +1,190 @@
+"""Classification tasks' shared parts: `Preprocessor` (raw rows -> model inputs and class ids, for images, arrays and
+tokenised text) and `ClassificationTask`, what `image_classification` and `text_classification` register."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..scores.batch import check_class_labels, score_batch
+from ..scores.functional import loss as cross_entropy
+
+__all__ = ["ClassificationTask", "Preprocessor"]
+
+
+def _is_tokenizer(transform: Any) -> bool:
+    return hasattr(transform, "pad_token_id") and hasattr(transform, "batch_decode")
+
+
+def _is_image_processor(transform: Any) -> bool:
+    return hasattr(transform, "model_input_names") and hasattr(transform, "preprocess")
+
+
+def _default_image_to_tensor(image: Any) -> torch.Tensor:
+    # uint8 HWC (or HW) -> float CHW in [0, 1]; what torchvision's ToTensor does, without the PIL round trip.
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    tensor = torch.from_numpy(np.array(array.transpose(2, 0, 1)))  # a writable copy in CHW order
+    return tensor.float().div_(255.0) if tensor.dtype == torch.uint8 else tensor.float()
+
+
+class Preprocessor:
+    """Turns a batch of raw rows (`dict` of column lists, as `Dataset.__getitem__` / `map(batched=True)` give them)
+    into `(inputs, labels)`: `inputs` is a float tensor for images and arrays, or a dict of tensors from a tokenizer
+    or an image processor.
+
+    Args:
+        transform: `None` (images scaled to [0, 1], CHW), a callable applied to each image (a timm
+            `create_transform` or torchvision transform), a transformers image processor, or a tokenizer.
+        input_column / kind / label_column: as returned by `detect_columns`.
+        max_length: truncation length for tokenizers.
+    """
+
+    def __init__(
+        self,
+        transform: Callable | None,
+        *,
+        input_column: str,
+        kind: str,
+        label_column: str,
+        max_length: int | None = None,
+    ):
+        self.transform = transform
+        self.input_column = input_column
+        self.kind = kind
+        self.label_column = label_column
+        self.max_length = max_length
+        if kind == "text" and not _is_tokenizer(transform):
+            raise ValueError(
+                f"Column {input_column!r} holds text: pass the model's tokenizer as transform= "
+                "(e.g. AutoTokenizer.from_pretrained(...))."
+            )
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.input_column, self.label_column]
+
+    def inputs(self, values: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.kind == "text":
+            return dict(
+                self.transform(
+                    list(values), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                )
+            )
+        if self.transform is not None and _is_image_processor(self.transform):
+            return self.transform(images=list(values), return_tensors="pt")["pixel_values"]
+        if self.kind == "image":
+            transform = self.transform or _default_image_to_tensor
+            return torch.stack([transform(image) for image in values])
+        if self.transform is not None:
+            return torch.stack([self.transform(value) for value in values])
+        return torch.as_tensor(np.asarray(values), dtype=torch.float32)
+
+    def labels(self, values: Sequence) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values), dtype=torch.long)
+
+    def __call__(self, batch: dict[str, list]) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
+        return self.inputs(batch[self.input_column]), self.labels(batch[self.label_column])
+
+    def fingerprint(self) -> str:
+        """A stable description of the preprocessing, for caches and resumable runs."""
+        return f"{self.kind}:{self.input_column}:{self.label_column}:{self.max_length}:{_describe(self.transform)}"
+
+
+def _describe(transform: Any) -> str:
+    if transform is None:
+        return "none"
+    if hasattr(transform, "to_json_string"):  # transformers image processors and tokenizers' configs
+        return type(transform).__name__ + ":" + transform.to_json_string()
+    if hasattr(transform, "name_or_path"):
+        return f"{type(transform).__name__}:{transform.name_or_path}:{len(transform)}"
+    return repr(transform)
+
+
+class ClassificationTask:
+    """A classifier's task: a row is an input (image, array or text) and a class id; the model returns logits `[B, C]`;
+    each example's loss is the cross-entropy of its class; labels must lie in `[0, C)`. Rows become a batch through
+    `Preprocessor`, the path every classification score has always taken.
+
+    Args:
+        transform (*optional*): per-image callable, transformers image processor, or tokenizer (see `Preprocessor`).
+        input_column (`str`): the image / array / text column.
+        label_column (`str`): the class-id column.
+        max_length (`int`, *optional*): truncation length for tokenizers.
+    """
+
+    name = "classification"
+    kind = "image"
+
+    def __init__(
+        self,
+        transform: Callable | None = None,
+        *,
+        input_column: str | None = None,
+        label_column: str | None = None,
+        max_length: int | None = None,
+    ):
+        self.transform = transform
+        self.input_column, self.label_column, self.max_length = input_column, label_column, max_length
+
+    def preprocessor(self) -> Preprocessor:
+        if self.input_column is None or self.label_column is None:
+            raise ValueError(f"The {self.name} task needs its columns: pass input_column= and label_column=.")
+        return Preprocessor(
+            self.transform,
+            input_column=self.input_column,
+            kind=self.kind,
+            label_column=self.label_column,
+            max_length=self.max_length,
+        )
+
+    def collate(self, rows: dict[str, list]) -> dict[str, Any]:
+        """Rows (a `dict` of column lists) -> `{"inputs": tensor or dict of tensors, "labels": [B]}`."""
+        inputs, labels = self.preprocessor()(rows)
+        return {"inputs": inputs, "labels": labels}
+
+    def loss_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Every example has one trained position: `[B, 1]` of True."""
+        return torch.ones(len(batch["labels"]), 1, dtype=torch.bool)
+
+    def per_token_losses(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-entropy of each example's class, `[B, 1]`, and its mask."""
+        return cross_entropy(logits, batch["labels"].to(logits.device))[:, None], self.loss_mask(batch)
+
+    def per_example(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`[B, 1]` -> `[B]`."""
+        return values[:, 0]
+
+    def per_example_losses(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return cross_entropy(logits, batch["labels"].to(logits.device))
+
+    def check_labels(self, labels: torch.Tensor, num_classes: int, row_ids: Sequence[int] | None = None) -> None:
+        check_class_labels(labels, num_classes, range(len(labels)) if row_ids is None else row_ids)
+
+    def score_batch(
+        self,
+        model: nn.Module,
+        batch: dict[str, Any],
+        methods: Sequence[str],
+        *,
+        row_ids: Sequence[int] | None = None,
+        num_classes: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`datadiet.scores.score_batch` on a collated batch (inputs already adapted to the model)."""
+        inputs = batch["inputs"]
+        return score_batch(
+            model,
+            inputs,
+            batch["labels"],
+            methods,
+            input_tensor=inputs if isinstance(inputs, torch.Tensor) else None,
+            row_ids=row_ids,
+            num_classes=num_classes,
+            autocast_dtype=autocast_dtype,
+        )
