@@ -62,6 +62,7 @@ def run_train(args: TrainArguments) -> dict:
         label_names_of,
         load_data,
     )
+
     max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
     train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
     test = _load_test_split(args, train)

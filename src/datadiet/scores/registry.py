@@ -83,9 +83,7 @@ def get_score_spec(name: str, task: str | None = None) -> ScoreSpec:
         # `datadiet.validation.closest_names` is out of reach of the pure-torch scores: difflib directly.
         close = difflib.get_close_matches(str(name).lower(), list_scores(task), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"Unknown score method {name!r}{which}{hint}. Valid methods: {', '.join(list_scores(task))}."
-        )
+        raise ValueError(f"Unknown score method {name!r}{which}{hint}. Valid methods: {', '.join(list_scores(task))}.")
     return registry[name]
 
 
