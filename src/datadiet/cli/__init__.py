@@ -99,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
 def _end_processes() -> None:
     """Tear down the process group a multi-process launch set up, so that no communication thread is still running
     when the interpreter exits (that can abort a process with "terminate called without an active exception")."""
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    distributed = sys.modules.get("torch.distributed")  # never imported: no process group (and no seconds spent)
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
