@@ -1,5 +1,6 @@
 """The checks the command line and the Python API share, so that they can never disagree: keep fractions and row
-counts, fractions such as a window's offset, batch sizes, and "did you mean" suggestions for names."""
+counts, fractions such as a window's offset, batch sizes, "did you mean" suggestions for names, and whether the Hub
+answers at all (one line within seconds instead of half a minute of retries)."""
 
 from __future__ import annotations
 
