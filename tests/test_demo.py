@@ -50,5 +50,10 @@ def test_tiny_demo_saves_a_loadable_dataset_with_a_complete_card(tmp_path, capfd
 
     results = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
     assert [r["rows"] for r in results.values()] == [64, 32, 32]
+    # The table says in words where the saved (hardest) half stands against random, and why it is the showcase.
+    gap = 100 * (results["EL2N hardest 50%"]["accuracy"] - results["random 50%"]["accuracy"])
+    side = f"{-gap:.1f} pt below random" if gap < 0 else f"{gap:.1f} pt above random"
+    assert f"Here the hardest half is {side} (1 retraining seed" in out
+    assert "the paper's rule, not a recommendation" in out and "--validation_fraction 0.1" in out
     for name in ("el2n_histogram.png", "hardest_16.png", "accuracy.png", "results.txt"):
         assert (tmp_path / "demo" / name).stat().st_size > 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -292,6 +293,21 @@ def test_multi_gpu_launch_with_a_non_cpu_accelerator_fails(setup):
     assert run.returncode != 0
     assert "WORLD_SIZE=2" in run.stderr and "Accelerator(cpu=True)" in run.stderr
     assert not (setup["folder"] / "fallback.parquet").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback happens on machines without a GPU")
+def test_users_own_accelerator_in_a_training_script_is_refused_or_works(tmp_path):
+    # cpu_2proc.yaml promises a clear message when the user's own Accelerator() (cpu=False) holds one process on
+    # each of the two ranks; with Accelerator(cpu=True) the same script trains data-parallel.
+    script = Path(__file__).resolve().parent / "scripts" / "own_accelerator.py"
+    flags = _two_process_flags(CONFIGS / "cpu_2proc.yaml")
+    refused = _launch(flags, [str(script), str(tmp_path / "refused")])
+    assert refused.returncode != 0
+    assert "WORLD_SIZE=2 but accelerate's process state holds 1 process(es)" in refused.stderr
+    assert "Accelerator(cpu=True)" in refused.stderr and "trained:" not in refused.stdout
+    works = _launch(flags, [str(script), str(tmp_path / "works"), "--cpu"])
+    _check_ok(works)
+    assert sorted(re.findall(r"trained: world size (\d), process (\d)", works.stdout)) == [("2", "0"), ("2", "1")]
 
 
 def test_world_size_without_a_launcher_fails(monkeypatch):

@@ -211,8 +211,33 @@ def test_scores_only(cifar_slice, tmp_path):
     assert back["source_row"] == scored["source_row"] and back["source_row"] != list(range(len(scored)))
 
 
+@pytest.fixture
+def local_endpoint(monkeypatch):
+    """A real HTTP server on 127.0.0.1 standing in for the Hub's endpoint, so that push_to_hub's reachability check
+    gets an answer without leaving the machine."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield
+    server.shutdown()
+    server.server_close()
+
+
 def _record_hub(monkeypatch, hub_root: Path) -> list[tuple]:
-    """Replace HfApi's network calls by a recorder that writes what it receives under `hub_root/<repo_id>`."""
+    """Replace HfApi's network calls by a recorder that writes what it receives under `hub_root/<repo_id>` (with
+    `local_endpoint` answering the reachability check)."""
     calls: list[tuple] = []
 
     def create_repo(self, repo_id, **kwargs):
@@ -235,7 +260,9 @@ def _record_hub(monkeypatch, hub_root: Path) -> list[tuple]:
     return calls
 
 
-def test_push_to_hub_uploads_the_same_layout_and_never_writes_the_token(cifar_slice, tmp_path, monkeypatch, caplog):
+def test_push_to_hub_uploads_the_same_layout_and_never_writes_the_token(
+    cifar_slice, tmp_path, monkeypatch, caplog, local_endpoint
+):
     calls = _record_hub(monkeypatch, tmp_path / "hub")
     pruned = _scored_and_pruned(cifar_slice)
     caplog.set_level(logging.DEBUG)

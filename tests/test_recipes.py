@@ -52,6 +52,10 @@ def readme_commands(readme: Path) -> list[str]:
     return commands
 
 
+# A fresh clone has no `datadiet` (nor `accelerate`) on PATH: each README sets up and activates the venv first.
+SETUP = ["make install", "source .venv/bin/activate"]
+
+
 def _split(command: str) -> tuple[list[str], list[str], str]:
     """(launcher tokens, datadiet arguments starting with the subcommand, subcommand) of a README command."""
     tokens = shlex.split(command, comments=True)
@@ -85,6 +89,11 @@ def _launch(launcher: list[str], arguments: list[str], cwd: Path) -> None:
         [*launcher, "-m", "datadiet.cli", *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, f"{shlex.join(launcher)} failed:\n{run.stderr[-3000:]}"
+    # Several processes, one log: each of datadiet's INFO lines is printed by the main process only.
+    logged = re.findall(r"^\S+ \S+ (datadiet\S*) INFO: (.*)$", run.stderr, flags=re.M)
+    assert logged, run.stderr[-2000:]
+    repeated = sorted({line for line in logged if logged.count(line) > 1})
+    assert not repeated, f"logged by several processes: {repeated}"
 
 
 def _check_gpu_command(launcher: list[str], arguments: list[str]) -> None:
@@ -104,6 +113,9 @@ def _check_gpu_command(launcher: list[str], arguments: list[str]) -> None:
 def test_every_readme_command_runs(readme, tmp_path, monkeypatch):
     commands = readme_commands(readme)
     assert commands, f"{readme} has no ```bash block"
+    setup = [shlex.join(shlex.split(command, comments=True)) for command in commands[: len(SETUP)]]
+    assert setup == SETUP, f"{readme} must start with {SETUP} (the commands are not on PATH otherwise)"
+    commands = commands[len(SETUP) :]  # run here by the test's own environment, where datadiet is importable
     data = [Path(m) for c in commands for m in re.findall(r"\.\./shared/data/\S+\.parquet", c)]
     data += [Path(m) for r in re.findall(r"recipes/\w+/\w+\.yaml", " ".join(commands)) for m in _data_files(r)]
     for path in {SHARED_DATA / p.relative_to("../shared/data") for p in data}:

@@ -61,5 +61,7 @@ def test_registry():
     assert get_score("el2n") is el2n
     assert get_score_spec("margin").higher_is_harder is False
     assert get_score_spec("input_norm").needs == "inputs"
-    with pytest.raises(ValueError, match="Unknown score method 'el3n'. Valid methods: .*el2n"):
+    with pytest.raises(
+        ValueError, match="Unknown score method 'el3n' \\(did you mean 'el2n'\\?\\). Valid methods: .*el2n"
+    ):
         get_score("el3n")

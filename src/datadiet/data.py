@@ -13,8 +13,8 @@ from datasets import ClassLabel, Dataset, Image, Value
 from torch import nn
 
 from .loading import BUILT_IN_DATASETS, load_data, load_digits_dataset
-from .models import as_model_inputs, num_labels_of, weights_fingerprint
-from .provenance import record_provenance
+from .models import as_model_inputs, model_name_of, num_labels_of, weights_fingerprint
+from .provenance import describe_source, record_provenance, register_provenance_finder
 from .scores.batch import score_batch, validate_methods
 from .tasks import get_task
 from .tasks.classification import Preprocessor
@@ -215,6 +215,14 @@ class ScoreTransform:
     depends on the model's weights, the methods and the preprocessing only, so running it again with the same
     weights hits the cache and different weights do not.
 
+    Provenance: `map` copies the input's metadata and gives the function no say in it, so the transform registers
+    itself with `datadiet.provenance.read_provenance` instead; a dataset holding its score columns (mapped in one
+    process or several, freshly or from the cache, then pruned) is recognised by recomputing a few rows' scores with
+    the model, and `prune`, `save_pruned` and `push_to_hub` record the model and methods in the card, as long as the
+    transform was built in the same session (the newest 8 are kept) and the model has not changed since.
+    `ScoreTransform(...).apply(dataset)` writes the same provenance into the dataset's own metadata at once, which
+    then travels to `save_to_disk` and other sessions.
+
     Args:
         model: a classifier returning logits (timm, transformers, any `nn.Module`); run in eval mode.
         methods: one score name or several (see `datadiet.scores.list_scores()`).
@@ -264,6 +272,8 @@ class ScoreTransform:
         self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
         self.autocast_dtype = autocast_dtype
         self._preprocessor: Preprocessor | None = None
+        self._recognised: dict[str, bool] = {}  # dataset fingerprint -> whether its score columns are this model's
+        register_provenance_finder(self._provenance_of)
 
     def _preprocess(self, batch: dict[str, list]) -> tuple[Any, torch.Tensor]:
         if self._preprocessor is None:
@@ -298,7 +308,7 @@ class ScoreTransform:
         config = getattr(self.model, "config", None)
         return {
             "methods": list(self.methods),
-            "model": type(self.model).__name__,
+            "model": model_name_of(self.model),
             "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
             "weights_sha256": weights_fingerprint(self.model),
             "input_column": self.image_column or self.text_column,
@@ -306,10 +316,37 @@ class ScoreTransform:
         }
 
     def apply(self, dataset: Dataset, **map_kwargs) -> Dataset:
-        """`dataset.map(self, batched=True, **map_kwargs)` with the scoring provenance recorded on the result (what
-        `map` alone cannot do), so that `save_pruned` / `push_to_hub` cards name the model and methods."""
+        """`dataset.map(self, batched=True, **map_kwargs)` with the scoring provenance (and the source) written into
+        the result's metadata at once, so that it travels with the dataset to other sessions too."""
         scored = dataset.map(self, batched=True, **map_kwargs)
-        return record_provenance(scored, scoring=self.provenance)
+        return record_provenance(scored, scoring=self.provenance, source=describe_source(dataset))
+
+    def _provenance_of(self, dataset: Dataset) -> dict[str, Any] | None:
+        """The scoring provenance of `dataset` if its score columns are this transform's: `Dataset.map` gives the
+        function no say in the result's metadata, and a cached or multi-process `map` may not call it at all, so the
+        scores are recognised by recomputing those of a few rows with this model (as it is now)."""
+        columns = dataset.column_names
+        if not isinstance(dataset, Dataset) or len(dataset) == 0 or not all(m in columns for m in self.methods):
+            return None
+        key = dataset._fingerprint
+        if key not in self._recognised:
+            rows = dataset.select(range(min(4, len(dataset)))).with_format(None)
+            batch = rows[:]
+            try:
+                recomputed = self(dict(batch))
+            except (ValueError, KeyError, TypeError, RuntimeError):  # not data this transform can read
+                self._recognised[key] = False
+            else:
+                tolerance = 1e-2 if self.autocast_dtype is not None else 1e-4
+                self._recognised[key] = all(
+                    np.allclose(recomputed[m], np.asarray(batch[m], dtype=np.float32), rtol=tolerance, atol=1e-5)
+                    for m in self.methods
+                )
+        if not self._recognised[key]:
+            return None
+        # The source as far as the dataset tells it (its fingerprint and size are this dataset's, not the source's).
+        source = {k: v for k, v in describe_source(dataset).items() if k not in ("fingerprint", "num_rows")}
+        return {"scoring": {**self.provenance, "route": "Dataset.map"}, "source": source}
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if self.task is not None:
@@ -364,6 +401,7 @@ class ScoreTransform:
         # preprocessor so that a used and a fresh transform hash the same.
         state = self.__dict__.copy()
         state["_preprocessor"] = None
+        state["_recognised"] = {}
         return state
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from datasets import Dataset
 
-__all__ = ["BUILT_IN_DATASETS", "load_data", "load_digits_dataset", "load_saved"]
+__all__ = ["BUILT_IN_DATASETS", "check_hub_dataset_reachable", "load_data", "load_digits_dataset", "load_saved"]
 
 # Names datadiet reads without a download.
 BUILT_IN_DATASETS = ("sklearn-digits",)
@@ -55,7 +55,8 @@ def load_data(
     data_files: str | Sequence[str] | None = None,
     max_rows: int | None = None,
 ) -> Dataset:
-    """Load a split from a `save_to_disk` folder, data files (Parquet, CSV, JSON), a dataset folder such as one
+    """Load a split from a `save_to_disk` folder (or the `output_dir` of `datadiet score`, whose scored dataset is
+    its `dataset` folder), data files (Parquet, CSV, JSON), a dataset folder such as one
     written by `save_pruned`, a Hub id, or `"sklearn-digits"` (scikit-learn's bundled digits, no download);
     optionally only its first `max_rows` rows.
 
@@ -92,6 +93,13 @@ def load_data(
         dataset = load_dataset(builder, data_files={split: files}, split=split)
     elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
         dataset = load_saved(path, split)
+    elif path.is_dir() and any((path / "dataset" / marker).exists() for marker in ("state.json", "dataset_dict.json")):
+        dataset = load_saved(path / "dataset", split)  # a `datadiet score` output_dir: its scored dataset
+    elif path.is_dir() and (path / "partial").is_dir():
+        raise ValueError(
+            f"{str(path)!r} holds only the partial score shards of a `datadiet score` run that did not finish (no "
+            f"{str(path / 'dataset')!r}): rerun the same command to resume it, then load that folder."
+        )
     elif path.is_dir():
         dataset = _load_folder(path, split)
     else:
@@ -189,6 +197,23 @@ def _offline_variable() -> str | None:
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
+def check_hub_dataset_reachable(name_or_path: str, data_files: str | Sequence[str] | None = None) -> None:
+    """When `load_data(name_or_path, data_files=data_files)` would fetch from the Hub (a Hub id that is no local
+    folder nor a built-in name, offline mode off), check at once that the Hub answers (`HubUnreachableError` in one
+    line otherwise). Cheap: the commands call it before importing torch."""
+    from pathlib import Path
+
+    from .validation import check_hub_reachable
+
+    if data_files is not None or name_or_path in BUILT_IN_DATASETS or Path(name_or_path).exists():
+        return
+    if _is_hub_id(name_or_path) and "/" in name_or_path and _offline_variable() is None:
+        check_hub_reachable(
+            f"pass a local folder, data files or 'sklearn-digits' instead of {name_or_path!r}, or set "
+            "HF_HUB_OFFLINE=1 to read it from the local cache."
+        )
+
+
 def _load_from_hub(name: str, split: str) -> Dataset:
     """A Hub id (or a dataset in the local cache when offline). A name that cannot be a Hub id, or that is a
     misspelling of a built-in name, is refused at once, saying what was tried, instead of waiting on the Hub."""
@@ -211,6 +236,7 @@ def _load_from_hub(name: str, split: str) -> Dataset:
     )
     if not _is_hub_id(name):
         raise ValueError(f"No dataset at {name!r} ({tried}, and it is not a Hub id){hint}. {instead}")
+    check_hub_dataset_reachable(name)
     try:
         return load_dataset(name, split=split)
     except (ConnectionError, FileNotFoundError) as error:

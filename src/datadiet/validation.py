@@ -1,5 +1,6 @@
 """The checks the command line and the Python API share, so that they can never disagree: keep fractions and row
-counts, fractions such as a window's offset, batch sizes, and "did you mean" suggestions for names."""
+counts, fractions such as a window's offset, batch sizes, "did you mean" suggestions for names, and whether the Hub
+answers at all (one line within seconds instead of half a minute of retries)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,82 @@ import difflib
 import numbers
 from collections.abc import Iterable
 
-__all__ = ["LaunchError", "check_fraction", "check_keep", "check_positive_int", "closest_names"]
+__all__ = [
+    "HubUnreachableError",
+    "LaunchError",
+    "check_fraction",
+    "check_hub_reachable",
+    "check_keep",
+    "check_positive_int",
+    "closest_names",
+    "is_network_error",
+]
 
 
 class LaunchError(RuntimeError):
     """A process launch that would silently run the wrong number of processes (see `datadiet.engine.process`): the
     `datadiet` command prints its message, which says which launch to use instead, without a traceback."""
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hugging Face Hub (the `HF_ENDPOINT`) did not answer: the `datadiet` command prints the one-line message,
+    which says what to do instead, without a traceback."""
+
+
+# Exception classes (by name, anywhere in an exception's class hierarchy) that mean the network failed, from httpx,
+# requests, urllib3 and the standard library, so that no networking library needs importing to recognise them.
+_NETWORK_ERROR_NAMES = {
+    "ConnectionError",
+    "TimeoutError",
+    "TransportError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "TimeoutException",
+    "NewConnectionError",
+    "MaxRetryError",
+    "NetworkError",
+}
+
+
+def is_network_error(error: BaseException) -> bool:
+    """Whether `error`, or an exception it was raised from, is a failed connection or a timeout.
+
+    Example:
+    ```python
+    >>> from datadiet.validation import is_network_error
+    >>> is_network_error(ConnectionRefusedError(111, "Connection refused")), is_network_error(ValueError("x"))
+    (True, False)
+
+    ```
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(cls.__name__ in _NETWORK_ERROR_NAMES for cls in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def check_hub_reachable(instead: str, *, timeout: float = 5.0) -> None:
+    """Raise `HubUnreachableError` at once when the Hub endpoint (`HF_ENDPOINT`, by default https://huggingface.co)
+    does not answer one request within `timeout` seconds, rather than letting `huggingface_hub` retry a refused
+    connection for half a minute. `instead` says what the user can do without the Hub. Any HTTP answer counts as
+    reachable; offline mode (`HF_HUB_OFFLINE`) is left to the caller."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise HubUnreachableError(
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({reason}): check the network or HF_ENDPOINT, "
+            f"or {instead}"
+        ) from None
 
 
 def check_keep(keep: float | int) -> float | int:

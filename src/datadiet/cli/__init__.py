@@ -5,9 +5,10 @@ recipe YAML (`--config`) whose values are defaults that command-line flags overr
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-from ..validation import LaunchError
+from ..validation import LaunchError, is_network_error
 from .parsing import parse_config, set_program
 from .prune import PruneArguments, run_prune
 from .score import ScoreArguments, run_score
@@ -50,12 +51,18 @@ def _command(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Run `datadiet <command> ...` (`argv` defaults to `sys.argv[1:]`) and return the exit code: 2 for a bad command,
-    a `ValueError` or a refused launch, printed as one line `datadiet <command>: error: ...` on stderr (with
+    a `ValueError`, a refused launch or a network failure, printed as one line `datadiet <command>: error: ...` on stderr (with
     `--debug`, raised with its traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # Under several processes (RANK set by the launcher) the main process logs; the others keep their warnings and
+    # errors, which are about that process, and say which one they are.
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(name)s %(levelname)s: %(message)s",
+    )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help"):
@@ -77,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{program}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        # A network failure deep inside huggingface_hub / datasets: one line, not a page of httpx traceback.
+        if debug or not is_network_error(error):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{program}: error: {reason}", file=sys.stderr)
+        return 2
     finally:
         set_program(None)
         _end_processes()
@@ -85,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
 def _end_processes() -> None:
     """Tear down the process group a multi-process launch set up, so that no communication thread is still running
     when the interpreter exits (that can abort a process with "terminate called without an active exception")."""
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    distributed = sys.modules.get("torch.distributed")  # never imported: no process group (and no seconds spent)
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()

@@ -40,7 +40,8 @@ def parse_config(dataclass_types: tuple, argv: list[str], *, epilog: str | None 
     import yaml
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types, prog=_program, epilog=epilog)
+    # allow_abbrev=False: `--method` must not quietly stand for `--methods` (nor a typo for whichever flag it starts).
+    parser = HfArgumentParser(dataclass_types, prog=_program, epilog=epilog, allow_abbrev=False)
     parser.add_argument(
         "--config", metavar="RECIPE.yaml", help="A recipe YAML whose values are the defaults; flags override them."
     )
@@ -75,8 +76,23 @@ def parse_config(dataclass_types: tuple, argv: list[str], *, epilog: str | None 
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
-    parsed = parser.parse_args_into_dataclasses(args=argv)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise ValueError(_unknown_arguments_message(remaining, parser))
     return tuple(item for item in parsed if not isinstance(item, argparse.Namespace))  # drop --config's namespace
+
+
+def _unknown_arguments_message(remaining: list[str], parser: argparse.ArgumentParser) -> str:
+    """`unknown argument --x (did you mean --y?)` for the first flag no dataclass knows (or a stray value)."""
+    from ..validation import closest_names
+
+    flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    unknown = next((arg.split("=", 1)[0] for arg in remaining if arg.startswith("-")), None)
+    if unknown is None:
+        return f"unexpected value(s) {' '.join(remaining)}: each value follows its --flag (see --help)."
+    close = closest_names(unknown, flags)
+    hint = f"did you mean {close[0]}?" if close else "see --help for the flags"
+    return f"unknown argument {unknown} ({hint})"
 
 
 def command_line() -> str:

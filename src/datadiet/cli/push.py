@@ -57,8 +57,15 @@ def run_push(args: PushArguments) -> dict[str, Any]:
 
     ```
     """
-    from ..hub import push_to_hub, save_pruned
     from ..loading import load_saved
+    from ..validation import check_hub_reachable
+
+    if args.repo_id and not args.output_dir and not _offline():
+        # Before the seconds of importing the hub layer and reading the data (push_to_hub checks again).
+        check_hub_reachable(
+            "write the same files locally with save_pruned(dataset, folder) / `datadiet push --output_dir FOLDER`."
+        )
+    from ..hub import push_to_hub, save_pruned
 
     if not Path(args.dataset_path).is_dir():
         raise ValueError(f"dataset_path={args.dataset_path!r} is not a folder; pass a `Dataset.save_to_disk` folder.")
@@ -73,6 +80,12 @@ def run_push(args: PushArguments) -> dict[str, Any]:
             dataset, args.repo_id, private=args.private or None, revision=args.revision, scores_only=args.scores_only
         )
     return result
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arguments import DataArguments, ModelArguments
+from ..loading import check_hub_dataset_reachable
 from ..validation import check_positive_int
 from .parsing import command_line, parse_config
 
@@ -46,6 +47,7 @@ class ScoreArguments(ModelArguments, DataArguments):
     max_eval_rows: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        check_hub_dataset_reachable(self.dataset_name, self.data_files or None)  # before seconds of engine imports
         from ..engine.dynamics import split_methods
 
         super().__post_init__()
@@ -61,6 +63,12 @@ class ScoreArguments(ModelArguments, DataArguments):
 
 def run_score(args: ScoreArguments, *, command: str | None = None):
     """Load, score and save a dataset as `ScoreArguments` say; returns the scored dataset."""
+    from ..loading import load_data
+
+    max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
+    dataset = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
+    # torch, transformers' Trainer and peft take seconds to import: after the data, so that a dataset that cannot be
+    # read (a typo, an unreachable Hub) is refused at once.
     from ..data import (
         Preprocessor,
         build_image_transform,
@@ -68,14 +76,11 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
         detect_columns,
         keep_classes,
         label_names_of,
-        load_data,
     )
     from ..engine import score_dataset
     from ..model_sources import ModelSource
     from ..provenance import record_provenance
 
-    max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
-    dataset = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
     input_column, kind, label_column = detect_columns(
         dataset, image_column=args.image_column, label_column=args.label_column
     )
@@ -136,10 +141,12 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
 
 def main(argv: list[str]) -> int:
     """`datadiet score [--config recipe.yaml] [--flag value ...]`; returns the exit code."""
-    from ..engine.dynamics import TRAINING_DYNAMICS
-    from ..scores import list_scores
+    epilog = None
+    if {"-h", "--help"} & set(argv):  # the lists cost the engine's imports (seconds): only for --help
+        from ..engine.dynamics import TRAINING_DYNAMICS
+        from ..scores import list_scores
 
-    epilog = f"methods: {', '.join(list_scores())}; from the proxies' training: {', '.join(TRAINING_DYNAMICS)}"
+        epilog = f"methods: {', '.join(list_scores())}; from the proxies' training: {', '.join(TRAINING_DYNAMICS)}"
     (args,) = parse_config((ScoreArguments,), argv, epilog=epilog)
     run_score(args, command="datadiet " + shlex.join(["score", *argv]))
     return 0

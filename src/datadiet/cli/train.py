@@ -52,6 +52,13 @@ def run_train(args: TrainArguments) -> dict:
     import numpy as np
     from tqdm.auto import tqdm
 
+    from ..loading import load_data
+
+    max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
+    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
+    test = _load_test_split(args, train)
+    # torch, transformers' Trainer and peft take seconds to import: after the data, so that a dataset that cannot be
+    # read (a typo, an unreachable Hub) is refused at once.
     from ..data import (
         Preprocessor,
         build_image_transform,
@@ -60,15 +67,11 @@ def run_train(args: TrainArguments) -> dict:
         detect_columns,
         keep_classes,
         label_names_of,
-        load_data,
     )
     from ..model_sources import ModelSource
     from ..report import plot_data_map
     from ..trainer.proxy import evaluate_accuracy, fit
 
-    max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
-    train = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
-    test = _load_test_split(args, train)
     input_column, kind, label_column = detect_columns(
         train, image_column=args.image_column, label_column=args.label_column
     )

@@ -13,7 +13,7 @@ from ..validation import LaunchError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["get_process_state"]
+__all__ = ["check_process_state", "get_process_state"]
 
 
 def _working_cpu_launch(num_processes: int = 2) -> str:
@@ -107,20 +107,41 @@ def get_process_state():
             f"{_working_cpu_launch(world_size)}."
         )
     state = PartialState(cpu=not torch.cuda.is_available())
-    if world_size > 1 and state.num_processes != world_size:
+    check_process_state()
+    return state
+
+
+def check_process_state() -> None:
+    """Refuse an accelerate process state, already created in this process (by the user's own `Accelerator()` or
+    `PartialState()`), that disagrees with the launch: WORLD_SIZE=N processes each believing they are alone (so
+    `is_main_process` is true N times and each would score or train on every row), or `accelerate launch` asked for N
+    CPU processes and started one. Creates no state itself.
+
+    Example:
+    ```python
+    >>> from datadiet.engine.process import check_process_state
+    >>> check_process_state()  # under `python script.py`: nothing to refuse
+
+    ```
+    """
+    from accelerate import PartialState
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    existing = PartialState._shared_state.get("num_processes") if PartialState._shared_state else None
+    if world_size > 1 and existing is not None and existing != world_size:
         raise LaunchError(
-            f"The environment says WORLD_SIZE={world_size} but accelerate's process state holds "
-            f"{state.num_processes} process(es), so each process would score every row. This happens when an "
-            "`Accelerator()` / `PartialState()` is created before datadiet without `cpu=True` on a machine with no "
-            "GPU (`accelerate launch --multi_gpu` without CPU mode): create it with `Accelerator(cpu=True)`, or "
-            f"create none and let datadiet set up the processes. Working CPU launches: {_working_cpu_launch(world_size)}."
+            f"The environment says WORLD_SIZE={world_size} but accelerate's process state holds {existing} "
+            "process(es), so every process believes it is alone (`is_main_process` is true on each) and would score "
+            "or train on every row. This happens when an `Accelerator()` / `PartialState()` is created without "
+            "`cpu=True` on a machine with no GPU (`accelerate launch --multi_gpu` or cpu_2proc.yaml): create it with "
+            "`Accelerator(cpu=True)`, or create none and let datadiet set up the processes. Working CPU launches: "
+            f"{_working_cpu_launch(world_size)}."
         )
     requested = _requested_cpu_processes()
-    if requested > 1 and state.num_processes == 1:
+    if requested > 1 and existing in (None, 1):
         raise LaunchError(
             f"`accelerate launch` was asked for {requested} processes but started one: without `--multi_gpu` (or "
             "with `--cpu` / `use_cpu: true`) accelerate starts several processes only on several GPUs or through "
             "mpirun, so this single process would score every row alone with one thread. Start "
             f"{requested} real CPU processes with {_working_cpu_launch(requested)}."
         )
-    return state

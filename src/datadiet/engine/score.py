@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data import Preprocessor, check_input_channels, detect_columns
 from ..models import input_channels_of, model_name_of, weights_fingerprint
-from ..provenance import record_provenance
+from ..provenance import describe_source, read_provenance, record_provenance
 from ..scores.registry import varies_with_the_model
 from ..validation import check_positive_int
 from .batches import preprocess, rows_digest, score_preprocessed, task_batches, task_provenance
@@ -472,9 +472,16 @@ def score_dataset(
         "batch_size": batch_size,
         "mixed_precision": mixed_precision,
         "num_processes": state.num_processes,
+        "model_init": model_init is not None,  # fresh models per seed, or the one model given
+        "weights_sha256": weights_fingerprint(model) if model is not None else None,
+        "training": training_kwargs or None,
+        "preprocessing": preprocessor.fingerprint(),
     }
     if task is not None:
         provenance.update(task=task, **task_provenance(preprocessor.task))
+    recorded = {} if streaming else read_provenance(dataset)
+    # A dataset scored from Python names its source too (the command records its own, fuller one).
+    source = {} if recorded.get("source") or streaming else {"source": describe_source(dataset)}
     if streaming:
         return record_provenance(load_scores(output_dir, row_id_column=row_id_column), scoring=provenance)
 
@@ -484,4 +491,4 @@ def score_dataset(
         scored = scored.add_column(method, stacked.mean(axis=0).astype(np.float32))
         if len(seeds) > 1 and (method in dynamics or varies_with_the_model(method)):
             scored = scored.add_column(f"{method}_std", stacked.std(axis=0).astype(np.float32))
-    return record_provenance(scored, scoring=provenance)
+    return record_provenance(scored, scoring=provenance, **source)

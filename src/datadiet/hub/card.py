@@ -15,6 +15,7 @@ from datasets import Dataset, DatasetInfo, SplitDict, SplitInfo
 from datasets.info import DatasetInfosDict
 
 from ..data import column_values
+from ..provenance import name_of_source
 
 __all__ = ["CARD_TEMPLATE_PATH", "build_card", "score_statistics"]
 
@@ -220,7 +221,7 @@ def _card_fields(
     source = block.get("source") or {}
     scoring = block.get("scoring") or {}
     pruning = block.get("pruning") or {}
-    source_name = source.get("path") or source.get("name") or source.get("data_files") or "an unrecorded source"
+    source_name = name_of_source(source)
     revision = source.get("revision") or source.get("fingerprint")
     title = pretty_name or (f"Scores of {source_name}" if scores_only else f"{source_name}, pruned with datadiet")
 
@@ -319,8 +320,8 @@ def _card_fields(
             "import datadiet",
             "from datasets import load_dataset",
             "",
-            f'dataset = load_dataset("{source_name}", split="{source.get("split", "train")}")',
-            f"dataset = datadiet.score_dataset(dataset, model, methods={list(methods) or ['el2n']})",
+            *_load_line(source, source_name),
+            *_score_lines(scoring, methods),
         ]
         if pruning:
             reproduce.append(prune_call)
@@ -334,6 +335,30 @@ def _card_fields(
         "prune_it_yourself": prune_it_yourself,
         "reproduce": "\n".join(reproduce),
     }
+
+
+def _load_line(source: Mapping, source_name: str) -> list[str]:
+    """The line loading the source in the reproduce snippet; a comment when the source has no loadable name."""
+    split = source.get("split") or "train"
+    if source.get("path") or source.get("name"):
+        return [f'dataset = load_dataset("{source_name}", split="{split}")']
+    return [f"dataset = ...  # the source: {source_name}, split {split}, {source.get('num_rows', '?')} rows"]
+
+
+def _score_lines(scoring: Mapping, methods: Sequence[str]) -> list[str]:
+    """The `score_dataset` call of the reproduce snippet, with every recorded setting (model, seeds, epochs, ...)."""
+    model = scoring.get("model") or "the scoring model"
+    arguments = [f"methods={list(methods) or ['el2n']}"]
+    fresh_models = ("seeds", "train_epochs") if scoring.get("model_init") else ()
+    for key in (*fresh_models, "batch_size", "mixed_precision", "training_kwargs"):
+        value = scoring.get("training" if key == "training_kwargs" else key)
+        if value is not None:
+            arguments.append(f"{key}={value!r}")
+    if scoring.get("model_init"):
+        lines = [f"# model_init(seed) builds a fresh `{model}` (randomly initialised with that seed)"]
+        return [*lines, f"dataset = datadiet.score_dataset(dataset, model_init=model_init, {', '.join(arguments)})"]
+    lines = [f"# model: the `{model}` scored (weights sha256 {scoring.get('weights_sha256', 'not recorded')})"]
+    return [*lines, f"dataset = datadiet.score_dataset(dataset, model, {', '.join(arguments)})"]
 
 
 def _scores_section(block: dict, main_split: str, histogram_file: str | None) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
+from ..validation import check_hub_reachable
 from .save import DATA_DIR, save_pruned
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def push_to_hub(
             "HF_HUB_OFFLINE is set, so nothing can be pushed. Unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to push, "
             "or write the same files locally with save_pruned(dataset, folder) / `datadiet push --output_dir`."
         )
+    check_hub_reachable(
+        "write the same files locally with save_pruned(dataset, folder) / `datadiet push --output_dir FOLDER`."
+    )
     for reserved in ("folder", "overwrite"):
         if reserved in kwargs:
             raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,7 +80,10 @@ def get_score_spec(name: str, task: str | None = None) -> ScoreSpec:
     registry = _registry(task)
     if name not in registry:
         which = f" for task {task!r}" if task is not None else ""
-        raise ValueError(f"Unknown score method {name!r}{which}. Valid methods: {', '.join(list_scores(task))}.")
+        # `datadiet.validation.closest_names` is out of reach of the pure-torch scores: difflib directly.
+        close = difflib.get_close_matches(str(name).lower(), list_scores(task), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"Unknown score method {name!r}{which}{hint}. Valid methods: {', '.join(list_scores(task))}.")
     return registry[name]
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import TrainingArguments
 
+from ..engine.process import check_process_state
 from ..scores.trackers import TRACKED_SCORES
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ class DataDietConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        # Before TrainingArguments resets accelerate's state: a user's own `Accelerator()` that holds one process
+        # where the launch started several is refused here, by name, instead of being silently replaced.
+        check_process_state()
         if self.label_names is None:
             self.label_names = ["labels"]
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
