@@ -65,11 +65,11 @@ def is_causal_lm(model: nn.Module) -> bool:
 
     Example:
     ```python
-    >>> import transformers
+    >>> import torch, transformers
     >>> from datadiet.models import is_causal_lm
     >>> config = transformers.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
     ...                                   num_attention_heads=1)
-    >>> is_causal_lm(transformers.LlamaForCausalLM(config)), is_causal_lm(nn.Linear(2, 2))
+    >>> is_causal_lm(transformers.LlamaForCausalLM(config)), is_causal_lm(torch.nn.Linear(2, 2))
     (True, False)
 
     ```

@@ -415,7 +415,10 @@ class ScoreCallback(TrainerCallback):
     @property
     def score_history(self) -> dict[str, np.ndarray]:
         """Per-epoch histories, `{quantity: [num_rows, num_epochs] array}` for `loss`, `el2n`, `margin`,
-        `probability` (of the true class) and `correct`; NaN where an example was not seen that epoch."""
+        `probability` (of the true class) and `correct`; NaN where an example was not seen that epoch. For a causal
+        LM each is the row's mean over its trained tokens (`probability` of the target tokens; `correct` is token
+        accuracy >= 0.5), rows in the order of the dataset given to the Trainer (to `SFTTrainer`: before its
+        preparation), NaN for rows `SFTTrainer` dropped and, under its fused LM head, for `el2n` and `margin`."""
         dynamics = self._check_trained()
         return {name: dynamics.history(name) for name in TRACKED_QUANTITIES}
 
