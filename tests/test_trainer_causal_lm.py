@@ -137,6 +137,15 @@ def test_sft_refusals(smollm2_tokenizer, alpaca_rows, tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"track_scores \['aum'\] need the model's logits"):
         asked.train()
+    # A collator that reorders the rows of a batch is caught by their tokens at the first step.
+    collator = trl.trainer.sft_trainer.DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    reordered = trl.SFTTrainer(
+        model=tiny_llama(len(tokenizer)), args=sft_config(tmp_path), train_dataset=dataset,
+        processing_class=tokenizer, data_collator=lambda examples: collator(examples[::-1]),
+        callbacks=[ScoreCallback()],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"A training batch's tokens are not those of the rows its sampler yielded"):
+        reordered.train()
 
 
 def test_data_diet_trainer_trains_a_causal_lm(smollm2_tokenizer, alpaca_rows, tmp_path):
