@@ -18,6 +18,7 @@ __all__ = [
     "build_model",
     "forward_logits",
     "input_channels_of",
+    "is_causal_lm",
     "model_accepts_keyword",
     "model_name_of",
     "num_labels_of",
@@ -56,6 +57,40 @@ def input_channels_of(model: nn.Module) -> int | None:
         if isinstance(module, nn.Conv2d):
             return module.in_channels
     return None
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` is a causal language model: a transformers `*ForCausalLM` / `*LMHeadModel` class (the classes
+    `AutoModelForCausalLM` builds), looking through peft's and DDP's wrappers.
+
+    Example:
+    ```python
+    >>> import torch, transformers
+    >>> from datadiet.models import is_causal_lm
+    >>> config = transformers.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+    ...                                   num_attention_heads=1)
+    >>> is_causal_lm(transformers.LlamaForCausalLM(config)), is_causal_lm(torch.nn.Linear(2, 2))
+    (True, False)
+
+    ```
+    """
+    while True:
+        inner = getattr(model, "module", None)  # DistributedDataParallel
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif callable(getattr(model, "get_base_model", None)):  # peft's PeftModel
+            model = model.get_base_model()
+            break
+        else:
+            break
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def num_labels_of(model: nn.Module) -> int | None:

@@ -23,6 +23,7 @@ __all__ = [
     "next_token_targets",
     "per_token_cross_entropy",
     "per_example_mean",
+    "per_token_predictions",
 ]
 
 IGNORE_INDEX = -100
@@ -144,10 +145,46 @@ def causal_lm_el2n(logits: torch.Tensor, labels: torch.Tensor, *, return_token_s
     ```
     """
     shifted, targets, mask = next_token_targets(logits, labels)
+    return _reduce(_token_el2n(shifted, targets), mask, return_token_scores)
+
+
+def _token_el2n(shifted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     probs = shifted.float().softmax(dim=-1)
     true_prob = probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    per_token = (probs.square().sum(dim=-1) - 2 * true_prob + 1).clamp(min=0).sqrt()
-    return _reduce(per_token, mask, return_token_scores)
+    return (probs.square().sum(dim=-1) - 2 * true_prob + 1).clamp(min=0).sqrt()
+
+
+def per_token_predictions(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each next-token prediction of a causal LM, as the training dynamics record them: `nll` (from
+    `per_token_cross_entropy`), `mask` (the trained positions), `correct` (1.0 where the target is the arg-max token,
+    TRL's `mean_token_accuracy` per token), token `el2n` and `margin` (the target's logit minus the largest other
+    logit, Pleiss et al. 2020 per token); all `[B, T-1]`, float32 (mask bool), meaningful where `mask` is True.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datadiet.scores.causal_lm import per_token_predictions
+    >>> values = per_token_predictions(torch.tensor([[[2.0, 0.0], [0.0, 1.0]]]), torch.tensor([[-100, 0]]))
+    >>> values["correct"].tolist(), values["margin"].tolist()
+    ([[1.0]], [[2.0]])
+
+    ```
+    """
+    nll, mask = per_token_cross_entropy(logits, labels)
+    shifted, targets, _ = next_token_targets(logits, labels)
+    shifted = shifted.detach().float()
+    safe_targets = targets.clamp(min=0)
+    target_logit = shifted.gather(-1, safe_targets[..., None]).squeeze(-1)
+    top2 = shifted.topk(2, dim=-1)
+    predicted = top2.indices[..., 0]
+    largest_other = torch.where(predicted == safe_targets, top2.values[..., 1], top2.values[..., 0])
+    return {
+        "nll": nll.detach(),
+        "mask": mask,
+        "correct": (predicted == safe_targets).float(),
+        "el2n": _token_el2n(shifted, targets),
+        "margin": target_logit - largest_other,
+    }
 
 
 @register_score("ifd", needs="response", task="causal_lm")

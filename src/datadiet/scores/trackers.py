@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
+from .causal_lm import per_example_mean
 from .functional import el2n, loss, margin
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "correctness",
     "fill_unseen",
     "forgetting_events",
+    "sequence_training_quantities",
     "training_quantities",
     "variability",
 ]
@@ -57,6 +59,52 @@ def training_quantities(logits: torch.Tensor, labels: torch.Tensor) -> dict[str,
         "margin": margin(logits, labels),
         "probability": probability,
         "correct": (logits.argmax(dim=-1) == labels).float(),
+    }
+
+
+def sequence_training_quantities(
+    nll: torch.Tensor,
+    mask: torch.Tensor,
+    correct: torch.Tensor | None = None,
+    *,
+    el2n: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tracked quantities of a sequence model's rows (a causal LM's, over its trained tokens), from per-token
+    values `[B, T]` meaningful where `mask` is True: `loss` the mean token NLL (the row's own loss as transformers and
+    TRL compute it), `probability` the mean probability of the target tokens (data-map confidence for sequences),
+    `correct` 1.0 when at least half of the row's target tokens are the arg-max prediction (its token accuracy, TRL's
+    `mean_token_accuracy` for the row alone, is >= 0.5: forgetting events count a row falling below that), and the
+    mean token `el2n` and `margin`. A quantity whose per-token values are not given (TRL's fused LM head builds no
+    logits, so no EL2N or margin) is NaN. Each has shape `[B]`, float32.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datadiet.scores.trackers import sequence_training_quantities
+    >>> nll = torch.tensor([[0.0, 2.0, 0.5], [1.0, 1.0, 9.0]])
+    >>> mask = torch.tensor([[False, True, True], [True, True, False]])
+    >>> q = sequence_training_quantities(nll, mask, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
+    >>> q["loss"].tolist(), q["correct"].tolist(), q["el2n"].isnan().tolist()
+    ([1.25, 1.0], [1.0, 0.0], [True, True])
+
+    ```
+    """
+    nll = nll.detach().float()
+    mask = mask.to(nll.device)
+    missing = torch.full((nll.shape[0],), float("nan"), device=nll.device)
+
+    def mean(values):
+        return missing if values is None else per_example_mean(values.detach().float(), mask)
+
+    accuracy = mean(correct)
+    return {
+        "loss": per_example_mean(nll, mask),
+        "el2n": mean(el2n),
+        "margin": mean(margin),
+        "probability": per_example_mean(torch.exp(-nll), mask),
+        # NaN accuracy (not given) stays NaN rather than counting as "not learned".
+        "correct": torch.where(accuracy.isnan(), accuracy, (accuracy >= 0.5).float()),
     }
 
 

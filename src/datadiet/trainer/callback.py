@@ -12,15 +12,14 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from ..provenance import record_provenance
-from ..scores.logits import unwrap_logits
 from ..scores.trackers import (
     TRACKED_QUANTITIES,
     TRACKED_SCORES,
     TRACKED_SCORES_HIGHER_IS_HARDER,
     TrainingDynamics,
-    training_quantities,
 )
 from .batch_indices import record_batch_indices
+from .causal_lm import NEEDS_LOGITS, TokenReference, check_rows_separable, output_quantities, resolve_task, source_rows
 from .checkpoint import checkpoint_folder, dynamics_from_history, load_checkpoint_state, save_checkpoint_state
 from .row_check import RowCheck, collator_name, dataset_labels
 from .views import DEFAULT_ROW_ID_COLUMN
@@ -64,6 +63,15 @@ class ScoreCallback(TrainerCallback):
     The values come from the model in training mode, on the augmented inputs it is trained on, at the step where the
     example is seen (as in those papers), not from a separate eval-mode pass.
 
+    A causal LM (a transformers `*ForCausalLM`, also behind peft, or `task="causal_lm"`) is tracked per row over its
+    trained tokens, after the label shift (see [`~datadiet.scores.trackers.sequence_training_quantities`]): the mean
+    token loss, the mean probability of the target tokens, correctness as token accuracy >= 0.5, and token EL2N and
+    margin where the forward gives logits. Under TRL's `SFTTrainer` (whose fused LM head gives per-token
+    log-probabilities instead of logits) add `callbacks=[ScoreCallback()]` and nothing else: the rows are those of the
+    dataset given to `SFTTrainer`, mapped back from its tokenised copy (rows it drops get NaN, see
+    [`~datadiet.trainer.causal_lm.source_rows`]), each batch's tokens checked against its rows; packing and
+    padding-free batches are refused.
+
     Each example is known by its position in the training set, read from the indices the training data loader's
     sampler yields in this process (see [`~datadiet.trainer.batch_indices.BatchIndexRecorder`]), so that
     `with_transform` and `remove_unused_columns` work and the batch need carry no row id. Each batch is checked
@@ -81,6 +89,7 @@ class ScoreCallback(TrainerCallback):
             [`with_row_ids`], which then say each example's row (a stock Trainer keeps the key with
             `remove_unused_columns=False`).
         label_name: the batch key holding the labels.
+        task: `"causal_lm"` or `"classification"`; by default detected from the model when training begins.
 
     Example (a toy model and data, two epochs; `trainer.train()` prints its final metrics;
     `remove_unused_columns=False` is for `ClassifierWrapper`, whose forward takes `**inputs`, not for the rows, which
@@ -104,6 +113,24 @@ class ScoreCallback(TrainerCallback):
     ['pixel_values', 'labels', 'forgetting', 'aum']
 
     ```
+
+    A causal LM (a tiny random Llama on rows of 5 random tokens, trained on every token):
+    ```python
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    ...                      num_attention_heads=1)
+    >>> tokens = torch.randint(0, 16, (6, 5))
+    >>> train_dataset = Dataset.from_dict({"input_ids": tokens, "labels": tokens})
+    >>> callback = ScoreCallback(["loss", "confidence"])
+    >>> args = TrainingArguments(tempfile.mkdtemp(), num_train_epochs=2, per_device_train_batch_size=3, report_to=[],
+    ...                          use_cpu=True)
+    >>> _ = Trainer(LlamaForCausalLM(config), args, train_dataset=train_dataset, callbacks=[callback]).train()
+    ... # doctest: +ELLIPSIS
+    {'train_runtime': ...}
+    >>> callback.score_history["loss"].shape, callback.scores.column_names
+    ((6, 2), ['loss', 'confidence'])
+
+    ```
     """
 
     def __init__(
@@ -112,10 +139,20 @@ class ScoreCallback(TrainerCallback):
         *,
         row_id_column: str = DEFAULT_ROW_ID_COLUMN,
         label_name: str = "labels",
+        task: str | None = None,
     ):
         unknown = [name for name in track_scores if name not in TRACKED_SCORES]
         if unknown:
             raise ValueError(f"Unknown track_scores {unknown}; choose among {list(TRACKED_SCORES)}.")
+        resolve_task(task, None)  # refuses an unknown task now
+        self.task = task
+        # The task of the training run (`task`, or detected from the model when training begins).
+        self._task = task
+        # Scores asked for by name are an error where the model's output cannot give them; the default set drops them.
+        self._explicit_scores = track_scores is not TRACKED_SCORES
+        self._unavailable: set[str] = set()
+        # The user's row of each training row (SFTTrainer's prepared copy); None: the same position.
+        self._source: np.ndarray | None = None
         self.track_scores = list(track_scores)
         self.row_id_column = row_id_column
         self.label_name = label_name
@@ -150,15 +187,31 @@ class ScoreCallback(TrainerCallback):
         self._buffer_ids: list[torch.Tensor] = []
         self._buffer_values: list[dict[str, torch.Tensor]] = []
 
-    def record(self, row_ids: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Record one training micro-batch: `row_ids` `[B]`, `logits` `[B, C]`, integer `labels` `[B]`. Values stay
-        on the device until the end of the epoch (no synchronisation per step)."""
+    def record(self, row_ids: torch.Tensor, output, labels: torch.Tensor) -> None:
+        """Record one training micro-batch: `row_ids` `[B]` and the model's `output` (its logits, or the output
+        object) with the `labels`: a classifier's logits `[B, C]` and integer labels `[B]`, or a causal LM's logits
+        `[B, T, V]` (or TRL's fused LM head output) and labels `[B, T]`. Values stay on the device until the end of
+        the epoch (no synchronisation per step)."""
         if not self.recording:
             return
         if not torch.is_tensor(row_ids):
             row_ids = torch.as_tensor(row_ids)
+        values = output_quantities(output, labels, self._task or "classification")
+        if (
+            self._task == "causal_lm"
+            and not torch.is_tensor(output)
+            and getattr(output, "log_probs", None) is not None
+        ):
+            self._unavailable = set(NEEDS_LOGITS)
+            asked = [name for name in self.track_scores if name in NEEDS_LOGITS]
+            if asked and self._explicit_scores:
+                raise ValueError(
+                    f"track_scores {asked} need the model's logits, which TRL's fused LM head (SFTTrainer) does not "
+                    "build: track loss, forgetting, confidence, variability or correctness, and score el2n "
+                    "afterwards with datadiet.score_dataset(..., task='causal_lm')."
+                )
         self._buffer_ids.append(row_ids.detach().reshape(-1))
-        self._buffer_values.append(training_quantities(logits, labels))
+        self._buffer_values.append(values)
 
     def _commit_epoch(self) -> None:
         """Gather this epoch's records from every process into `self.dynamics` (one new epoch of history)."""
@@ -181,14 +234,19 @@ class ScoreCallback(TrainerCallback):
 
     # ---- forward hooks (stock Trainer) -----------------------------------------------------------------------------
 
-    def next_row_ids(self, labels: torch.Tensor, row_ids=None) -> torch.Tensor | None:
-        """The training-set positions of the next training micro-batch, whose `labels` (and `row_ids`, when the batch
-        carries them) are given, checked against the sampler's rows; None when nothing is recorded."""
+    def next_row_ids(self, labels: torch.Tensor, row_ids=None, *, input_ids=None, attention_mask=None):
+        """The rows of the next training micro-batch, whose `labels` (and `row_ids`, when the batch carries them; a
+        causal LM's `input_ids` and `attention_mask`) are given, checked against the sampler's rows; None when
+        nothing is recorded. They are rows of the user's dataset: for `SFTTrainer`, whose training set is its own
+        prepared copy, mapped back through it (see [`~datadiet.trainer.causal_lm.source_rows`])."""
         if not self.recording:
             return None
         if self._rows is None:
             raise ValueError("ScoreCallback saw a training batch before training began: add it to the Trainer.")
-        return self._rows.rows(labels, row_ids)
+        rows = self._rows.rows(labels, row_ids, input_ids=input_ids, attention_mask=attention_mask)
+        if self._source is not None:
+            rows = torch.as_tensor(self._source[rows.numpy()], dtype=torch.long)
+        return rows
 
     def _pre_hook(self, module, args, kwargs):
         # A row id from `with_row_ids` is never a model input: remove it whether training or evaluating.
@@ -202,14 +260,17 @@ class ScoreCallback(TrainerCallback):
                 f"has {sorted(kwargs)}. (A stock Trainer removes them when label_smoothing_factor > 0 or "
                 "compute_loss_func is set: use DataDietTrainer then.)"
             )
-        self._pending = (self.next_row_ids(labels, batch_row_ids), labels)
+        row_ids = self.next_row_ids(
+            labels, batch_row_ids, input_ids=kwargs.get("input_ids"), attention_mask=kwargs.get("attention_mask")
+        )
+        self._pending = (row_ids, labels)
         return args, kwargs
 
     def _post_hook(self, module, args, kwargs, output):
         if self._pending is not None:
             row_ids, labels = self._pending
             self._pending = None
-            self.record(row_ids, unwrap_logits(output), labels)
+            self.record(row_ids, output, labels)
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -226,7 +287,17 @@ class ScoreCallback(TrainerCallback):
         # Refuses a training set whose rows cannot be known (a streaming one), with the fix.
         indices = record_batch_indices(train_dataloader)
         tracking = bool(self.track_scores) or self._always_record
-        labels, label_column = dataset_labels(train_dataloader.dataset, self.label_name) if tracking else (None, None)
+        dataset = train_dataloader.dataset
+        self._task = resolve_task(self.task, model)
+        self._unavailable = set()
+        labels, label_column, tokens = None, None, None
+        if self._task == "causal_lm":
+            check_rows_separable(args, dataset)
+            self._source, num_rows = source_rows(dataset, args)
+            tokens = TokenReference.from_dataset(dataset) if tracking else None
+        else:
+            self._source, num_rows = None, len(dataset)
+            labels, label_column = dataset_labels(dataset, self.label_name) if tracking else (None, None)
         self._rows = RowCheck(
             indices,
             labels,
@@ -234,8 +305,8 @@ class ScoreCallback(TrainerCallback):
             collator=collator_name(train_dataloader),
             caller=self._caller,
             row_id_column=self.row_id_column,
+            tokens=tokens,
         )
-        num_rows = len(train_dataloader.dataset)
         self.dynamics = TrainingDynamics(num_rows)
         self.epoch = -1
         self._in_training = True
@@ -344,7 +415,10 @@ class ScoreCallback(TrainerCallback):
     @property
     def score_history(self) -> dict[str, np.ndarray]:
         """Per-epoch histories, `{quantity: [num_rows, num_epochs] array}` for `loss`, `el2n`, `margin`,
-        `probability` (of the true class) and `correct`; NaN where an example was not seen that epoch."""
+        `probability` (of the true class) and `correct`; NaN where an example was not seen that epoch. For a causal
+        LM each is the row's mean over its trained tokens (`probability` of the target tokens; `correct` is token
+        accuracy >= 0.5), rows in the order of the dataset given to the Trainer (to `SFTTrainer`: before its
+        preparation), NaN for rows `SFTTrainer` dropped and, under its fused LM head, for `el2n` and `margin`."""
         dynamics = self._check_trained()
         return {name: dynamics.history(name) for name in TRACKED_QUANTITIES}
 
@@ -352,7 +426,8 @@ class ScoreCallback(TrainerCallback):
     def scores(self) -> Dataset:
         """A `datasets.Dataset` with one float32 column per tracked score, row `i` for training example `i`."""
         dynamics = self._check_trained()
-        summary = dynamics.summary(self.track_scores)
+        names = [name for name in self.track_scores if name not in self._unavailable]
+        summary = dynamics.summary(names)
         return Dataset.from_dict({name: values.astype(np.float32) for name, values in summary.items()})
 
     def add_scores(self, dataset: Dataset, *, history: bool = False) -> Dataset:

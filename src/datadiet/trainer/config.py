@@ -49,6 +49,9 @@ class DataDietConfig(TrainingArguments):
         row_id_column (`str`, defaults to `"datadiet_row_id"`): the key under which the trainer carries each
             example's position in `train_dataset` through the batch. It survives `remove_unused_columns` and is
             removed before the model's forward.
+        task (`str`, *optional*): `"causal_lm"` (each row's scores are means over its trained tokens, after the
+            label shift) or `"classification"`; by default detected from the model (a transformers `*ForCausalLM` is
+            a causal LM).
         dynamic_pruning (`bool`, defaults to `False`): InfoBatch-style dynamic pruning (Qin et al. 2024): each epoch,
             skip with probability `dynamic_pruning_ratio` each example currently scored easy (score below the mean)
             and scale the loss of the kept easy examples by `1 / (1 - ratio)`, so the expected gradient is unchanged.
@@ -74,6 +77,10 @@ class DataDietConfig(TrainingArguments):
     row_id_column: str = field(
         default="datadiet_row_id",
         metadata={"help": "Batch key carrying each example's position in train_dataset (added by the trainer)."},
+    )
+    task: str | None = field(
+        default=None,
+        metadata={"help": "causal_lm or classification; detected from the model when not set."},
     )
     dynamic_pruning: bool = field(
         default=False,
@@ -121,6 +128,10 @@ class DataDietConfig(TrainingArguments):
                 raise ValueError("score_epochs is set but score_methods is empty: name the methods, e.g. ['el2n'].")
         if not self.row_id_column:
             raise ValueError("row_id_column must be a non-empty column name.")
+        from .causal_lm import TASKS
+
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)} (or None to detect it); got {self.task!r}.")
         if len(self.label_names) != 1:
             raise ValueError(
                 f"DataDietTrainer trains single-label classifiers with one label key; got label_names="

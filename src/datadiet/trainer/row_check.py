@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .batch_indices import BatchIndexRecorder
+from .causal_lm import TokenReference
 from .views import RowIdDataset, TransformedView
 
 logger = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ class RowCheck:
         collator: str = "(unknown)",
         caller: str | None = None,
         row_id_column: str = "datadiet_row_id",
+        tokens: TokenReference | None = None,
     ):
         self.indices = indices
+        self.tokens = tokens
         self.labels = labels
         self.label_column = label_column
         self.collator = collator
@@ -148,37 +151,67 @@ class RowCheck:
         """Forget a micro-batch in progress (a new epoch or training run)."""
         self._forwards = 0
 
-    def rows(self, labels: torch.Tensor, row_ids=None) -> torch.Tensor:
+    def rows(self, labels: torch.Tensor, row_ids=None, *, input_ids=None, attention_mask=None) -> torch.Tensor:
         """The training-set positions of the next micro-batch, whose `labels` `[B]` (and, if the batch carries them,
-        `row_ids` `[B]`) are given; raises `ValueError` when they cannot be the sampler's rows."""
+        `row_ids` `[B]`) are given; raises `ValueError` when they cannot be the sampler's rows. A causal LM's batch
+        (labels `[B, T]`, with its `input_ids` and `attention_mask`) is checked token by token against the rows'
+        tokens (`tokens`, see [`~datadiet.trainer.causal_lm.TokenReference`])."""
         self._forwards += 1
         if self._forwards > 1:
             raise ValueError(self._twice_message())
+        if labels.ndim == 2:
+            return self._sequence_rows(labels, row_ids, input_ids, attention_mask)
         labels = labels.detach().reshape(-1)
         indices = self.indices.pop(len(labels))
         if row_ids is not None:
-            batch_ids = torch.as_tensor(row_ids).detach().reshape(-1).long().cpu()
-            if len(batch_ids) != len(indices) or sorted(batch_ids.tolist()) != sorted(indices):
-                raise ValueError(
-                    f"The batch's {self.row_id_column!r} ids {batch_ids.tolist()[:8]} are not the rows its sampler "
-                    f"yielded {indices[:8]}: the data collator {self.collator} mixed examples of different batches "
-                    f"or changed the {self.row_id_column!r} key; return one example per row received, with its id."
-                )
-            return batch_ids
+            return self._batch_ids(row_ids, indices)
         if self.labels is None:
-            if not self._warned:
-                self._warned = True
-                logger.warning(
-                    "The order of each batch's rows is not checked: the training set's labels cannot be read without "
-                    "loading its examples, and the batches carry no %r key. For an exact check, train on "
-                    "`with_row_ids(train_dataset)` and keep that key in the batch.",
-                    self.row_id_column,
-                )
+            self._warn_once(
+                "The order of each batch's rows is not checked: the training set's labels cannot be read without "
+                f"loading its examples, and the batches carry no {self.row_id_column!r} key. For an exact check, "
+                "train on `with_row_ids(train_dataset)` and keep that key in the batch."
+            )
             return torch.as_tensor(indices, dtype=torch.long)
         expected = self.labels[indices]
         got = labels.cpu().numpy()  # the Trainer synchronises at every micro-batch anyway (its NaN-loss filter)
         if not np.array_equal(expected, got):
             raise ValueError(self._mismatch_message(indices, expected, got))
+        return torch.as_tensor(indices, dtype=torch.long)
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(message)
+
+    def _batch_ids(self, row_ids, indices: list[int]) -> torch.Tensor:
+        """The row ids a batch carries, which must be the sampler's rows (in any order)."""
+        batch_ids = torch.as_tensor(row_ids).detach().reshape(-1).long().cpu()
+        if len(batch_ids) != len(indices) or sorted(batch_ids.tolist()) != sorted(indices):
+            raise ValueError(
+                f"The batch's {self.row_id_column!r} ids {batch_ids.tolist()[:8]} are not the rows its sampler "
+                f"yielded {indices[:8]}: the data collator {self.collator} mixed examples of different batches "
+                f"or changed the {self.row_id_column!r} key; return one example per row received, with its id."
+            )
+        return batch_ids
+
+    def _sequence_rows(self, labels, row_ids, input_ids, attention_mask) -> torch.Tensor:
+        indices = self.indices.pop(labels.shape[0])
+        if row_ids is not None:
+            indices = self._batch_ids(row_ids, indices).tolist()
+        if self.tokens is None:
+            self._warn_once(
+                "The tokens of each batch are not checked against its rows: the training set is not a "
+                "`datasets.Dataset` with `input_ids` or `labels` token columns."
+            )
+            return torch.as_tensor(indices, dtype=torch.long)
+        mismatch = self.tokens.mismatch(indices, labels=labels, input_ids=input_ids, attention_mask=attention_mask)
+        if mismatch is not None:
+            raise ValueError(
+                f"A training batch's tokens are not those of the rows its sampler yielded ({mismatch}): the data "
+                f"collator {self.collator} reorders, truncates or changes examples, so scores cannot be attached to "
+                "rows; use a collator that keeps each example's tokens in the order received (TRL's or transformers' "
+                "DataCollatorForLanguageModeling)."
+            )
         return torch.as_tensor(indices, dtype=torch.long)
 
     def end_batch(self) -> None:

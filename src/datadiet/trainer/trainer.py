@@ -16,7 +16,9 @@ from transformers.trainer_utils import has_length
 from ..engine.process import get_process_state
 from ..models import ClassifierWrapper
 from ..scores.logits import unwrap_logits
+from ..tasks.causal_lm import CausalLMTask
 from .callback import ScoreCallback, add_score_columns
+from .causal_lm import resolve_task
 from .checkpoint import checkpoint_folder, load_trainer_state, save_trainer_state, write_final_scores
 from .config import DataDietConfig
 from .dynamic import DynamicPruning, DynamicPruningSampler, EpochProgressScheduler, resume_position
@@ -160,8 +162,19 @@ class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
         # The loss is computed here from the logits; the model is never asked to normalise it.
         self.model_accepts_loss_kwargs = False
         self.scoring_dataset = scoring_dataset
+        self.task = resolve_task(args.task, self.model)
+        if self.task == "causal_lm" and args.score_epochs:
+            raise ValueError(
+                "score_epochs runs classification scoring passes; for a causal LM score the rows after training with "
+                "datadiet.score_dataset(dataset, model, task='causal_lm', ...) and leave score_epochs empty."
+            )
+        if self.task == "causal_lm" and label_smoothing > 0:
+            raise ValueError(
+                "label_smoothing_factor > 0 is not supported for a causal LM in DataDietTrainer (its loss is each "
+                "row's mean token NLL): set label_smoothing_factor=0."
+            )
         self.score_callback = ScoreCallback(
-            args.track_scores, row_id_column=args.row_id_column, label_name=args.label_names[0]
+            args.track_scores, row_id_column=args.row_id_column, label_name=args.label_names[0], task=self.task
         )
         self.score_callback._record_from_hooks = False
         self.score_callback._caller = f"{type(self).__name__}.compute_loss"
@@ -231,7 +244,9 @@ class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
         if num_items_in_batch is None and batch_samples and label_name in batch_samples[0]:
             # The examples of the whole accumulated batch (all processes), so that `compute_loss` can divide the
             # summed loss by it: gradient accumulation then equals one large batch.
-            num_items_in_batch = sum(int(batch[label_name].ne(-100).sum()) for batch in batch_samples)
+            # A causal LM's targets are the labels after the shift (transformers counts them so too).
+            shift = 1 if self.task == "causal_lm" else 0
+            num_items_in_batch = sum(int(batch[label_name][..., shift:].ne(-100).sum()) for batch in batch_samples)
             num_items_in_batch = torch.tensor(num_items_in_batch, device=device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
@@ -251,31 +266,48 @@ class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
             )
         outputs = model(**inputs)
         logits = unwrap_logits(outputs)
-        if logits.ndim != 2 or labels.ndim != 1 or labels.is_floating_point():
+        causal_lm = self.task == "causal_lm"
+        if not causal_lm and (logits.ndim != 2 or labels.ndim != 1 or labels.is_floating_point()):
             raise ValueError(
-                "DataDietTrainer tracks single-label classifiers: logits of shape [batch, classes] and integer "
-                f"labels of shape [batch]; got logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
-                f"({labels.dtype})."
+                "DataDietTrainer tracks single-label classifiers (or causal LMs, task='causal_lm'): logits of shape "
+                f"[batch, classes] and integer labels of shape [batch]; got logits {tuple(logits.shape)} and labels "
+                f"{tuple(labels.shape)} ({labels.dtype})."
             )
         training = model.training
-        row_ids = self.score_callback.next_row_ids(labels, batch_row_ids) if training else None
+        row_ids = None
+        if training:
+            row_ids = self.score_callback.next_row_ids(
+                labels, batch_row_ids, input_ids=inputs.get("input_ids"), attention_mask=inputs.get("attention_mask")
+            )
         if row_ids is not None:
             self.score_callback.record(row_ids, logits, labels)
 
         if self.compute_loss_func is not None:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         else:
-            per_example = F.cross_entropy(
-                logits.float(), labels.long(), reduction="none", label_smoothing=self.args.label_smoothing_factor
-            )
+            if causal_lm:
+                # The model's own causal-LM loss: every trained token's NLL (the task's one cross-entropy), averaged
+                # over the trained tokens.
+                per_item, mask = CausalLMTask.per_token_losses(logits, {"labels": labels})
+            else:
+                per_item, mask = (
+                    F.cross_entropy(
+                        logits.float(),
+                        labels.long(),
+                        reduction="none",
+                        label_smoothing=self.args.label_smoothing_factor,
+                    ),
+                    None,
+                )
             if training and self._pruning_weights is not None and row_ids is not None:
                 # InfoBatch (Qin et al. 2024, eq. 3): kept easy examples count 1 / (1 - ratio) times, so that the
                 # expected gradient over the random skipping equals the full-data gradient.
-                per_example = per_example * self._pruning_weights[row_ids.to(self._pruning_weights.device)]
+                weights = self._pruning_weights[row_ids.to(self._pruning_weights.device)].to(per_item.device)
+                per_item = per_item * (weights[:, None] if causal_lm else weights)
             if num_items_in_batch is None:
-                loss = per_example.mean()
+                loss = per_item.mean() if mask is None else per_item.sum() / mask.sum().clamp(min=1)
             else:
-                loss = per_example.sum() / num_items_in_batch
+                loss = per_item.sum() / num_items_in_batch
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
                     # DDP averages the gradients over processes; the count already covers all of them.
                     loss = loss * self.accelerator.num_processes
