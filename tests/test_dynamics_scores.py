@@ -1,12 +1,17 @@
 """The training-dynamics columns of `score_dataset` / `datadiet score` (`forgetting`, `aum`, `confidence`,
 `variability`, `correctness`) checked row by row against references that use none of datadiet's tracking code: the
 initial model itself (learning rate 0: every presentation gives the initial prediction), and the logits of every
-training forward pass as a plain torch forward hook on the test's own model saw them, each attributed to its row by
-the row's pixel values (never by a sampler index or a row-id column)."""
+training forward pass as a plain torch forward hook on the test's own model saw them (in one process, or in each of
+two `accelerate launch` processes), each attributed to its row by the row's pixel values, never by a sampler index or
+a row-id column. What stays datadiet's own is only the convention checked against: a row never classified correctly
+counts `num_epochs` forgetting events (finite, so that seeds average), and rows never presented take the median."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -96,20 +101,26 @@ def _assert_columns(scored, per_seed: list[dict[str, np.ndarray]]) -> None:
             np.testing.assert_allclose(std, stacked.std(axis=0), rtol=1e-4, atol=1e-6, err_msg=f"{name}_std")
 
 
-def test_learning_rate_zero_gives_the_initial_models_predictions_at_every_presentation(digit_arrays, one_thread):
+def _score(dataset, model_init, seeds, epochs, batch_size, *, output_dir=None, **training):
     from datadiet import score_dataset
 
-    seeds, epochs = [0, 1], 3
-    scored = score_dataset(
-        digit_arrays,
-        model_init=_mlp,
+    return score_dataset(
+        dataset,
+        model_init=model_init,
         methods=METHODS,
         seeds=seeds,
         train_epochs=epochs,
-        batch_size=32,
+        batch_size=batch_size,
         image_column="pixels",
-        training_kwargs={"learning_rate": 0.0},
+        training_kwargs=training,
+        output_dir=output_dir,
     )
+
+
+def test_learning_rate_zero_gives_the_initial_models_predictions_at_every_presentation(digit_arrays, one_thread):
+
+    seeds, epochs = [0, 1], 3
+    scored = _score(digit_arrays, _mlp, seeds, epochs, batch_size=32, learning_rate=0.0)
     assert scored["label"] == digit_arrays["label"]  # rows kept in their order
     inputs = torch.tensor(np.asarray(digit_arrays["pixels"]), dtype=torch.float32)
     labels = np.asarray(digit_arrays["label"])
@@ -151,37 +162,36 @@ class _Recorder:
         return model
 
     def presentations(self, seed: int, dataset) -> tuple[list[list[dict[str, float]]], list[list[int]]]:
-        """Each row's quantities in presentation order (rows found by their pixels) and the row order of each batch."""
-        position = {np.asarray(p, dtype=np.float32).tobytes(): i for i, p in enumerate(dataset["pixels"])}
-        labels = np.asarray(dataset["label"])
-        per_row: list[list[dict[str, float]]] = [[] for _ in range(len(dataset))]
-        batches = []
-        for inputs, logits in self.calls[seed]:
-            rows = [position[vector.numpy().tobytes()] for vector in inputs]
-            q = _per_row_quantities(logits, labels[rows])
-            for i, row in enumerate(rows):
-                per_row[row].append({name: float(values[i]) for name, values in q.items()})
-            batches.append(rows)
-        return per_row, batches
+        """Each row's quantities in presentation order and the rows of each batch (see `_presentations`)."""
+        return _presentations([(i, inputs, logits) for i, (inputs, logits) in enumerate(self.calls[seed])], dataset)
 
 
-def test_forgetting_of_a_real_training_run_equals_the_count_over_its_recorded_forward_passes(digit_arrays, one_thread):
+def _presentations(records, dataset) -> tuple[list[list[dict[str, float]]], list[list[int]]]:
+    """From `(time, inputs, logits)` of training forward passes: each row's quantities ordered by time, the rows
+    found by their pixels; and the rows of each batch."""
+    position = {np.asarray(p, dtype=np.float32).tobytes(): i for i, p in enumerate(dataset["pixels"])}
+    labels = np.asarray(dataset["label"])
+    timed: list[list[tuple[int, dict[str, float]]]] = [[] for _ in range(len(dataset))]
+    batches = []
+    for time, inputs, logits in records:
+        rows = [position[np.asarray(vector, dtype=np.float32).tobytes()] for vector in inputs]
+        q = _per_row_quantities(torch.as_tensor(logits), labels[rows])
+        for i, row in enumerate(rows):
+            timed[row].append((time, {name: float(values[i]) for name, values in q.items()}))
+        batches.append(rows)
+    per_row = [[quantities for _, quantities in sorted(seen, key=lambda item: item[0])] for seen in timed]
+    return per_row, batches
+
+
+def test_forgetting_of_a_real_training_run_equals_the_count_over_its_recorded_forward_passes(
+    digit_arrays, one_thread, tmp_path
+):
     """Learning rate > 0, 3 epochs, the Trainer's shuffled sampler, 2 seeds: the very runs whose columns are checked
-    are the runs the hook saw (same process, same models)."""
-    from datadiet import score_dataset
-
+    are the runs the hook saw (same process, same models). A rerun on the same `output_dir` trains nothing and gives
+    the same columns (the scores cached beside the proxy weights)."""
     seeds, epochs, batch_size = [0, 1], 3, 16
     recorder = _Recorder()
-    scored = score_dataset(
-        digit_arrays,
-        model_init=recorder,
-        methods=METHODS,
-        seeds=seeds,
-        train_epochs=epochs,
-        batch_size=batch_size,
-        image_column="pixels",
-        training_kwargs={"learning_rate": 0.02},
-    )
+    scored = _score(digit_arrays, recorder, seeds, epochs, batch_size, learning_rate=0.02, output_dir=tmp_path)
     per_seed = []
     for seed in seeds:
         per_row, batches = recorder.presentations(seed, digit_arrays)
@@ -195,24 +205,18 @@ def test_forgetting_of_a_real_training_run_equals_the_count_over_its_recorded_fo
         per_seed.append(expected)
     _assert_columns(scored, per_seed)
 
+    rerun = _Recorder()
+    resumed = _score(digit_arrays, rerun, seeds, epochs, batch_size, learning_rate=0.02, output_dir=tmp_path)
+    assert all(not calls for calls in rerun.calls.values())  # the proxies were loaded, not trained again
+    _assert_columns(resumed, per_seed)
+
 
 def test_rows_a_dropped_last_batch_never_presented_get_the_median(digit_arrays, one_thread):
     """With `dataloader_drop_last`, each epoch leaves out the rows of its last partial batch (a different set each
     epoch): rows presented in some epochs are scored over those, rows presented in none take the median."""
-    from datadiet import score_dataset
-
     epochs, batch_size = 2, 50  # 240 = 4 * 50 + 40: 40 rows left out of each epoch
     recorder = _Recorder()
-    scored = score_dataset(
-        digit_arrays,
-        model_init=recorder,
-        methods=METHODS,
-        seeds=[3],
-        train_epochs=epochs,
-        batch_size=batch_size,
-        image_column="pixels",
-        training_kwargs={"learning_rate": 0.02, "dataloader_drop_last": True},
-    )
+    scored = _score(digit_arrays, recorder, [3], epochs, batch_size, learning_rate=0.02, dataloader_drop_last=True)
     per_row, _ = recorder.presentations(3, digit_arrays)
     presented = np.array([len(seen) for seen in per_row])
     assert presented.sum() == epochs * (ROWS // batch_size) * batch_size
@@ -258,3 +262,57 @@ def test_the_command_writes_the_forgetting_column_score_dataset_gives(tmp_path, 
     # One epoch: each row is presented once, so forgetting is 0 (correct then) or 1 (the never-learned value) for
     # each seed; the mean of two is 0, 0.5 or 1, and rows of each kind are there.
     assert set(np.unique(from_python["forgetting"]).tolist()) == {0.0, 0.5, 1.0}
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_forgetting_their_recorded_forward_passes_give(digit_arrays, tmp_path):
+    """Under a real two-process `accelerate launch`, each process's hook sees its half of every batch; the rows of
+    both halves, put in epoch order, give the scores the main process writes. 224 rows = 7 batches of 2 x 16: no
+    row padded in twice."""
+    from pathlib import Path
+
+    rows, epochs, batch_size, seeds = 224, 3, 16, [0, 1]
+    dataset = digit_arrays.select(range(rows))
+    dataset.save_to_disk(str(tmp_path / "data"))
+    script = Path(__file__).resolve().parent / "scripts" / "score_dynamics.py"
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    flags += ["--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    argv = [str(script), str(tmp_path / "data"), str(tmp_path / "result"), str(epochs), str(batch_size)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    environment["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    run = subprocess.run(
+        [accelerate, "launch", *flags, *argv, *map(str, seeds)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = tmp_path / "result"
+    with np.load(result / "scores.npz") as stored:
+        assert int(stored["world"]) == 2
+        columns = {name: stored[name] for name in stored.files if name != "world"}
+    per_seed = []
+    for seed in seeds:
+        records = []
+        for rank in range(2):
+            with np.load(result / f"rank-{rank}-seed-{seed}.npz") as recorded:
+                sizes, inputs, logits = recorded["batches"], recorded["inputs"], recorded["logits"]
+            assert (sizes == batch_size).all() and len(sizes) == epochs * rows // (2 * batch_size)
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            per_epoch = len(sizes) // epochs
+            for call, (start, size) in enumerate(zip(starts, sizes)):
+                records.append((call // per_epoch, inputs[start : start + size], logits[start : start + size]))
+        per_row, _ = _presentations(records, dataset)
+        assert all(len(seen) == epochs for seen in per_row)  # each row once per epoch, on one process or the other
+        per_seed.append(_hand_scores(per_row, epochs))
+    _assert_columns(columns, per_seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
