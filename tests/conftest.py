@@ -4,6 +4,8 @@ and tiny random-init models. No network, ever."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,19 @@ def require_shared_data(path: Path) -> None:
     if os.environ.get("DATADIET_REQUIRE_SHARED_DATA") == "1":
         pytest.fail(message + "; set DATADIET_SHARED_DATA to its folder")
     pytest.skip(message)
+
+
+def run_datadiet(*argv: str, cwd) -> subprocess.CompletedProcess:
+    """`python -m datadiet *argv` in a real subprocess (one thread, offline), its output captured."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "datadiet", *argv],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="session")

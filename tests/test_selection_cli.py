@@ -4,26 +4,13 @@ the same rows, then `datadiet prune --from_selection` for every keep fraction it
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_datadiet as _datadiet
 
 ROWS = 240
-
-
-def _datadiet(*argv: str, cwd) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "datadiet", *argv],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def _ok(run: subprocess.CompletedProcess) -> None:
