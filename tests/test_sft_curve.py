@@ -244,6 +244,14 @@ def test_an_interrupted_curve_resumes_only_the_missing_run_and_a_changed_budget_
     assert refused.returncode == 2 and "other values of ['max_steps']" in refused.stderr.strip().splitlines()[-1]
 
 
+def test_report_only_rewrites_both_reports_identically_from_the_runs(curve, workspace):
+    before = {name: (curve / name).read_bytes() for name in ("curve.md", "confirm/curve.md")}
+    for name in before:
+        (curve / name).unlink()
+    _ok(_datadiet(*_curve_command(workspace, "--report_only", "true"), cwd=workspace))
+    assert {name: (curve / name).read_bytes() for name in before} == before
+
+
 def test_prune_from_selection_keeps_the_chosen_end_of_the_score(curve, workspace):
     from datasets import load_from_disk
 
