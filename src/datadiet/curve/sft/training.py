@@ -32,6 +32,17 @@ def load_causal_lm(model_name_or_path: str, gguf_file: str | None = None):
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+    if gguf_file:
+        # transformers dequantises a GGUF file's weights into plain float32 tensors at load, yet marks the model as
+        # quantized, and `Trainer` then refuses to train it ("GGUF ... do not support training"): the same weights in
+        # a model built from the configuration alone train as any other.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config = model.generation_config
+        model = plain
     if tokenizer.chat_template is None:
         raise ValueError(
             f"The tokenizer of {model_name_or_path} has no chat template: the SFT curve trains conversational "
@@ -97,7 +108,8 @@ def held_out_loss(trainer, name: str) -> dict[str, float]:
     """The mean completion-token loss of `trainer.model` on the held-out set `name` (one of the trainer's eval
     datasets): the token-weighted mean, i.e. the summed next-token negative log-likelihood of every completion token
     of every row over the number of those tokens (rows cut at `max_length` as in training). Returns `{"loss",
-    "tokens", "rows"}`."""
+    "tokens", "rows"}`; `rows` counts the rows `SFTTrainer` kept, which leaves out rows whose prompt fills
+    `max_length` (no completion token: nothing to add to the mean)."""
     model = trainer.model
     model.eval()
     total, tokens, rows = 0.0, 0, 0
