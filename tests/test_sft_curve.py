@@ -179,9 +179,10 @@ def test_validation_stage_chooses_by_the_lowest_validation_loss_and_never_reads_
     runs = _lines(curve / "runs.jsonl")
     assert len(runs) == 12 and {run["evaluated_on"] for run in runs} == {"validation"}
     assert all(math.isfinite(run["eval_loss"]) and run["ood_loss"] is None for run in runs)
-    assert {run["train_rows"] for run in runs if run["score"] != "full"} == {8} and {run["steps"] for run in runs} == {
-        2
-    }
+    assert {run["train_rows"] for run in runs if run["score"] != "full"} == {8}
+    assert {run["steps"] for run in runs} == {2}
+    assert all(run["eval_rows"] + run["eval_rows_without_completion"] == 8 for run in runs)
+    assert all(0 <= run["train_rows_without_completion"] < run["train_rows"] for run in runs)
     means = {}
     for run in runs:
         if run["score"] not in ("full", "random"):

@@ -206,6 +206,8 @@ def _run_all(args, pool, model, tokenizer, eval_sets: dict, output_dir: Path, ru
             "ood_loss": losses["ood"]["loss"] if "ood" in losses else None,
             "ood_tokens": losses["ood"]["tokens"] if "ood" in losses else None,
             "train_rows": len(rows),
+            # SFTTrainer drops training rows whose prompt fills max_length (no token to learn from).
+            "train_rows_without_completion": len(rows) - len(trainer.train_dataset),
             "steps": args.max_steps,
             "train_loss": trainer.state.log_history[-1].get("train_loss"),
             "seconds": round(time.time() - started, 1),
