@@ -13,6 +13,7 @@ from datadiet.cli.prune import PruneArguments
 from datadiet.cli.score import ScoreArguments
 from datadiet.cli.train import TrainArguments
 from datadiet.curve import CurveArguments
+from datadiet.curve.sft import SFTCurveArguments
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate_configs" not in p.parts)
@@ -22,8 +23,9 @@ RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate_co
 def test_every_recipe_parses(recipe):
     kind = recipe.stem.split("_")[0]
     arguments = {"score": ScoreArguments, "prune": PruneArguments, "train": TrainArguments, "curve": CurveArguments}
+    arguments["study"] = SFTCurveArguments  # recipes/sft/study.yaml: the SFT curve (`datadiet report sft-curve`)
     if kind not in arguments:
-        pytest.fail(f"{recipe} is not a score/prune/train/curve recipe; teach this test how to parse it")
+        pytest.fail(f"{recipe} is not a score/prune/train/curve/study recipe; teach this test how to parse it")
     (parsed,) = parse_config((arguments[kind],), ["--config", str(recipe)])
     assert parsed.output_dir == yaml.safe_load(recipe.read_text())["output_dir"]
 

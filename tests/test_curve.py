@@ -559,3 +559,15 @@ def test_training_proxy_and_validation_seeds_draw_separate_streams(tmp_path, mon
     assert torch.equal(torch.cat([p.detach().flatten() for p in reference.parameters()]), full_weights)
     records = _lines(tmp_path / "curve" / "runs.jsonl")
     assert {run["torch_seed"] for run in records} == {stream_seed("training", 3)}
+
+
+def test_append_run_starts_a_new_line_after_a_line_cut_by_an_interrupt(tmp_path):
+    from datadiet.curve.store import append_run, read_runs
+
+    path = tmp_path / "runs.jsonl"
+    append_run(path, {"seed": 0})
+    path.write_text(path.read_text() + '{"seed": 1, "acc')  # the process died mid-write
+    append_run(path, {"seed": 1})
+    append_run(path, {"seed": 2})
+    assert path.read_text().splitlines() == ['{"seed": 0}', '{"seed": 1, "acc', '{"seed": 1}', '{"seed": 2}']
+    assert [run["seed"] for run in read_runs(path)] == [0, 1, 2]

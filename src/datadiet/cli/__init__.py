@@ -1,4 +1,4 @@
-"""The `datadiet` command: `score`, `prune`, `push`, `train`, `report` and `demo`, one module each, each reading a
+"""The `datadiet` command: `score`, `prune`, `push`, `split`, `train`, `report` and `demo`, one module each, each reading a
 recipe YAML (`--config`) whose values are defaults that command-line flags override. The same entry points run under
 `accelerate launch -m datadiet.cli ...`."""
 
@@ -21,8 +21,9 @@ commands:
   score   score a dataset (EL2N, GraNd, ...) and save it with score columns
   prune   keep a subset of a scored dataset
   push    save a pruned dataset with its card to a folder or the Hub
+  split   split an instruction set once into pool, validation and test rows (for the SFT curve)
   train   train a fresh model on a dataset and report test accuracy
-  report  plots: `report curve` (pruning curves), `report hist` (score histograms)
+  report  plots: `report curve` (pruning curves), `report sft-curve` (SFT curves), `report hist` (histograms)
   demo    the whole chain on scikit-learn's digits (no download)
 
 `datadiet <command> --help` lists a command's flags; --debug shows the traceback behind an error.
@@ -38,6 +39,8 @@ def _command(name: str):
         from .prune import main
     elif name == "push":
         from .push import main
+    elif name == "split":
+        from .split import main
     elif name == "train":
         from .train import main
     elif name == "report":

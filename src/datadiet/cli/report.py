@@ -1,5 +1,5 @@
-"""`datadiet report`: `report curve` (pruning curves, see `datadiet.curve`) and `report hist` (score histograms of a
-scored dataset)."""
+"""`datadiet report`: `report curve` (pruning curves, see `datadiet.curve`), `report sft-curve` (the SFT curve, see
+`datadiet.curve.sft`) and `report hist` (score histograms of a scored dataset)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from .parsing import dataset_folder, parse_config
 
 __all__ = ["HistArguments", "report_main"]
 
-_REPORT_USAGE = """usage: datadiet report <curve|hist> [--config recipe.yaml] [--flag value ...]
+_REPORT_USAGE = """usage: datadiet report <curve|sft-curve|hist> [--config recipe.yaml] [--flag value ...]
 
-  curve  pruning curve: test accuracy against fraction kept per score and strategy (runs.jsonl, curve.png, curve.md)
-  hist   histograms of score columns of a scored dataset
+  curve      pruning curve: test accuracy against fraction kept per score and strategy (runs.jsonl, curve.png, curve.md)
+  sft-curve  the SFT curve: LoRA fine-tunes of a causal LM on pruned instruction sets, held-out completion loss
+  hist       histograms of score columns of a scored dataset
 """
 
 
@@ -47,6 +48,13 @@ def report_main(argv: Sequence[str]) -> int:
         (args,) = parse_config((CurveArguments,), rest)
         run_curve(args)
         print(f"pruning curve written to {Path(args.output_dir) / 'curve.md'} and curve.png")
+        return 0
+    if command == "sft-curve":
+        from ..curve.sft import SFTCurveArguments, run_sft_curve
+
+        (args,) = parse_config((SFTCurveArguments,), rest)
+        run_sft_curve(args)
+        print(f"SFT curve written to {Path(args.output_dir) / 'curve.md'}")
         return 0
     if command == "hist":
         from ..data import load_data

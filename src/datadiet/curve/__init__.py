@@ -20,7 +20,7 @@ import torch
 
 from .arguments import CurveArguments, check_steps, strategy_options
 from .selection import choose_cells, read_selection
-from .store import check_config, claim_run, config_digest, evaluated_on, planned_runs, read_runs, run_key
+from .store import append_run, check_config, claim_run, config_digest, evaluated_on, planned_runs, read_runs, run_key
 from .summary import summarize_runs, write_curve_report, write_summary
 from .training import (
     CurveData,
@@ -181,8 +181,7 @@ def _run_all(args: CurveArguments, data, scores: dict, output_dir: Path, runs: l
             "evaluated_on": evaluated_on,
             "torch_seed": torch_seed,
         }
-        with runs_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_run(runs_path, record)
         logger.info("%s %s keep=%g seed=%d: %s accuracy %.4f", score, strategy, keep, seed, evaluated_on, accuracy)
         if args.report_every and (index + 1) % args.report_every == 0:
             write_summary(args, output_dir, runs_path, evaluated_on=evaluated_on)

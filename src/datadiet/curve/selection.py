@@ -9,7 +9,15 @@ from pathlib import Path
 from .arguments import CurveArguments, strategy_options
 from .statistics import sample_std
 
-__all__ = ["SELECTION_RULE", "choose_cells", "how_to_score", "read_selection"]
+__all__ = [
+    "SELECTION_RULE",
+    "baseline_cells",
+    "best_cells",
+    "choose_cells",
+    "how_to_score",
+    "read_selection",
+    "selection_record",
+]
 
 SELECTION_RULE = (
     "For each keep fraction, the pruned cell (score x strategy) with the highest mean validation accuracy over the "
@@ -34,30 +42,28 @@ def choose_cells(args: CurveArguments, points: list[dict], validation_rows: int)
 
     ```
     """
-    lookup = {(p["score"], p["strategy"], float(p["keep"])): p for p in points}
-    cells, chosen = [], []
-    for keep in args.keep_fractions:
-        best = None
-        for score in args.scores:
-            for strategy in args.strategies:
-                point = lookup.get((score, strategy, float(keep)))
-                if point is None:
-                    continue
-                cell = _cell(point)
-                cells.append(cell)
-                if best is None or cell["mean"] > best["mean"]:
-                    best = cell
-        if best is not None:
-            name, options = strategy_options(best["strategy"], args)
-            settings = {"by": best["score"], "keep": float(keep), "strategy": name, **options}
-            chosen.append({**best, "prune": {**settings, "class_balanced": args.class_balanced}})
-    baselines = [_cell(p) for p in points if p["score"] in ("full", "random")]
-    return {
-        "rule": SELECTION_RULE,
-        "evaluated_on": "validation",
+    cells, best = best_cells(points, args.keep_fractions, args.scores, args.strategies)
+    chosen = []
+    for cell in best:
+        name, options = strategy_options(cell["strategy"], args)
+        settings = {"by": cell["score"], "keep": cell["keep"], "strategy": name, **options}
+        chosen.append({**cell, "prune": {**settings, "class_balanced": args.class_balanced}})
+    baselines = baseline_cells(points)
+    protocol = {
         "validation_fraction": args.validation_fraction,
         "validation_seed": args.validation_seed,
         "validation_rows": validation_rows,
+    }
+    return selection_record(SELECTION_RULE, protocol, args, cells, chosen, baselines)
+
+
+def selection_record(rule: str, protocol: dict, args, cells: list, chosen: list, baselines: list) -> dict:
+    """The content of a `selection.json`: the rule, `"evaluated_on": "validation"`, the `protocol` (which validation
+    rows), the seeds of `args`, and the cells compared, chosen and the baselines (shared by every curve)."""
+    return {
+        "rule": rule,
+        "evaluated_on": "validation",
+        **protocol,
         "seeds": list(args.seeds),
         "scoring_seeds": list(args.scoring_seeds),
         "cells_compared": len(cells),
@@ -68,16 +74,51 @@ def choose_cells(args: CurveArguments, points: list[dict], validation_rows: int)
     }
 
 
-def _cell(point: dict) -> dict:
+def best_cells(
+    points: list[dict],
+    keep_fractions: list[float],
+    scores: list[str],
+    strategies: list[str],
+    *,
+    lower_is_better: bool = False,
+    values_key: str = "accuracies",
+) -> tuple[list[dict], list[dict]]:
+    """Every pruned cell of the grid found in the summary `points`, and the best cell of each keep fraction: the
+    highest mean (the lowest with `lower_is_better`, e.g. a loss), a tie going to the cell listed first (scores, then
+    strategies, in the order given). Each cell holds its per-seed values under `values_key`."""
+    lookup = {(p["score"], p["strategy"], float(p["keep"])): p for p in points}
+    cells, chosen = [], []
+    for keep in keep_fractions:
+        best = None
+        for score in scores:
+            for strategy in strategies:
+                point = lookup.get((score, strategy, float(keep)))
+                if point is None:
+                    continue
+                cell = _cell(point, values_key)
+                cells.append(cell)
+                if best is None or (cell["mean"] < best["mean"] if lower_is_better else cell["mean"] > best["mean"]):
+                    best = cell
+        if best is not None:
+            chosen.append(best)
+    return cells, chosen
+
+
+def baseline_cells(points: list[dict], values_key: str = "accuracies") -> list[dict]:
+    """The full-data and random cells of the summary `points`, as `selection.json` lists them."""
+    return [_cell(p, values_key) for p in points if p["score"] in ("full", "random")]
+
+
+def _cell(point: dict, values_key: str = "accuracies") -> dict:
     return {
         "score": point["score"],
         "strategy": point["strategy"],
         "keep": float(point["keep"]),
         "mean": point["mean"],
-        "std": sample_std(point["accuracies"]),
+        "std": sample_std(point[values_key]),
         "n": point["n"],
         "seeds": point["seeds"],
-        "accuracies": point["accuracies"],
+        values_key: point[values_key],
     }
 
 

@@ -80,9 +80,10 @@ def no_verdict_reason(interval: dict[str, float]) -> str | None:
     return None
 
 
-def verdict_against(interval: dict[str, float], name: str) -> str:
+def verdict_against(interval: dict[str, float], name: str, *, lower_is_better: bool = False) -> str:
     """'beats {name}' when the paired interval lies above 0, 'loses to {name}' when below, else 'shows no clear
-    difference from {name}'; with too few seeds or zero spread (see `no_verdict_reason`), no verdict.
+    difference from {name}'; with too few seeds or zero spread (see `no_verdict_reason`), no verdict. For a metric
+    where lower is better (a loss), `lower_is_better=True`: then an interval below 0 beats and one above 0 loses.
 
     Example:
     ```python
@@ -91,16 +92,17 @@ def verdict_against(interval: dict[str, float], name: str) -> str:
     'beats random'
     >>> verdict_against(paired_interval([0.9, 0.9], [0.8, 0.8]), "random")
     'gives no verdict against random: too few seeds to say (n=2; a verdict needs at least 3)'
+    >>> verdict_against(paired_interval([1.80, 1.79, 1.81], [1.85, 1.86, 1.85]), "random", lower_is_better=True)
+    'beats random'
 
     ```
     """
     reason = no_verdict_reason(interval)
     if reason is not None:
         return f"gives no verdict against {name}: {reason}"
-    if interval["low"] > 0:
-        return f"beats {name}"
-    if interval["high"] < 0:
-        return f"loses to {name}"
+    above, below = interval["low"] > 0, interval["high"] < 0
+    if above or below:
+        return f"beats {name}" if above != lower_is_better else f"loses to {name}"
     return f"shows no clear difference from {name}"
 
 

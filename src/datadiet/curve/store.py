@@ -15,7 +15,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SEED_SCHEME",
+    "append_run",
     "check_config",
+    "check_result_config",
     "claim_run",
     "config_digest",
     "planned_runs",
@@ -122,6 +124,17 @@ def read_runs(path: Path, protocol: str | None = None) -> list[dict]:
     return runs
 
 
+def append_run(path: Path, record: dict) -> None:
+    """Append one finished run to `runs.jsonl` at `path`, on a line of its own: after an interrupted write the file may
+    end in a cut line, which `read_runs` skips; the record must not be glued to it."""
+    with path.open("a+b") as handle:
+        cut = False
+        if handle.seek(0, os.SEEK_END) > 0:
+            handle.seek(-1, os.SEEK_END)
+            cut = handle.read(1) != b"\n"
+        handle.write((("\n" if cut else "") + json.dumps(record) + "\n").encode())
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -172,15 +185,6 @@ def check_config(
     from the bare seed integers) and read as it is with `report_only`: its missing protocol keys then mean no
     validation, as they did when it was written. `protocol` overrides where the runs are evaluated (the confirm
     stage holds the validation rows out of training and tests on the test split)."""
-    from ..engine.store import check_or_write_config
-
-    def mismatch(folder: Path, changed: list[str], previous: dict) -> str:
-        return (
-            f"{folder} holds a curve made with other values of {changed} (was "
-            f"{ {name: previous.get(name) for name in changed} }, now { {name: config.get(name) for name in changed} }"
-            "): its finished runs would not be comparable. Use another output_dir, or restore those values to resume."
-        )
-
     config = result_config(args, protocol)
     path = Path(output_dir) / "curve_config.json"
     stored = json.loads(path.read_text()) if path.exists() else None
@@ -197,10 +201,30 @@ def check_config(
         expected = {**legacy, **stored, "seed_scheme": SEED_SCHEME}
         differing = sorted(key for key in config if expected.get(key) != config[key])
         if differing:
-            raise ValueError(mismatch(Path(output_dir), differing, expected))
+            raise ValueError(_mismatch(Path(output_dir), differing, expected, config))
         return
+    check_result_config(config, output_dir)
+
+
+def check_result_config(config: dict, output_dir: str | Path) -> None:
+    """Record `config` (the values that define a curve's results, its protocol included) in
+    `output_dir/curve_config.json`, or refuse to resume a folder whose recorded values differ: the one check every
+    curve (classification or SFT) makes before its runs."""
+    from ..engine.store import check_or_write_config
+
+    def mismatch(folder: Path, changed: list[str], previous: dict) -> str:
+        return _mismatch(folder, changed, previous, config)
+
     check_or_write_config(
         output_dir, config, file_name="curve_config.json", new_keys_only=True, sort_keys=False, mismatch=mismatch
+    )
+
+
+def _mismatch(folder: Path, changed: list[str], previous: dict, config: dict) -> str:
+    return (
+        f"{folder} holds a curve made with other values of {changed} (was "
+        f"{ {name: previous.get(name) for name in changed} }, now { {name: config.get(name) for name in changed} }"
+        "): its finished runs would not be comparable. Use another output_dir, or restore those values to resume."
     )
 
 

@@ -13,7 +13,7 @@ from .arguments import CurveArguments
 from .statistics import equivalent, no_verdict_reason, paired_interval, sample_std, verdict_against
 from .store import read_runs
 
-__all__ = ["summarize_runs", "write_curve_report", "write_summary"]
+__all__ = ["paired_values", "summarize_runs", "write_curve_report", "write_summary"]
 
 
 def write_summary(args: CurveArguments, output_dir: Path, runs_path: Path, *, evaluated_on: str = "test") -> dict:
@@ -49,12 +49,12 @@ def _title(args: CurveArguments, points: list[dict]) -> str:
     )
 
 
-def summarize_runs(runs: list[dict]) -> dict:
-    """Mean and sample std (ddof = 1; `None` for a single seed) of the accuracy of each (score, strategy, keep) over
-    its seeds.
+def summarize_runs(runs: list[dict], metric: str = "accuracy", values_key: str = "accuracies") -> dict:
+    """Mean and sample std (ddof = 1; `None` for a single seed) of the `metric` of each (score, strategy, keep) over
+    its seeds (the accuracy; the SFT curve summarises `eval_loss` into `values_key="losses"`).
 
     Returns `{"points": [{"score", "strategy", "keep", "mean", "std", "n", "seeds", "accuracies"}...]}`, sorted
-    (`accuracies[i]` is the run of `seeds[i]`).
+    (`accuracies[i]` is the run of `seeds[i]`; the list is named `values_key`).
 
     Example:
     ```python
@@ -70,7 +70,7 @@ def summarize_runs(runs: list[dict]) -> dict:
     groups: dict[tuple, dict[int, float]] = {}
     for run in runs:
         # A run repeated (e.g. two processes on one folder) counts once per seed: the last line wins.
-        groups.setdefault((run["score"], run["strategy"], float(run["keep"])), {})[int(run["seed"])] = run["accuracy"]
+        groups.setdefault((run["score"], run["strategy"], float(run["keep"])), {})[int(run["seed"])] = run[metric]
     points = []
     for (score, strategy, keep), by_seed in sorted(groups.items()):
         values = np.array([by_seed[s] for s in sorted(by_seed)])
@@ -83,7 +83,7 @@ def summarize_runs(runs: list[dict]) -> dict:
                 "std": round(sample_std(values), 6) if len(values) > 1 else None,
                 "n": len(values),
                 "seeds": sorted(by_seed),
-                "accuracies": [by_seed[s] for s in sorted(by_seed)],
+                values_key: [by_seed[s] for s in sorted(by_seed)],
             }
         )
     return {"points": points}
@@ -93,9 +93,9 @@ def _std_text(point: dict) -> str:
     return "—" if point.get("std") is None else f"{100 * point['std']:.2f}"
 
 
-def _by_seed(point: dict) -> dict[int, float]:
-    """A summary point's accuracy of each seed."""
-    return dict(zip(point.get("seeds", []), point.get("accuracies", [])))
+def _by_seed(point: dict, values_key: str = "accuracies") -> dict[int, float]:
+    """A summary point's accuracy (or other `values_key`) of each seed."""
+    return dict(zip(point.get("seeds", []), point.get(values_key, [])))
 
 
 def _on_seeds(reference: dict, seeds: list[int]) -> dict:
@@ -110,9 +110,10 @@ def _on_seeds(reference: dict, seeds: list[int]) -> dict:
     return {**reference, "mean": float(values.mean()), "std": std, "n": len(values)}
 
 
-def _paired(point: dict, reference: dict) -> tuple[list[float], list[float]]:
-    """The accuracies of `point` and `reference` on the seeds both have, in seed order (the pairs of a paired test)."""
-    mine, theirs = _by_seed(point), _by_seed(reference)
+def paired_values(point: dict, reference: dict, values_key: str = "accuracies") -> tuple[list[float], list[float]]:
+    """The values of `point` and `reference` (summary points) on the seeds both have, in seed order (the pairs of a
+    paired test)."""
+    mine, theirs = _by_seed(point, values_key), _by_seed(reference, values_key)
     seeds = sorted(set(mine) & set(theirs))
     return [mine[s] for s in seeds], [theirs[s] for s in seeds]
 
@@ -140,12 +141,12 @@ def _verdicts(points: list[dict], margin: float = 0.005) -> list[str]:
         ):
             pieces = []
             if point["keep"] in random:
-                a, b = _paired(point, random[point["keep"]])
+                a, b = paired_values(point, random[point["keep"]])
                 if a:
                     interval = paired_interval(a, b)
                     pieces.append(f"{verdict_against(interval, 'random')} ({_interval_text(interval)})")
             if full is not None:
-                a, b = _paired(point, full)
+                a, b = paired_values(point, full)
                 if a:
                     interval = paired_interval(a, b)
                     reason = no_verdict_reason(interval)
