@@ -200,7 +200,7 @@ def test_bad_input(small, tiny_timm):
         score_dataset(small, model, label_column="target", transform=transform)
     with pytest.raises(ValueError, match=r"Labels outside the model's 3 classes at rows \[3"):
         score_dataset(small, tiny_timm(num_classes=3, in_chans=1), transform=transform)
-    with pytest.raises(ValueError, match="Unknown score method 'el2'. Valid methods: .*el2n"):
+    with pytest.raises(ValueError, match=r"Unknown score method 'el2'. Did you mean 'el2n'\? Valid methods: .*el2n"):
         score_dataset(small, model, ["el2"], transform=transform)
     scored = score_dataset(small, model, "el2n", transform=transform)
     with pytest.raises(ValueError, match=r"already has column\(s\) \['el2n'\]: pass overwrite=True"):

@@ -220,7 +220,7 @@ def test_mistakes_of_the_same_kind_in_other_commands(scored_folder, tmp_path, ca
     assert message.startswith("bins must be a whole number >= 1")
     # An unknown score method is refused before any data is read (the dataset name here does not exist).
     message = cli_error(["score", "--dataset_name", str(tmp_path / "nothing"), "--methods", "el2nn"], capsys)
-    assert message.startswith("Unknown score method 'el2nn'. Valid methods: el2n,")
+    assert message.startswith("Unknown score method 'el2nn'. Did you mean 'el2n'? Valid methods: el2n,")
 
 
 def test_a_refused_launch_is_one_clean_line(digits_slice, tmp_path, monkeypatch, capsys):

@@ -71,7 +71,7 @@ def add_adapters(
     ...                                   num_attention_heads=2, num_key_value_heads=1)
     >>> model, recorded = add_adapters(transformers.LlamaForCausalLM(config), lora_r=4)
     >>> recorded["adapters"], recorded["trainable_parameters"]
-    ('lora_r=4, lora_alpha=8, target_modules=all-linear', 1664)
+    ('lora_r=4, lora_alpha=8, target_modules=all-linear', 1024)
 
     ```
     """
