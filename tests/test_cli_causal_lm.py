@@ -164,6 +164,8 @@ def test_bad_input_is_one_line_saying_what_to_type(extra, expected, tmp_path, ca
 def test_causal_lm_options_without_the_task_are_refused(capsys):
     assert main(["score", "--dataset_name", "sklearn-digits", "--lora_r", "8"]) == 2
     assert "pass --task causal_lm" in capsys.readouterr().err
+    assert main(["score", "--dataset_name", "sklearn-digits", "--methods", "less"]) == 2
+    assert "`datadiet score --task causal_lm --methods less" in capsys.readouterr().err
 
 
 def _warm_up(model: Path, output: Path) -> list[Path]:

@@ -52,10 +52,11 @@ def split_methods(
 
 def _check_names(methods: list[str], task: str | None) -> None:
     """One line for a method that is not a score of `task`: the closest valid name and all of them."""
-    if task == "causal_lm" and "less" in methods:
+    if "less" in methods:
         raise ValueError(
-            "less needs target rows and warm-up checkpoints: use datadiet.tracin.less.LESS(...).with_scores(dataset, "
-            "targets), or `datadiet score --methods less --target_dataset ... --less_checkpoints ...`."
+            "less scores instruction rows from warm-up checkpoints and target rows: use datadiet.tracin.less.LESS(...)"
+            ".with_scores(dataset, targets), or `datadiet score --task causal_lm --methods less --target_dataset ... "
+            "--less_checkpoints ...`."
         )
     valid = list_scores(task) + ([] if task == "causal_lm" else list(TRAINING_DYNAMICS))
     for method in methods:
