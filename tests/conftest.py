@@ -117,3 +117,20 @@ def alpaca_rows():
     from datasets import load_dataset
 
     return load_dataset("parquet", data_files={"train": str(ALPACA)}, split="train").select(range(64))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory, smollm2_tokenizer):
+    """A `save_pretrained` folder of a tiny random Llama (1 layer, hidden size 16) with SmolLM2's real tokenizer and
+    chat template: a causal-LM checkpoint that `datadiet score --task causal_lm` and the SFT recipe load in seconds."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder

@@ -26,6 +26,7 @@ FLOORS = {
     "datadiet.provenance": 1,
     "datadiet.models": 1,
     "datadiet.model_sources": 1,
+    "datadiet.language_models": 1,
     "datadiet.nets": 1,
     "datadiet.metrics": 1,
     "datadiet.data": 2,

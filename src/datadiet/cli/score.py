@@ -7,19 +7,20 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..arguments import DataArguments, ModelArguments
+from ..arguments import CausalLMArguments, DataArguments, ModelArguments, check_causal_lm_arguments
 from ..loading import check_hub_dataset_reachable
 from ..validation import check_positive_int
 from .parsing import command_line, parse_config
 
 logger = logging.getLogger("datadiet")
 
-__all__ = ["ScoreArguments", "main", "run_score"]
+__all__ = ["ScoreArguments", "check_causal_lm_score", "less_column", "main", "run_causal_lm_score", "run_score"]
 
 
 @dataclass
-class ScoreArguments(ModelArguments, DataArguments):
-    """Arguments of `datadiet score`: score a dataset split with K models and save it with the score columns."""
+class ScoreArguments(CausalLMArguments, ModelArguments, DataArguments):
+    """Arguments of `datadiet score`: score a dataset split with K models and save it with the score columns; with
+    `task="causal_lm"`, instruction rows with a pretrained causal LM (and `less` from warm-up checkpoints)."""
 
     methods: list[str] = field(
         default_factory=lambda: ["el2n"],
@@ -38,6 +39,25 @@ class ScoreArguments(ModelArguments, DataArguments):
     mixed_precision: str | None = field(default=None, metadata={"help": "'bf16' for bfloat16 autocast."})
     output_dir: str = field(default="outputs/scores", metadata={"help": "The scored dataset (save_to_disk)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace existing score columns."})
+    target_dataset: str | None = field(
+        default=None, metadata={"help": "less: the target rows (a dataset folder, data files' folder or Hub id)."}
+    )
+    target_split: str = field(default="train", metadata={"help": "less: the split of target_dataset."})
+    max_target_rows: int | None = field(default=None, metadata={"help": "less: the first rows of the target split."})
+    less_checkpoints: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "less: the Trainer checkpoint folders of a short warm-up run (peft LoRA adapters + optimizer.pt; "
+            "recipes/sft/README.md makes them with TRL), weighted by their learning rates."
+        },
+    )
+    projection_dim: int | None = field(
+        default=8192, metadata={"help": "less: dimension of the random projection of the gradients (0: exact)."}
+    )
+    projection_seed: int = field(default=0, metadata={"help": "less: the projection's seed (recorded)."})
+    less_adam: bool = field(
+        default=True, metadata={"help": "less: Adam-normalise the rows' gradients with each checkpoint's optimizer."}
+    )
 
     # DataArguments' test-split fields mean nothing to `datadiet score` (it scores one split): left out of its
     # --help, its flags and its recipe keys (init=False), rather than listed and then refused.
@@ -50,19 +70,62 @@ class ScoreArguments(ModelArguments, DataArguments):
         check_hub_dataset_reachable(self.dataset_name, self.data_files or None)  # before seconds of engine imports
         from ..engine.dynamics import split_methods
 
-        super().__post_init__()
+        check_causal_lm_arguments(self)
+        causal = self.task == "causal_lm"
+        if causal and not self.model_name_or_path:
+            raise ValueError(
+                "--task causal_lm scores with a pretrained causal LM: pass --model_name_or_path <save_pretrained "
+                "folder | Hub id | .gguf file> (its tokenizer is read from it too)."
+            )
+        ModelArguments.__post_init__(self)
         if self.model_weights and self.model_name_or_path:
             raise ValueError(
                 "--model_weights loads a weights file into --model_name's architecture; with --model_name_or_path the "
                 "checkpoint's weights are loaded already: drop --model_weights."
             )
         check_positive_int("batch_size", self.batch_size)
+        less = causal and "less" in self.methods
+        if causal:
+            check_causal_lm_score(self, less)
         # Before any data is read or model built; the same check as `score_dataset`.
-        split_methods(self.methods, self.train_epochs, trains=not self.model_weights)
+        methods = [method for method in self.methods if not (less and method == "less")]
+        if methods or not less:
+            split_methods(methods, self.train_epochs, trains=not self.model_weights, task=self.task)
+
+
+def check_causal_lm_score(args: ScoreArguments, less: bool) -> None:
+    """What `--task causal_lm` refuses: options of classifiers, several seeds, proxy training, `less` without its
+    target rows and checkpoints (or `less` options without `less`)."""
+    for name in ("keep_classes", "model_weights", "image_column", "label_column", "mean", "std", "image_size"):
+        if getattr(args, name):
+            raise ValueError(f"--{name} is an option of classifiers; --task causal_lm does not read it: drop it.")
+    if args.train_epochs > 0:
+        raise ValueError(
+            "--train_epochs > 0 is not supported with --task causal_lm: fine-tune the model with TRL's SFTTrainer "
+            "(recipes/sft/README.md), then score the checkpoint (--train_epochs 0)."
+        )
+    if len(args.seeds) != 1:
+        raise ValueError(
+            f"--seeds {' '.join(map(str, args.seeds))}: a pretrained causal LM scores once; give one seed (it seeds "
+            "fresh LoRA adapters)."
+        )
+    missing = [name for name in ("target_dataset", "less_checkpoints") if less and not getattr(args, name)]
+    if missing:
+        raise ValueError(
+            f"--methods less needs --{missing[0]}: --target_dataset <rows of the target task> and --less_checkpoints "
+            "<warm-up Trainer checkpoint folders> (recipes/sft/README.md shows how to make them)."
+        )
+    given = [name for name in ("target_dataset", "less_checkpoints", "max_target_rows") if getattr(args, name)]
+    if given and not less:
+        raise ValueError(f"--{given[0]} is read by --methods less only: add less to --methods, or drop it.")
+    if args.projection_dim is not None and args.projection_dim < 0:
+        raise ValueError(f"projection_dim must be >= 1, or 0 for exact gradients, got {args.projection_dim}.")
 
 
 def run_score(args: ScoreArguments, *, command: str | None = None):
     """Load, score and save a dataset as `ScoreArguments` say; returns the scored dataset."""
+    if args.task == "causal_lm":
+        return run_causal_lm_score(args, command=command or command_line())
     from ..loading import load_data
 
     max_rows = None if args.keep_classes else args.max_rows  # then the first rows of the kept classes
@@ -79,7 +142,6 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
     )
     from ..engine import score_dataset
     from ..model_sources import ModelSource
-    from ..provenance import record_provenance
 
     input_column, kind, label_column = detect_columns(
         dataset, image_column=args.image_column, label_column=args.label_column
@@ -118,25 +180,115 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
             training_kwargs={"learning_rate": args.learning_rate},
             **common,
         )
-    scored = record_provenance(
-        scored,
-        source={
-            "path": args.dataset_name,
-            "data_files": args.data_files,
-            "split": args.split,
-            "max_rows": args.max_rows,
-            "keep_classes": args.keep_classes,
-            "fingerprint": dataset._fingerprint,
-        },
-        scoring=model_init.provenance(),
-        steps=[{"command": command or command_line()}],
-    )
+    return _save(scored, args, dataset, model_init.provenance(), command or command_line())
+
+
+def _save(scored, args: ScoreArguments, dataset, scoring: dict, command: str):
+    """`scored` with its source, scoring and command recorded, saved to `<output_dir>/dataset` by the main process."""
     from accelerate import PartialState
 
+    from ..provenance import record_provenance
+
+    source = {"path": args.dataset_name, "data_files": args.data_files, "split": args.split, "max_rows": args.max_rows}
+    if args.task != "causal_lm":
+        source["keep_classes"] = args.keep_classes
+    source["fingerprint"] = dataset._fingerprint
+    scored = record_provenance(scored, source=source, scoring=scoring, steps=[{"command": command}])
     if PartialState().is_main_process:
         scored.save_to_disk(str(Path(args.output_dir) / "dataset"))
         logger.info("Scored dataset saved to %s", Path(args.output_dir) / "dataset")
     return scored
+
+
+def run_causal_lm_score(args: ScoreArguments, *, command: str):
+    """Load the checkpoint, its tokenizer and the rows as `ScoreArguments` say, score them, save the scored dataset to
+    `<output_dir>/dataset` and return it."""
+    from accelerate import PartialState
+
+    from ..data import load_data
+    from ..engine import score_dataset
+    from ..language_models import add_adapters, load_tokenizer
+    from ..model_sources import load_checkpoint
+
+    less = "less" in args.methods
+    methods = [method for method in args.methods if method != "less"]
+    if less and PartialState().num_processes > 1:
+        raise ValueError(
+            "--methods less runs in one process: launch `datadiet score` without accelerate for less (the other "
+            "methods score under several processes)."
+        )
+    dataset = load_data(
+        args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows
+    )
+    # Targets are read before the model loads, so that a wrong path fails at once.
+    targets = load_data(args.target_dataset, split=args.target_split, max_rows=args.max_target_rows) if less else None
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path, gguf_file=args.gguf_file)
+    model, report = load_checkpoint(args.model_name_or_path, task="causal_lm", gguf_file=args.gguf_file)
+    scoring = {
+        "model": args.model_name_or_path,
+        **report.provenance(),
+        "tokenizer": args.tokenizer_name_or_path or args.model_name_or_path,
+    }
+    scored = dataset
+    if methods:
+        model, adapters = add_adapters(
+            model,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            target_modules=args.lora_target_modules,
+            adapter_name_or_path=args.adapter_name_or_path,
+            seed=args.seeds[0],
+        )
+        scored = score_dataset(
+            dataset,
+            model,
+            methods,
+            task="causal_lm",
+            tokenizer=tokenizer,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+            mixed_precision=args.mixed_precision,
+            output_dir=Path(args.output_dir) / "partial",
+        )
+        scoring.update(adapters)
+        if hasattr(model, "unload"):  # LESS loads its own adapters from the checkpoints, onto the bare model
+            model = model.unload()
+    if less:
+        scored = less_column(scored, targets, model, tokenizer, args)
+    return _save(scored, args, dataset, {**scoring, "task": "causal_lm", "methods": list(args.methods)}, command)
+
+
+def less_column(dataset, targets, model, tokenizer, args):
+    """`dataset` with a `less` column: LESS (Xia et al. 2024) over the LoRA adapters of `args.less_checkpoints`
+    (their `adapter_config.json` gives the adapters; a full-weights checkpoint, every parameter), each row's loss and
+    batches from the `causal_lm` task, so that they are the rows `score_dataset` scores."""
+    from ..tasks import get_task
+    from ..tracin.less import LESS
+
+    task = get_task("causal_lm", tokenizer=tokenizer, max_length=args.max_length)
+    first = Path(args.less_checkpoints[0])
+    if (first / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(first), is_trainable=True)
+
+    def per_example_loss(model, batch):
+        return task.per_example_losses(model(**task.model_inputs(batch)).logits, batch)
+
+    scorer = LESS(
+        model,
+        args.less_checkpoints,
+        per_example_loss=per_example_loss,
+        adam=args.less_adam,
+        projection_dim=args.projection_dim or None,
+        seed=args.projection_seed,
+        batch_size=args.batch_size,
+        collate_fn=task.collate,
+        output_dir=Path(args.output_dir) / "less",
+    )
+    # Extra columns (earlier scores, categories) ride along: the task's collate reads the columns of its format.
+    return scorer.with_scores(dataset, {args.target_dataset: targets}, overwrite=args.overwrite)
 
 
 def main(argv: list[str]) -> int:
@@ -146,7 +298,10 @@ def main(argv: list[str]) -> int:
         from ..engine.dynamics import TRAINING_DYNAMICS
         from ..scores import list_scores
 
-        epilog = f"methods: {', '.join(list_scores())}; from the proxies' training: {', '.join(TRAINING_DYNAMICS)}"
+        epilog = (
+            f"methods: {', '.join(list_scores())}; from the proxies' training: {', '.join(TRAINING_DYNAMICS)}; with "
+            f"--task causal_lm: {', '.join(list_scores('causal_lm'))}, less"
+        )
     (args,) = parse_config((ScoreArguments,), argv, epilog=epilog)
     run_score(args, command="datadiet " + shlex.join(["score", *argv]))
     return 0

@@ -19,6 +19,7 @@ __all__ = [
     "preprocess",
     "rows_digest",
     "score_preprocessed",
+    "scoring_task",
     "task_batches",
     "task_provenance",
     "to_device",
@@ -95,11 +96,21 @@ def score_preprocessed(
     return {name: value.numpy() for name, value in scores.items()}
 
 
+def scoring_task(task: str | None) -> str | None:
+    """The task `score_dataset` scores through: `"causal_lm"`, or `None` for classifiers (no task, or one of the
+    classification tasks, whose columns are detected); an unknown name is refused with the valid ones."""
+    from ..tasks import check_task_name
+
+    if task is None or check_task_name(task) in ("image_classification", "text_classification"):
+        return None
+    return task
+
+
 def task_batches(dataset, task: str, tokenizer, max_length: int | None, train_epochs: float) -> TaskBatches:
     """The rows -> batch step of `task` for `dataset`, its columns detected from the features."""
     from ..tasks import get_task
 
-    if task != "causal_lm":
+    if scoring_task(task) != "causal_lm":
         raise ValueError(
             f"task={task!r}: score_dataset takes task='causal_lm' or no task (classifiers, detected from the columns)."
         )

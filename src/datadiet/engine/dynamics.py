@@ -11,6 +11,7 @@ import numpy as np
 
 from ..scores import list_scores, validate_methods
 from ..scores.trackers import TRACKED_SCORES, fill_unseen
+from ..validation import closest_names
 
 __all__ = ["TRAINING_DYNAMICS", "dynamics_of", "split_methods"]
 
@@ -36,6 +37,7 @@ def split_methods(
     methods = [methods] if isinstance(methods, str) else list(methods)
     dynamics = [] if task == "causal_lm" else [name for name in methods if name in TRAINING_DYNAMICS]
     evaluated = [name for name in methods if name not in dynamics]
+    _check_names(evaluated, task)
     if evaluated or not dynamics:
         validate_methods(evaluated, task)
     if len(set(methods)) != len(methods):
@@ -46,6 +48,23 @@ def split_methods(
             "--train_epochs 1) and no model_weights."
         )
     return evaluated, dynamics
+
+
+def _check_names(methods: list[str], task: str | None) -> None:
+    """One line for a method that is not a score of `task`: the closest valid name and all of them."""
+    if "less" in methods:
+        raise ValueError(
+            "less scores instruction rows from warm-up checkpoints and target rows: use datadiet.tracin.less.LESS(...)"
+            ".with_scores(dataset, targets), or `datadiet score --task causal_lm --methods less --target_dataset ... "
+            "--less_checkpoints ...`."
+        )
+    valid = list_scores(task) + ([] if task == "causal_lm" else list(TRAINING_DYNAMICS))
+    for method in methods:
+        if method not in valid:
+            close = closest_names(str(method), valid)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            which = f" for task {task!r}" if task else ""
+            raise ValueError(f"Unknown score method {method!r}{which}{hint}. Valid methods: {', '.join(valid)}.")
 
 
 def dynamics_of(trainer, names: Sequence[str], cache: Path | None) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from ..models import input_channels_of, model_name_of, weights_fingerprint
 from ..provenance import describe_source, read_provenance, record_provenance
 from ..scores.registry import varies_with_the_model
 from ..validation import check_positive_int
-from .batches import preprocess, rows_digest, score_preprocessed, task_batches, task_provenance
+from .batches import preprocess, rows_digest, score_preprocessed, scoring_task, task_batches, task_provenance
 from .dynamics import dynamics_of, split_methods
 from .prefetch import prefetch
 from .process import get_process_state
@@ -302,9 +302,9 @@ def score_dataset(
         training_kwargs: extra arguments for the proxy models' training (learning rate, ...).
         row_id_column: an integer column holding each row's own id, which keys the shards in `output_dir`.
             Required for an `IterableDataset`; optional for a `Dataset`, whose rows are keyed by position without it.
-        task: `None` for classifiers, or `"causal_lm"` for a causal language model scored on instruction / SFT rows
-            (TRL's `text`, `prompt`/`completion`, `messages`, or Alpaca `instruction`/`input`/`output`), with the
-            methods of `list_scores("causal_lm")` (`loss`, `perplexity`, `el2n`, `ifd`, `grand`) over the tokens
+        task: `None` (or `"image_classification"` / `"text_classification"`) for classifiers, or `"causal_lm"` for a
+            causal language model scored on instruction / SFT rows (TRL's `text`, `prompt`/`completion`, `messages`,
+            or Alpaca `instruction`/`input`/`output`), with the methods of `list_scores("causal_lm")` (`loss`, `perplexity`, `el2n`, `ifd`, `grand`) over the tokens
             `SFTTrainer` trains on (see `datadiet.tasks.CausalLMTask`).
         tokenizer: the causal LM's tokenizer (`task="causal_lm"`).
         max_length: `SFTConfig.max_length` for `task="causal_lm"`: rows are truncated to their first `max_length`
@@ -326,6 +326,7 @@ def score_dataset(
 
     ```
     """
+    task = scoring_task(task)
     evaluated, dynamics = split_methods(methods, train_epochs, trains=model_init is not None, task=task)
     methods = [*evaluated, *dynamics]
     streaming = isinstance(dataset, IterableDataset)

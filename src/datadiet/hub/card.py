@@ -21,6 +21,18 @@ __all__ = ["CARD_TEMPLATE_PATH", "build_card", "score_statistics"]
 
 CARD_TEMPLATE_PATH = Path(__file__).with_name("card_template.md")
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# What each causal-LM score column means (DESIGN.md, "Definitions users rely on"), written into a causal-LM card.
+CAUSAL_LM_DEFINITIONS = {
+    "loss": "mean next-token negative log-likelihood over the trained tokens (the completion / assistant tokens, "
+    "after the shift), as TRL's SFTTrainer computes it for the row alone",
+    "perplexity": "exp(loss)",
+    "el2n": "mean over the trained tokens of the L2 norm of softmax(logits) minus the next token's one-hot vector",
+    "ifd": "Instruction-Following Difficulty (Li et al. 2024; Superfiltering): PPL(response | instruction) / "
+    "PPL(response alone); above 1, the instruction does not help",
+    "grand": "L2 norm of the row's loss gradient over the trainable parameters (with LoRA adapters: the adapters only)",
+    "less": "LESS (Xia et al. 2024): learning-rate-weighted mean cosine between the row's (Adam-normalised, projected) "
+    "gradient and the target rows' gradients, over the warm-up checkpoints",
+}
 
 
 def score_statistics(dataset: Dataset, column: str) -> dict[str, Any]:
@@ -140,8 +152,13 @@ def build_card(
     pruning = provenance.get("pruning") if isinstance(provenance.get("pruning"), Mapping) else {}
     commands = _commands(command, provenance)
     rows_after = {name: len(ds) for name, ds in splits.items()}
+    scoring = provenance.get("scoring") if isinstance(provenance.get("scoring"), Mapping) else {}
+    definitions = {}
+    if scoring.get("task") == "causal_lm":
+        definitions = {m: CAUSAL_LM_DEFINITIONS[m] for m in scoring.get("methods") or () if m in CAUSAL_LM_DEFINITIONS}
     block = {
         **{k: v for k, v in provenance.items() if k not in ("command", "steps")},
+        "score_definitions": definitions or None,
         "scores_only": scores_only,
         "rows_before": pruning.get("rows_before"),
         "rows_after": pruning.get("rows_after", rows_after[main_split]),
@@ -168,7 +185,9 @@ def build_card(
         pretty_name=fields["title"],
         license=license or source.get("license"),
         size_categories=_size_category(sum(rows_after.values())),
-        task_categories=_task_categories(splits[main_split]),
+        task_categories=["text-generation"]
+        if scoring.get("task") == "causal_lm"
+        else _task_categories(splits[main_split]),
         source_datasets=_source_datasets(source),
         tags=["datadiet", "data-pruning", "example-difficulty"],
     )
@@ -183,6 +202,8 @@ def build_card(
     ]
     data["datadiet"] = block
     fields["scores"] = _scores_section(block, main_split, histogram_file)
+    fields["definitions"] = "".join(["\n\n## What the scores mean\n"] + [
+        f"\n- `{name}`: {text}." for name, text in definitions.items()]) if definitions else ""  # fmt: skip
     template = Template(CARD_TEMPLATE_PATH.read_text(encoding="utf-8"))
     return DatasetCard(template.substitute(metadata=data.to_yaml(), **fields))
 
@@ -268,7 +289,7 @@ def _card_fields(
     made.append(f"- **Library versions**: {', '.join(f'{k} {v}' for k, v in block['versions'].items())}")
     methods = scoring.get("methods") or []
     grand_note = ""
-    if "grand" in methods and scoring.get("train_epochs") in (0, None):
+    if "grand" in methods and scoring.get("train_epochs") in (0, None) and scoring.get("task") != "causal_lm":
         grand_note = (
             "\n\n> GraNd at initialisation correlates with the input norm and did not beat random pruning in "
             "Kirsch (2023); compare against the `input_norm` and `random` baselines before relying on it."

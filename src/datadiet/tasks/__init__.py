@@ -26,7 +26,7 @@ from . import causal_lm, image_classification, text_classification
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask, Preprocessor
 from .image_classification import ImageClassificationTask
-from .registry import get_task, list_tasks, register_task
+from .registry import check_task_name, get_task, list_tasks, register_task
 from .text_classification import TextClassificationTask
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Preprocessor",
     "TextClassificationTask",
     "causal_lm",
+    "check_task_name",
     "get_task",
     "image_classification",
     "list_tasks",

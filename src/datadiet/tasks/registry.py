@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["get_task", "list_tasks", "register_task"]
+__all__ = ["check_task_name", "get_task", "list_tasks", "register_task"]
 
 _REGISTRY: dict[str, type] = {}
 
@@ -31,9 +31,27 @@ def get_task(name: str, **kwargs):
 
     ```
     """
+    return _REGISTRY[check_task_name(name)](**kwargs)
+
+
+def check_task_name(name: str) -> str:
+    """`name` if it is a registered task; otherwise a `ValueError` listing the tasks, with the closest as a suggestion.
+
+    Example:
+    ```python
+    >>> from datadiet.tasks import check_task_name
+    >>> check_task_name("causal_lm")
+    'causal_lm'
+
+    ```
+    """
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown task {name!r}. Valid tasks: {', '.join(list_tasks())}.")
-    return _REGISTRY[name](**kwargs)
+        from ..validation import closest_names
+
+        close = closest_names(str(name), list_tasks())
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"Unknown task {name!r}{hint}. Valid tasks: {', '.join(list_tasks())}.")
+    return name
 
 
 def list_tasks() -> list[str]:
