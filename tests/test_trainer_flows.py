@@ -355,7 +355,7 @@ def test_score_transform_columns_are_float32_and_reach_the_card(cifar10_train, t
     assert metadata["source_datasets"] == ["uoft-cs/cifar10"]
     assert "uoft-cs/cifar10" in metadata["pretty_name"]
     scoring = metadata["datadiet"]["scoring"]
-    assert scoring["model"] == "ResNet" and scoring["methods"] == ["el2n", "loss"]
+    assert scoring["model"] == "test_resnet" and scoring["methods"] == ["el2n", "loss"]  # the timm architecture
 
 
 class _StopAtStep(TrainerCallback):
