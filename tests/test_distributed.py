@@ -310,6 +310,28 @@ def test_users_own_accelerator_in_a_training_script_is_refused_or_works(tmp_path
     assert sorted(re.findall(r"trained: world size (\d), process (\d)", works.stdout)) == [("2", "0"), ("2", "1")]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallbacks happen on machines without a GPU")
+def test_stock_trainer_with_score_callback_is_refused_or_works(tmp_path):
+    # A stock Trainer with ScoreCallback: `--cpu --num_processes 2` starts one process, and cpu_2proc.yaml with a
+    # TrainingArguments lacking use_cpu=True leaves each of the two processes training alone. Both are refused before
+    # anything is recorded; with use_cpu=True the same script trains data-parallel.
+    script = Path(__file__).resolve().parent / "scripts" / "stock_trainer.py"
+    cpu_flag = ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    one = _launch([*cpu_flag, "--dynamo_backend", "no"], [str(script), str(tmp_path / "one")])
+    assert one.returncode != 0 and "trained:" not in one.stdout
+    assert "`accelerate launch` was asked for 2 processes but started one" in one.stderr
+    assert "cpu_2proc.yaml" in one.stderr and "--multi_gpu --num_processes 2" in one.stderr
+    flags = _two_process_flags(CONFIGS / "cpu_2proc.yaml")
+    alone = _launch(flags, [str(script), str(tmp_path / "alone")])
+    assert alone.returncode != 0 and "trained:" not in alone.stdout
+    assert "WORLD_SIZE=2 but the Trainer runs 1 process(es)" in alone.stderr and "use_cpu=True" in alone.stderr
+    works = _launch(flags, [str(script), str(tmp_path / "works"), "--use_cpu"])
+    _check_ok(works)
+    lines = re.findall(r"trained: world size (\d), process (\d), rows (\d+), forgetting (.*)", works.stdout)
+    assert sorted(line[:3] for line in lines) == [("2", "0", "32"), ("2", "1", "32")]
+    assert lines[0][3] == lines[1][3]  # every process holds the scores gathered from both
+
+
 def test_world_size_without_a_launcher_fails(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)

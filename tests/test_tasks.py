@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from tokenizers import processors
 
 from datadiet.tasks import get_task, list_tasks
 
@@ -178,6 +179,36 @@ def test_causal_lm_grand_and_label_checks(smollm2_tokenizer):
         task.score_batch(model, batch, ["loss"])
     with pytest.raises(ValueError, match="ifd needs an instruction"):
         task.score_batch(model, task.collate({"text": ["a b c", "d e"]}), ["ifd"])
+
+
+def test_ifd_refuses_rows_whose_response_alone_predicts_nothing(smollm2_tokenizer, alpaca_rows):
+    # SmolLM2's tokenizer adds no BOS: at max_length=64 Alpaca row 5 keeps one trained token, which the response alone
+    # cannot predict (its ifd would be 0 / 0 = NaN); rows 2 and 4 keep two and more.
+    task = get_task("causal_lm", tokenizer=smollm2_tokenizer, max_length=64)
+    model = tiny_llama(len(smollm2_tokenizer))
+    rows = alpaca_rows.select([2, 4, 5])[:]
+    batch = task.collate(rows, row_ids=[2, 4, 5])
+    assert ((batch["labels"][:, 1:] != -100).sum(1) == 1).tolist() == [False, False, True]
+    assert task.score_batch(model, batch, ["loss"])["loss"].isfinite().all()  # the other scores are defined
+    with pytest.raises(
+        ValueError,
+        match=r"ifd is undefined for rows \[5\]: each has one trained token after truncation "
+        r"to max_length=64, and this tokenizer adds no BOS.*raise max_length, or drop these rows",
+    ):
+        task.score_batch(model, batch, ["loss", "ifd"], row_ids=[2, 4, 5])
+    scores = task.score_batch(model, task.collate(alpaca_rows.select([2, 4])[:]), ["ifd"])["ifd"]
+    assert scores.isfinite().all()
+    # With a BOS the response alone predicts its one token from it: the row is scored, finite.
+    with_bos = copy.deepcopy(smollm2_tokenizer)
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", with_bos.convert_tokens_to_ids("<|im_start|>"))]
+    )
+    with_bos.bos_token = "<|im_start|>"
+    bos_task = get_task("causal_lm", tokenizer=with_bos, max_length=64)
+    assert bos_task._adds_bos()
+    single = bos_task.collate(alpaca_rows.select([5])[:])
+    ifd = bos_task.score_batch(model, single, ["ifd"])["ifd"]
+    assert (single["labels"][:, 1:] != -100).sum().item() == 1 and ifd.isfinite().all()
 
 
 def test_rows_left_without_trained_tokens_are_refused(smollm2_tokenizer):

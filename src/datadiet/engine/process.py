@@ -13,7 +13,7 @@ from ..validation import LaunchError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_process_state", "get_process_state"]
+__all__ = ["check_process_state", "check_trainer_processes", "get_process_state"]
 
 
 def _working_cpu_launch(num_processes: int = 2) -> str:
@@ -145,3 +145,27 @@ def check_process_state() -> None:
             "mpirun, so this single process would score every row alone with one thread. Start "
             f"{requested} real CPU processes with {_working_cpu_launch(requested)}."
         )
+
+
+def check_trainer_processes(world_size: int) -> None:
+    """Refuse a `transformers.Trainer` whose `args.world_size` disagrees with the launch: WORLD_SIZE=N processes each
+    training alone (a stock `TrainingArguments` without `use_cpu=True` on a machine with no GPU, under cpu_2proc.yaml
+    or `--multi_gpu`), or `accelerate launch --cpu --num_processes N` having started one; both would record and write
+    every row N times or alone. `check_process_state` covers the states created before the Trainer's.
+
+    Example:
+    ```python
+    >>> from datadiet.engine.process import check_trainer_processes
+    >>> check_trainer_processes(1)  # under `python script.py`: nothing to refuse
+
+    ```
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and world_size != launched:
+        raise LaunchError(
+            f"The environment says WORLD_SIZE={launched} but the Trainer runs {world_size} process(es) "
+            "(`args.world_size`), so every process believes it is alone and would train on, score and write every "
+            "row. On a machine with no GPU pass `use_cpu=True` to `TrainingArguments` (datadiet's `DataDietConfig` "
+            f"sets it). Working CPU launches: {_working_cpu_launch(launched)}."
+        )
+    check_process_state()

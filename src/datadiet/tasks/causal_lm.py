@@ -301,6 +301,21 @@ class CausalLMTask:
         ids = self.tokenizer(text="a")["input_ids"]
         return bos is not None and len(ids) > 0 and ids[0] == bos
 
+    def _check_response_scorable(self, batch: dict[str, torch.Tensor], row_ids: Sequence[int] | None) -> None:
+        # Without a BOS the response alone does not predict its first token: a row with one trained token (e.g. its
+        # completion cut to one token by max_length) has nothing left to score, and its ifd would be 0 / 0.
+        if self._adds_bos():
+            return
+        single = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1) == 1
+        if bool(single.any()):
+            rows = single.nonzero().flatten().tolist()
+            named = [int(row_ids[i]) if row_ids is not None else i for i in rows[:5]]
+            raise ValueError(
+                f"ifd is undefined for rows {named}{' ...' if len(rows) > 5 else ''}: each has one trained token after "
+                f"truncation to max_length={self.max_length}, and this tokenizer adds no BOS, so the response alone "
+                "has no token to predict: raise max_length, or drop these rows (or score them without ifd)."
+            )
+
     def response_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each row's response alone, for `ifd`'s denominator PPL(response).
 
@@ -309,8 +324,9 @@ class CausalLMTask:
         order, with the same token ids, at the start of a new sequence. It is preceded by the tokenizer's BOS token
         when the tokenizer adds one to plain text (Llama-2 style), as Superfiltering's `tokenizer.encode(output)`
         does; no chat template is applied. Without a BOS, the first response token has no context and is not scored
-        (Superfiltering's unconditional loss, `labels=input_ids`, skips it the same way); with one, every response
-        token is scored. Superfiltering re-tokenises the response text alone, which can split its first word
+        (Superfiltering's unconditional loss, `labels=input_ids`, skips it the same way), so `score_batch` refuses,
+        naming them, rows with a single trained token (their response alone predicts nothing); with a BOS, every
+        response token is scored. Superfiltering re-tokenises the response text alone, which can split its first word
         differently; datadiet keeps the trained tokens so that both perplexities are over the same ids."""
         bos = [self.tokenizer.bos_token_id] if self._adds_bos() else []
         labels = batch["labels"]
@@ -345,6 +361,7 @@ class CausalLMTask:
                     "prompt-completion, Alpaca or messages rows (with assistant_only_loss=True) and the completion-only "
                     "loss."
                 )
+            self._check_response_scorable(batch, row_ids)
             device = batch["input_ids"].device
             responses = {key: value.to(device) for key, value in self.response_batch(batch).items()}
             response = (self.model_inputs(responses), responses["labels"])

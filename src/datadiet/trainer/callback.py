@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from ..engine.process import check_trainer_processes
 from ..provenance import record_provenance
 from ..scores.trackers import (
     TRACKED_QUANTITIES,
@@ -284,6 +285,8 @@ class ScoreCallback(TrainerCallback):
             raise ValueError(
                 "ScoreCallback needs the Trainer's training data loader: add it to a Trainer's callbacks."
             )
+        # Refuses a launch whose processes each train alone (or one started for several) before anything is recorded.
+        check_trainer_processes(args.world_size)
         # Refuses a training set whose rows cannot be known (a streaming one), with the fix.
         indices = record_batch_indices(train_dataloader)
         tracking = bool(self.track_scores) or self._always_record
