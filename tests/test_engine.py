@@ -112,6 +112,45 @@ def test_proxy_models_are_trained_once_and_reloaded_on_resume(digits, tiny_timm,
     np.testing.assert_allclose(again["el2n"], first["el2n"], rtol=1e-5)
 
 
+def test_the_engine_trains_proxies_through_the_function_it_is_given(digits, tiny_timm):
+    from datadiet.engine import score_dataset as engine_score_dataset
+
+    train = digits["train"].select(range(24))
+    transform = build_image_transform(16)
+    options = {"methods": "el2n", "transform": transform, "batch_size": 8}
+    calls = []
+
+    def train_proxy(model, dataset, *, epochs, seed, learning_rate, **rest):
+        # A plain torch step on the first 8 rows: no Trainer anywhere.
+        calls.append((len(dataset), epochs, seed, learning_rate))
+        images = torch.stack([transform(image) for image in dataset[:8]["image"]])
+        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+        model.train()
+        torch.nn.functional.cross_entropy(model(images), torch.tensor(dataset[:8]["label"])).backward()
+        optimizer.step()
+        return model.eval(), {}
+
+    with pytest.raises(ValueError, match="train_proxy="):
+        engine_score_dataset(
+            train, model_init=lambda seed: tiny_timm(in_chans=1, seed=seed), train_epochs=1, **options
+        )
+    scored = engine_score_dataset(
+        train,
+        model_init=lambda seed: tiny_timm(in_chans=1, seed=seed),
+        seeds=[3],
+        train_epochs=2,
+        train_proxy=train_proxy,
+        training_kwargs={"learning_rate": 0.5},
+        **options,
+    )
+    assert calls == [(24, 2, 3, 0.5)]
+    expected = train_proxy(tiny_timm(in_chans=1, seed=3), train, epochs=2, seed=3, learning_rate=0.5)[0]
+    direct = score_dataset(train, expected, **options)
+    np.testing.assert_allclose(scored["el2n"], direct["el2n"], rtol=1e-5)
+    untrained = score_dataset(train, tiny_timm(in_chans=1, seed=3), **options)
+    assert not np.allclose(scored["el2n"], untrained["el2n"])
+
+
 def _images(n, size=8):
     from PIL import Image as PILImage
 

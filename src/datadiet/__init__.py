@@ -14,7 +14,7 @@ _EXPORTS = {
     "ScoreTransform": "data",
     "join_scores": "engine",
     "load_scores": "engine",
-    "score_dataset": "engine",
+    "score_dataset": "scoring",
     "HostCPResult": "selection.hostcp",
     "prune_hostcp": "selection.hostcp",
     "select_hostcp": "selection.hostcp",

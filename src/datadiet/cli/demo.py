@@ -71,11 +71,11 @@ def run_demo(args: DemoArguments, *, command: str | None = None) -> dict:
 
 def _run(args: DemoArguments, command: str | None) -> dict:
     from ..data import build_image_transform, load_digits_dataset
-    from ..engine import score_dataset
     from ..hub import save_pruned
     from ..models import build_model
     from ..provenance import record_provenance
     from ..report import plot_image_grid, plot_pruning_curve, plot_score_histogram
+    from ..scoring import score_dataset
     from ..selection import prune
     from ..trainer.proxy import evaluate_accuracy, fit
 

@@ -140,8 +140,8 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
         keep_classes,
         label_names_of,
     )
-    from ..engine import score_dataset
     from ..model_sources import ModelSource
+    from ..scoring import score_dataset
 
     input_column, kind, label_column = detect_columns(
         dataset, image_column=args.image_column, label_column=args.label_column
@@ -206,9 +206,9 @@ def run_causal_lm_score(args: ScoreArguments, *, command: str):
     from accelerate import PartialState
 
     from ..data import load_data
-    from ..engine import score_dataset
     from ..language_models import add_adapters, load_tokenizer
     from ..model_sources import load_checkpoint
+    from ..scoring import score_dataset
 
     less = "less" in args.methods
     methods = [method for method in args.methods if method != "less"]

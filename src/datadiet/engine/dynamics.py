@@ -4,7 +4,7 @@ rather than from an eval-mode pass over a finished model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,11 +67,12 @@ def _check_names(methods: list[str], task: str | None) -> None:
             raise ValueError(f"Unknown score method {method!r}{which}{hint}. Valid methods: {', '.join(valid)}.")
 
 
-def dynamics_of(trainer, names: Sequence[str], cache: Path | None) -> dict[str, np.ndarray]:
-    """The training-dynamics scores `names` of the rows a proxy trained on (from its `DataDietTrainer`), rows never
-    presented (a fraction of an epoch) given the median, as the curve does; cached at `cache` (an `.npz`) so that a
-    resumed run whose proxy weights are loaded from disk has them too. With `trainer=None`, read from `cache`."""
-    if trainer is None:
+def dynamics_of(tracked: Mapping | None, names: Sequence[str], cache: Path | None) -> dict[str, np.ndarray]:
+    """The training-dynamics scores `names` of the rows a proxy trained on (`tracked`, what its training returned:
+    `{score: per-row values}`), rows never presented (a fraction of an epoch) given the median, as the curve does;
+    cached at `cache` (an `.npz`) so that a resumed run whose proxy weights are loaded from disk has them too. With
+    `tracked=None`, read from `cache`."""
+    if tracked is None:
         if cache is None or not cache.exists():
             raise ValueError(
                 f"The proxy weights of an earlier run were found but not its training-dynamics scores {list(names)} "
@@ -79,8 +80,7 @@ def dynamics_of(trainer, names: Sequence[str], cache: Path | None) -> dict[str, 
             )
         with np.load(cache) as stored:
             return {name: stored[name] for name in names}
-    scores = trainer.scores
-    values = {name: fill_unseen(np.asarray(scores[name], dtype=np.float64)) for name in names}
+    values = {name: fill_unseen(np.asarray(tracked[name], dtype=np.float64)) for name in names}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, **values)

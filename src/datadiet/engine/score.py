@@ -8,7 +8,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -48,7 +48,9 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["score_dataset"]
+__all__ = ["ProxyTrainer", "score_dataset"]
+
+ProxyTrainer = Callable[..., tuple[nn.Module, Mapping[str, Any]]]  # see score_dataset's `train_proxy`
 
 
 def _scorer(model: nn.Module, methods: Sequence[str], preprocessor, device, autocast_dtype) -> Callable:
@@ -263,6 +265,7 @@ def score_dataset(
     task: str | None = None,
     tokenizer=None,
     max_length: int | None = 1024,
+    train_proxy: ProxyTrainer | None = None,
 ) -> Dataset:
     """Score every example of `dataset` and return the dataset with one float32 column per method.
 
@@ -309,6 +312,9 @@ def score_dataset(
         tokenizer: the causal LM's tokenizer (`task="causal_lm"`).
         max_length: `SFTConfig.max_length` for `task="causal_lm"`: rows are truncated to their first `max_length`
             tokens.
+        train_proxy: `train_proxy(model, dataset, *, preprocessor, epochs, seed, batch_size, output_dir, ...,
+            track_scores=[...]) -> (trained model, {score: per-row values})` trains the proxies; `datadiet.score_dataset`
+            passes the trainer's `datadiet.trainer.proxy.fit_proxy` (the engine never imports the trainer).
 
     Example:
     ```python
@@ -345,6 +351,8 @@ def score_dataset(
         raise ValueError("Several seeds need independently initialised models: pass model_init=lambda seed: ... .")
     if train_epochs < 0:
         raise ValueError(f"train_epochs must be >= 0, got {train_epochs}.")
+    if train_epochs > 0 and train_proxy is None:
+        raise ValueError("train_epochs > 0 trains proxies: pass train_proxy=..., or call datadiet.score_dataset.")
     if mixed_precision not in (None, "no", "bf16"):
         raise ValueError(f"mixed_precision must be None, 'no' or 'bf16', got {mixed_precision!r}.")
     if save_every < 1:
@@ -409,13 +417,11 @@ def score_dataset(
                 if dynamics:
                     seed_dynamics = dynamics_of(None, dynamics, dynamics_cache)
             else:
-                from ..trainer.proxy import fit  # transformers loads only when a proxy trains
-
                 which = f"seed {seed} ({position} of {len(seeds)})"
                 logger.info("Training proxy %s for %s epochs.", which, train_epochs)
                 # Training-dynamics scores are tracked during this very training (as the curve's proxies do).
-                tracking = {"track_scores": dynamics, "return_trainer": True} if dynamics else {}
-                fitted = fit(
+                tracking = {"track_scores": dynamics} if dynamics else {}
+                seed_model, tracked = train_proxy(
                     seed_model,
                     dataset,
                     preprocessor=preprocessor,
@@ -427,9 +433,8 @@ def score_dataset(
                     progress_description=f"Training proxy {which}",
                     **{**(training_kwargs or {}), **tracking},
                 )
-                seed_model, trainer = fitted if dynamics else (fitted, None)
                 if dynamics:
-                    seed_dynamics = dynamics_of(trainer, dynamics, dynamics_cache if state.is_main_process else None)
+                    seed_dynamics = dynamics_of(tracked, dynamics, dynamics_cache if state.is_main_process else None)
                 if weights is not None and state.is_main_process:
                     weights.parent.mkdir(parents=True, exist_ok=True)
                     save_weights(seed_model, weights)

@@ -29,9 +29,10 @@ def el2n(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @register_score("loss")
-def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy loss. Shape `[B]`."""
-    return F.cross_entropy(logits.float(), labels.long(), reduction="none")
+def loss(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-example cross-entropy loss in float32, shape `[B]`: the one per-example cross-entropy of classifiers
+    (scores, `per_example_grad_norms`, TracIn, the trainer's loss with its `label_smoothing`)."""
+    return F.cross_entropy(logits.float(), labels.long(), reduction="none", label_smoothing=label_smoothing)
 
 
 @register_score("margin", higher_is_harder=False)

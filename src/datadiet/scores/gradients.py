@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .functional import loss as cross_entropy
 from .grad_norms import per_example_grad_norms
 from .logits import forward_logits, unwrap_logits
 from .registry import register_score
@@ -28,8 +29,8 @@ Inputs = torch.Tensor | dict[str, torch.Tensor]
 
 
 def per_example_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each example, shape `[B]`: TracIn's default loss."""
-    return nn.functional.cross_entropy(logits, targets, reduction="none")
+    """Cross-entropy of each example, shape `[B]`: TracIn's default loss (`datadiet.scores.loss`)."""
+    return cross_entropy(logits, targets)
 
 
 @register_score("tracin_self_influence", needs="gradients")

@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ..scores.functional import loss as cross_entropy
 from .strategies import budget_from_keep, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -362,7 +363,7 @@ def _outer_step(
     """One alternating-minimisation step (Das et al. 2021, Algorithm 1): the validation loss after a look-ahead SGD
     step on the weighted batch trains the selection model; the classifier then takes that step."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    losses = nn.functional.cross_entropy(functional_call(model, params, (x,)), y, reduction="none")
+    losses = cross_entropy(functional_call(model, params, (x,)), y)
     # create_graph: the look-ahead weights θ' depend on the selection weights w, through which the validation loss is
     # differentiated (the second-order terms in θ are not needed, θ is not trained by this loss).
     grads = torch.autograd.grad((weights * losses).sum(), list(params.values()), create_graph=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
@@ -19,7 +20,7 @@ from ..validation import check_positive_int
 from .config import DataDietConfig
 from .trainer import DataDietTrainer
 
-__all__ = ["evaluate_accuracy", "fit", "train_proxy_model"]
+__all__ = ["evaluate_accuracy", "fit", "fit_proxy", "train_proxy_model"]
 
 
 def train_proxy_model(
@@ -207,6 +208,19 @@ def fit(
         progress_description=progress_description,
         **training_kwargs,
     )
+
+
+def fit_proxy(
+    model: nn.Module, dataset: Dataset, *, track_scores: Sequence[str] = (), **fit_kwargs
+) -> tuple[nn.Module, dict[str, np.ndarray]]:
+    """[`fit`] as `score_dataset(..., train_epochs=t)` trains its proxies (its `train_proxy`): the trained model and
+    `{score: per-row values}` of the training-dynamics scores `track_scores` (`forgetting`, `aum`, ...) recorded
+    during that training, in the rows' order (NaN for a row never presented)."""
+    if not track_scores:
+        return fit(model, dataset, **fit_kwargs), {}
+    model, trainer = fit(model, dataset, track_scores=list(track_scores), return_trainer=True, **fit_kwargs)
+    scores = trainer.scores
+    return model, {name: np.asarray(scores[name]) for name in track_scores}
 
 
 @torch.no_grad()

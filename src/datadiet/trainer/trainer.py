@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import has_length
 
 from ..engine.process import get_process_state
 from ..models import ClassifierWrapper
+from ..scores.functional import loss as cross_entropy
 from ..scores.logits import unwrap_logits
 from ..tasks.causal_lm import CausalLMTask
 from .callback import ScoreCallback, add_score_columns
@@ -290,15 +290,7 @@ class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
                 # over the trained tokens.
                 per_item, mask = CausalLMTask.per_token_losses(logits, {"labels": labels})
             else:
-                per_item, mask = (
-                    F.cross_entropy(
-                        logits.float(),
-                        labels.long(),
-                        reduction="none",
-                        label_smoothing=self.args.label_smoothing_factor,
-                    ),
-                    None,
-                )
+                per_item, mask = cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing_factor), None
             if training and self._pruning_weights is not None and row_ids is not None:
                 # InfoBatch (Qin et al. 2024, eq. 3): kept easy examples count 1 / (1 - ratio) times, so that the
                 # expected gradient over the random skipping equals the full-data gradient.

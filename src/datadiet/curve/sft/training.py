@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from ...scores.causal_lm import per_token_cross_entropy
 from .arguments import SFTCurveArguments
 
 logger = logging.getLogger(__name__)
@@ -116,13 +117,10 @@ def held_out_loss(trainer, name: str) -> dict[str, float]:
     for batch in trainer.get_eval_dataloader(name):
         batch = {key: value.to(model.device) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-        )
-        total += float(losses)
-        tokens += int((targets != -100).sum())
-        rows += len(targets)
+        nll, mask = per_token_cross_entropy(logits, batch["labels"])  # zero where the mask is False
+        total += float(nll.sum())
+        tokens += int(mask.sum())
+        rows += len(mask)
     if tokens == 0:
         raise ValueError(f"The held-out set {name!r} has no completion token within max_length: raise --max_length.")
     return {"loss": total / tokens, "tokens": tokens, "rows": rows}

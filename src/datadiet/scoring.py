@@ -1,0 +1,22 @@
+"""`datadiet.score_dataset` as users call it: the engine's `score_dataset` with its proxy models trained by the
+trainer (`datadiet.trainer.proxy.fit_proxy`). The engine trains proxies through the function it is given and never
+imports the trainer; this module, above both, gives it the trainer's."""
+
+from __future__ import annotations
+
+from functools import wraps
+
+from .engine.score import score_dataset as _score_dataset
+
+__all__ = ["score_dataset"]
+
+
+def _fit_proxy(model, dataset, **kwargs):
+    from .trainer.proxy import fit_proxy  # transformers loads only when a proxy trains
+
+    return fit_proxy(model, dataset, **kwargs)
+
+
+@wraps(_score_dataset)
+def score_dataset(*args, train_proxy=None, **kwargs):
+    return _score_dataset(*args, train_proxy=train_proxy or _fit_proxy, **kwargs)
