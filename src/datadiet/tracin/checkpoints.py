@@ -22,9 +22,9 @@ __all__ = [
     "OPTIMIZER_STATE",
     "TRAINER_STATE",
     "Checkpoint",
-    "load_checkpoint",
     "match_keys",
     "read_adam_state",
+    "read_checkpoint",
     "read_learning_rate",
     "resolve_checkpoint",
 ]
@@ -80,7 +80,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], float | None]:
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], float | None]:
     """Read the weights and the learning rate of one checkpoint.
 
     `path` is a `transformers.Trainer` / `DataDietTrainer` checkpoint folder (`model.safetensors`, sharded
@@ -93,10 +93,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], f
     ```python
     >>> import tempfile, torch
     >>> from safetensors.torch import save_model
-    >>> from datadiet.tracin import load_checkpoint
+    >>> from datadiet.tracin import read_checkpoint
     >>> folder = tempfile.mkdtemp()
     >>> save_model(torch.nn.Linear(2, 2), f"{folder}/model.safetensors")
-    >>> state_dict, lr = load_checkpoint(folder)
+    >>> state_dict, lr = read_checkpoint(folder)
     >>> sorted(state_dict), lr
     (['bias', 'weight'], None)
 
@@ -180,7 +180,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor] | None = None  # in memory; None: read from `source` when needed
 
     def load(self) -> dict[str, torch.Tensor]:
-        return self.state_dict if self.state_dict is not None else load_checkpoint(self.source)[0]
+        return self.state_dict if self.state_dict is not None else read_checkpoint(self.source)[0]
 
 
 def resolve_checkpoint(spec: Any, index: int, learning_rate: float | None = None) -> Checkpoint:

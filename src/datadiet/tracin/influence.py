@@ -26,7 +26,7 @@ from ..scores.gradients import (
     per_example_gradients,
     select_parameters,
 )
-from .checkpoints import Checkpoint, load_checkpoint, match_keys, resolve_checkpoint
+from .checkpoints import Checkpoint, match_keys, read_checkpoint, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class TracIn:
     def _checkpoint(self, spec: Any, index: int, learning_rates: Sequence[float] | None) -> Checkpoint:
         checkpoint = resolve_checkpoint(spec, index, None if learning_rates is None else learning_rates[index])
         if checkpoint.state_dict is None:
-            match_keys(load_checkpoint(checkpoint.source)[0], self.model, checkpoint.source)
+            match_keys(read_checkpoint(checkpoint.source)[0], self.model, checkpoint.source)
         return checkpoint
 
     @property
