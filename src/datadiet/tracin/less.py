@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..engine.store import check_or_write_config
 from ..scores.gradients import RandomProjector, select_parameters
 from ..scores.less import PerExampleLoss, adam_update_direction, per_example_loss_gradients
-from .checkpoints import Checkpoint, match_keys, read_adam_state, resolve_checkpoint
+from .checkpoints import Checkpoint, match_keys, read_adam_state, resolve_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +159,7 @@ class LESS:
     ):
         if not callable(per_example_loss):
             raise ValueError("per_example_loss must be a callable (model, batch) -> per-example losses [B].")
-        if isinstance(checkpoints, (str, os.PathLike)) or (isinstance(checkpoints, tuple) and len(checkpoints) == 2
-                                                           and isinstance(checkpoints[1], (int, float))):  # fmt: skip
-            checkpoints = [checkpoints]
-        if len(checkpoints) == 0:
-            raise ValueError("checkpoints is empty: give at least one Trainer checkpoint folder.")
-        if learning_rates is not None and len(learning_rates) != len(checkpoints):
-            raise ValueError(
-                f"{len(learning_rates)} learning_rates for {len(checkpoints)} checkpoints: give one each."
-            )
+        resolved = resolve_checkpoints(checkpoints, learning_rates)
         if batch_size < 1 or rows_per_shard < 1:
             raise ValueError(f"batch_size and rows_per_shard must be >= 1, got {batch_size} and {rows_per_shard}.")
         if projection_dim is not None and projection_dim < 1:
@@ -186,10 +178,7 @@ class LESS:
             else RandomProjector(self.num_parameters, projection_dim, projection, seed, max_projection_bytes)
         )
         self.output_dir = None if output_dir is None else Path(output_dir)
-        self.checkpoints = [
-            resolve_checkpoint(spec, i, None if learning_rates is None else learning_rates[i])
-            for i, spec in enumerate(checkpoints)
-        ]
+        self.checkpoints = resolved
         total = sum(c.learning_rate for c in self.checkpoints)
         if total <= 0:
             raise ValueError("Every checkpoint has learning rate 0: LESS weighs checkpoints by their learning rates.")
