@@ -91,11 +91,12 @@ class LESS:
     with `R` the seeded random projection (the identity when `projection_dim=None`) and gradients over the trainable
     parameters (with peft LoRA: the adapters). This is LESS's own computation (`matching.py`: normalised features, one
     inner product per target example, averaged over the target set, checkpoint weights renormalised to sum to 1, max
-    over target subsets); target gradients are plain SGD gradients there too. Averaging the cosines, rather than
-    taking the cosine with the mean target gradient, gives every target example the same weight whatever its gradient
-    norm (long or badly fitted targets would otherwise dominate the mean); the two differ by the factor `‖μ_{c,s}‖`,
-    which is constant over training rows within one checkpoint and target set. Scores lie in [-1, 1]; renormalising
-    the weights does not change the ranking. Differences from LESS's code: `Γ` follows the paper's equation and
+    over target subsets); target gradients are plain SGD gradients there too. It is not the cosine with the target
+    set's mean gradient summed over checkpoints: averaging the cosines gives every target example the same weight
+    whatever its gradient norm (long or badly fitted targets would otherwise dominate the mean), and equals
+    `‖μ_{c,s}‖` times the cosine with `μ_{c,s}`, the mean of the *normalised* target gradients (a factor constant
+    over training rows within one checkpoint and target set, not across checkpoints). Scores lie in [-1, 1];
+    renormalising the weights does not change the ranking of the learning-rate-weighted sum. Differences from LESS's code: `Γ` follows the paper's equation and
     `torch.optim.AdamW` (bias-corrected moments, ε outside the square root, β and ε read from the checkpoint), where
     their code omits the bias correction (a per-checkpoint factor that the cosine ignores) and adds ε under the root.
 
