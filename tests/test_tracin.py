@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from datadiet.scores import per_example_gradients
-from datadiet.tracin import TracIn, load_checkpoint
+from datadiet.tracin import TracIn, read_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -254,14 +254,24 @@ def test_pickled_objects_are_not_unpickled(tmp_path):
     with open(folder / "pytorch_model.bin", "wb") as f:
         pickle.dump({"weight": _Payload(str(marker))}, f, protocol=2)
     with pytest.raises(ValueError, match="not loaded"):
-        load_checkpoint(folder)
+        read_checkpoint(folder)
     assert not marker.exists()
 
     # A plain state_dict saved with torch.save loads.
     model = nn.Linear(3, 2)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    state_dict, lr = load_checkpoint(folder)
+    state_dict, lr = read_checkpoint(folder)
     assert lr is None and torch.equal(state_dict["weight"], model.weight)
+
+
+def test_the_old_name_load_checkpoint_warns_and_reads_the_same():
+    import datadiet.tracin
+
+    with pytest.warns(FutureWarning, match="renamed read_checkpoint"):
+        old = datadiet.tracin.load_checkpoint
+    assert old is read_checkpoint
+    with pytest.raises(AttributeError):
+        datadiet.tracin.no_such_name  # noqa: B018
 
 
 def test_datasets_input_matches_tensors(setup):

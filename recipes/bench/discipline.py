@@ -1,6 +1,7 @@
-"""Timing discipline shared by the speed benchmarks (`grand.py`, `el2n.py`): alternate the things compared in one
-process, report the spread over rounds (not one number), record the machine's load and thread count, and refuse a
-verdict when the machine was busy.
+"""Timing discipline shared by the speed benchmarks (`grand.py`, `el2n.py`, `sft.py`): alternate the things compared in
+one process, report the spread over rounds (not one number), record the machine's load and thread count, and refuse a
+verdict when the machine was busy. Also the Markdown tables every benchmark prints (`markdown_table`, and the cells of
+a speed table's row, `table_row`).
 
 A verdict is refused when the 1-minute load average before the run, or after it less the benchmark's own threads
 (which kept that many cores busy for the whole last minute), is above the number of cores: the other processes then
@@ -102,3 +103,29 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
 
 def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def spread_cells(values: dict, digits: int, suffix: str = "") -> list[str]:
+    """The min / median / max cells of a `spread` ("n/a" where a value is missing)."""
+    return [fmt(values.get(key), digits, suffix) for key in ("min", "median", "max")]
+
+
+def table_row(
+    label: str, entry: dict, result: dict, *, peak_rss: bool = True, extra: list[str] = (), verdict: str = ""
+) -> list:
+    """One method's row of a speed table: its label, threads, rounds, median seconds, the spread of its per-round
+    ratio to the baseline, its peak resident memory (unless `peak_rss=False`) and the extra over the baseline's, the
+    `extra` cells, the load average before -> after and the verdict. `entry` is one of `method_entries`; `result`
+    holds `threads`, `load_before` and `load_after`."""
+    return [
+        label,
+        result["threads"],
+        entry["seconds"]["n"],
+        fmt(entry["seconds"]["median"], 3),
+        *spread_cells(entry.get("ratio", {}), 2, "×"),
+        *([fmt(entry["peak_rss_mb"], 0)] if peak_rss else []),
+        fmt(entry["extra_mb"], 0),
+        *extra,
+        f"{result['load_before']:.2f} → {result['load_after']:.2f}",
+        verdict,
+    ]

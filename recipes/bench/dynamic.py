@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import discipline  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -304,13 +308,20 @@ def combine(paths: list[Path], output: Path) -> dict:
 def report(result: dict) -> dict:
     """Print the runs as a Markdown table and the summary."""
     records = result["runs"]
-    print("\n| mode | seed | train wall time (s) | train CPU time (s) | test accuracy (%) | presentations skipped |")
-    print("|---|---|---|---|---|---|")
-    for record in records:
-        print(
-            f"| {record['mode']} | {record['seed']} | {record['train_wall_time_s']} | {record['train_cpu_time_s']} | "
-            f"{record['test_accuracy']} | {100 * record['skipped_fraction']:.1f}% |"
-        )
+    headers = [
+        "mode",
+        "seed",
+        "train wall time (s)",
+        "train CPU time (s)",
+        "test accuracy (%)",
+        "presentations skipped",
+    ]
+    rows = [
+        [r["mode"], r["seed"], r["train_wall_time_s"], r["train_cpu_time_s"], r["test_accuracy"],
+         f"{100 * r['skipped_fraction']:.1f}%"]
+        for r in records
+    ]  # fmt: skip
+    print("\n" + discipline.markdown_table(headers, rows))
     print("\nsummary:", json.dumps(result["summary"]))
     return result
 

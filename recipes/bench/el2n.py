@@ -43,6 +43,25 @@ DATA = Path(os.environ.get("DATADIET_SHARED_DATA", Path(__file__).resolve().pare
 GOAL = 0.95
 
 
+PARTS = ["decode+transform", "pure inference", "sum-of-parts bound", "perfect-overlap bound", "overlapped by hand",
+         "score_dataset"]  # fmt: skip
+HEADERS = ["part", "rows/s min", "rows/s median", "rows/s max", "× bound min", "× bound median", "× bound max"]
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    """Per part: the spread of its rows/s and, for the two scoring paths, of their ratio to the sum-of-parts bound."""
+    to_bound = {"score_dataset": result["score_dataset_to_bound"],
+                "overlapped by hand": result["overlapped_by_hand_to_bound"]}  # fmt: skip
+    return [
+        [
+            name,
+            *discipline.spread_cells(result["rows_per_s"][name], 0),
+            *discipline.spread_cells(to_bound.get(name, {}), 3),
+        ]
+        for name in PARTS
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=3000)
@@ -145,18 +164,7 @@ def main():
         f"EL2N scoring, {args.model}, {args.rows} CIFAR-10 rows, batch {bs}, torch {torch.__version__}, {threads} "
         f"threads, {discipline.cores()} cores, {args.rounds} alternated rounds, load {load_before:.2f} → {load_after:.2f}\n"
     )
-    order = ["decode+transform", "pure inference", "sum-of-parts bound", "perfect-overlap bound",
-             "overlapped by hand", "score_dataset"]  # fmt: skip
-    rows = []
-    for name in order:
-        r = rate[name]
-        to = {"score_dataset": ratio, "overlapped by hand": result["overlapped_by_hand_to_bound"]}.get(name, {})
-        rows.append(
-            [name, discipline.fmt(r["min"], 0), discipline.fmt(r["median"], 0), discipline.fmt(r["max"], 0)]
-            + [discipline.fmt(to.get("min"), 3), discipline.fmt(to.get("median"), 3), discipline.fmt(to.get("max"), 3)]
-        )
-    headers = ["part", "rows/s min", "rows/s median", "rows/s max", "× bound min", "× bound median", "× bound max"]
-    print(discipline.markdown_table(headers, rows))
+    print(discipline.markdown_table(HEADERS, table_rows(result)))
     print(
         f"\nscore_dataset / sum-of-parts bound, median {discipline.fmt(ratio['median'], 3)} (goal >= {GOAL}): {result['verdict']}"
     )

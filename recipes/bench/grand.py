@@ -231,21 +231,12 @@ HEADERS = [
 def table_rows(name: str, result: dict) -> list[list[str]]:
     rows = []
     for method, entry in result["methods"].items():
-        ratio = entry.get("ratio", {})
+        naive = f"{entry['max_rel_diff_to_naive']:.1e}" if "max_rel_diff_to_naive" in entry else "n/a"
+        verdict = result.get("verdict", "") if method == "ours" else ""
         rows.append(
             [
                 name,
-                LABELS[method],
-                result["threads"],
-                entry["seconds"]["n"],
-                discipline.fmt(entry["seconds"]["median"], 3),
-                discipline.fmt(ratio.get("min"), 2, "×"),
-                discipline.fmt(ratio.get("median"), 2, "×"),
-                discipline.fmt(ratio.get("max"), 2, "×"),
-                discipline.fmt(entry["extra_mb"], 0),
-                f"{entry['max_rel_diff_to_naive']:.1e}" if "max_rel_diff_to_naive" in entry else "n/a",
-                f"{result['load_before']:.2f} → {result['load_after']:.2f}",
-                result.get("verdict", "") if method == "ours" else "",
+                *discipline.table_row(LABELS[method], entry, result, peak_rss=False, extra=[naive], verdict=verdict),
             ]
         )
     for method, error in result["errors"].items():

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import discipline  # noqa: E402
 from noise import REPO, load_split, predict_proba, small_cnn, to_uint8, train  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -189,9 +190,8 @@ def report(output_dir: Path) -> str:
         "Test accuracy (full test split) of a CNN trained on the selected subset for the same number of steps; mean "
         "over seeds (± half the spread when there are two or more), selection time in seconds.",
         "",
-        "| dataset | kept | subset size | random | EL2N (hardest) | EL2N (CCS) | HOST-CP | HOST-CP, published LP |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for dataset in SETTINGS:
         for keep in sorted({r["keep"] for r in results if r["dataset"] == dataset}):
             cells, size = [], None
@@ -205,21 +205,20 @@ def report(output_dir: Path) -> str:
                 spread = f" ± {(max(accuracies) - min(accuracies)) / 2:.3f}" if len(runs) > 1 else ""
                 seconds = np.mean([r["select_seconds"] for r in runs])
                 cells.append(f"{np.mean(accuracies):.3f}{spread} ({seconds:.0f} s)")
-            lines.append(f"| {dataset} | {int(100 * keep)}% | {size} | " + " | ".join(cells) + " |")
+            rows.append([dataset, f"{int(100 * keep)}%", size, *cells])
+    headers = ["dataset", "kept", "subset size", "random", "EL2N (hardest)", "EL2N (CCS)", "HOST-CP",
+               "HOST-CP, published LP"]  # fmt: skip
+    lines.append(discipline.markdown_table(headers, rows))
     gradient = output_dir / "gradient.json"
     if gradient.exists():
-        lines += [
-            "",
-            "| quadratic_weight | median selector gradient norm (MNIST features) | median 40x40 solve (s) | "
-            "synthetic: valuable share gain over the pool (seeds 0, 1, 2) |",
-            "|---|---|---|---|",
-        ]
-        for weight, r in json.loads(gradient.read_text()).items():
-            gains = ", ".join(f"{g:+.3f}" for g in r["synthetic_valuable_share_gain"])
-            lines.append(
-                f"| {weight} | {r['mnist_median_grad_norm']:.2g} | {r['mnist_median_solve_seconds_40x40']:.3f} | "
-                f"{gains} |"
-            )
+        headers = ["quadratic_weight", "median selector gradient norm (MNIST features)", "median 40x40 solve (s)",
+                   "synthetic: valuable share gain over the pool (seeds 0, 1, 2)"]  # fmt: skip
+        rows = [
+            [weight, f"{r['mnist_median_grad_norm']:.2g}", f"{r['mnist_median_solve_seconds_40x40']:.3f}",
+             ", ".join(f"{g:+.3f}" for g in r["synthetic_valuable_share_gain"])]
+            for weight, r in json.loads(gradient.read_text()).items()
+        ]  # fmt: skip
+        lines += ["", discipline.markdown_table(headers, rows)]
     return "\n".join(lines)
 
 

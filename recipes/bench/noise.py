@@ -23,12 +23,16 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import discipline  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -314,13 +318,11 @@ def report(output_dir: Path, plot: Path | None) -> str:
         return "No results yet."
     results.sort(key=lambda r: (r["dataset"] != "mnist", r["noise"]))
     methods = SCORES + ["cleanlab"]
-    header = "| score | " + " | ".join(f"{r['dataset']} {int(100 * r['noise'])}%" for r in results) + " |"
     lines = [
         "AUROC / precision at k (k = number of flipped rows) for finding the flipped rows; higher is better.",
         "",
-        header,
-        "|---|" + "---|" * len(results),
     ]
+    rows = []
     for method in methods:
         cells = []
         for r in results:
@@ -329,30 +331,27 @@ def report(output_dir: Path, plot: Path | None) -> str:
             cell = f"{m['auroc']:.3f} / {m['precision_at_k']:.3f}" if m else "-"
             cells.append(f"**{cell}**" if method == best else cell)
         label = "cleanlab (k-fold out-of-sample, reference)" if method == "cleanlab" else method
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(
-        "| cleanlab `find_label_issues` precision / recall (flagged) | "
-        + " | ".join(
+        rows.append([label, *cells])
+    rows.append(
+        ["cleanlab `find_label_issues` precision / recall (flagged)"]
+        + [
             f"{r['metrics']['cleanlab']['find_label_issues_precision']:.3f} / "
             f"{r['metrics']['cleanlab']['find_label_issues_recall']:.3f} "
             f"({r['metrics']['cleanlab']['find_label_issues_flagged']})"
             for r in results
-        )
-        + " |"
+        ]
     )
-    lines += [
-        "",
-        "| configuration | rows | flipped | epochs | proxy test acc. | proxy train+track | score_dataset | TracIn | "
-        f"cleanlab {results[0]['folds']}-fold CV |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        s = r["seconds"]
-        lines.append(
-            f"| {r['dataset']} {int(100 * r['noise'])}% | {r['rows']} | {r['flipped']} | {r['settings']['epochs']} | "
-            f"{r['proxy_test_accuracy']:.3f} | {s['train_proxy']:.0f} s | {s['score_dataset']:.0f} s | "
-            f"{s['tracin']:.0f} s | {s['cleanlab_cv']:.0f} s |"
-        )
+    configurations = [f"{r['dataset']} {int(100 * r['noise'])}%" for r in results]
+    lines += [discipline.markdown_table(["score", *configurations], rows), ""]
+    headers = ["configuration", "rows", "flipped", "epochs", "proxy test acc.", "proxy train+track", "score_dataset",
+               "TracIn", f"cleanlab {results[0]['folds']}-fold CV"]  # fmt: skip
+    rows = [
+        [name, r["rows"], r["flipped"], r["settings"]["epochs"], f"{r['proxy_test_accuracy']:.3f}",
+         f"{r['seconds']['train_proxy']:.0f} s", f"{r['seconds']['score_dataset']:.0f} s",
+         f"{r['seconds']['tracin']:.0f} s", f"{r['seconds']['cleanlab_cv']:.0f} s"]
+        for name, r in zip(configurations, results)
+    ]  # fmt: skip
+    lines.append(discipline.markdown_table(headers, rows))
     if plot is not None:
         plot_roc(output_dir, results, plot)
     return "\n".join(lines)

@@ -318,25 +318,10 @@ HEADERS = [
 
 
 def table_rows(result: dict) -> list[list[str]]:
-    rows = []
-    for method, entry in result["methods"].items():
-        ratio = entry.get("ratio", {})
-        rows.append(
-            [
-                LABELS[method],
-                result["threads"],
-                entry["seconds"]["n"],
-                discipline.fmt(entry["seconds"]["median"], 3),
-                discipline.fmt(ratio.get("min"), 2, "×"),
-                discipline.fmt(ratio.get("median"), 2, "×"),
-                discipline.fmt(ratio.get("max"), 2, "×"),
-                discipline.fmt(entry["peak_rss_mb"], 0),
-                discipline.fmt(entry["extra_mb"], 0),
-                f"{result['load_before']:.2f} → {result['load_after']:.2f}",
-                entry.get("verdict", ""),
-            ]
-        )
-    return rows
+    return [
+        discipline.table_row(LABELS[method], entry, result, verdict=entry.get("verdict", ""))
+        for method, entry in result["methods"].items()
+    ]
 
 
 def profile(args, state, top: int = 12) -> None:

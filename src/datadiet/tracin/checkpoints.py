@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,11 @@ __all__ = [
     "OPTIMIZER_STATE",
     "TRAINER_STATE",
     "Checkpoint",
-    "load_checkpoint",
     "match_keys",
     "read_adam_state",
+    "read_checkpoint",
     "read_learning_rate",
-    "resolve_checkpoint",
+    "resolve_checkpoints",
 ]
 
 # Folders written by `transformers.Trainer` (and so by DataDietTrainer) hold the weights under one of these names.
@@ -80,7 +80,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], float | None]:
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], float | None]:
     """Read the weights and the learning rate of one checkpoint.
 
     `path` is a `transformers.Trainer` / `DataDietTrainer` checkpoint folder (`model.safetensors`, sharded
@@ -93,10 +93,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], f
     ```python
     >>> import tempfile, torch
     >>> from safetensors.torch import save_model
-    >>> from datadiet.tracin import load_checkpoint
+    >>> from datadiet.tracin import read_checkpoint
     >>> folder = tempfile.mkdtemp()
     >>> save_model(torch.nn.Linear(2, 2), f"{folder}/model.safetensors")
-    >>> state_dict, lr = load_checkpoint(folder)
+    >>> state_dict, lr = read_checkpoint(folder)
     >>> sorted(state_dict), lr
     (['bias', 'weight'], None)
 
@@ -180,13 +180,48 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor] | None = None  # in memory; None: read from `source` when needed
 
     def load(self) -> dict[str, torch.Tensor]:
-        return self.state_dict if self.state_dict is not None else load_checkpoint(self.source)[0]
+        return self.state_dict if self.state_dict is not None else read_checkpoint(self.source)[0]
 
 
-def resolve_checkpoint(spec: Any, index: int, learning_rate: float | None = None) -> Checkpoint:
-    """One checkpoint of a run from what a user gives: a checkpoint folder or weights file, or a `(folder, lr)` /
-    `(state_dict, lr)` pair; the learning rate is `learning_rate` if given, else the pair's, else the one logged in the
-    folder's `trainer_state.json`. Raises a `ValueError` saying what to give instead when none is found."""
+def resolve_checkpoints(checkpoints: Any, learning_rates: Sequence[float] | None = None) -> list[Checkpoint]:
+    """The checkpoints of a run, as TracIn and LESS take them, each with its learning rate.
+
+    Args:
+        checkpoints: a list of checkpoint folders or weights files, `(folder, lr)` or `(state_dict, lr)` pairs; a
+            single one of these stands for a list of one.
+        learning_rates (`list[float]`, *optional*): one per checkpoint, overriding the pairs' and the folders'.
+
+    Each learning rate is `learning_rates[i]` if given, else the pair's, else the one logged in the folder's
+    `trainer_state.json` (at, or last before, the checkpoint's step). A `state_dict` is copied (the caller's model may
+    keep training); a folder's weights are read when needed. Raises a `ValueError` saying what to give instead for an
+    empty list, a count of learning rates other than the checkpoints', or a checkpoint with no learning rate.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datadiet.tracin.checkpoints import resolve_checkpoints
+    >>> model = torch.nn.Linear(2, 2)
+    >>> [(c.source, c.learning_rate) for c in resolve_checkpoints((model.state_dict(), 0.1))]
+    [('#0', 0.1)]
+
+    ```
+    """
+    if isinstance(checkpoints, (str, os.PathLike)) or (isinstance(checkpoints, tuple) and len(checkpoints) == 2
+                                                       and isinstance(checkpoints[1], (int, float))):  # fmt: skip
+        checkpoints = [checkpoints]
+    if len(checkpoints) == 0:
+        raise ValueError("checkpoints is empty: give at least one checkpoint folder or (state_dict, lr) pair.")
+    if learning_rates is not None and len(learning_rates) != len(checkpoints):
+        raise ValueError(f"{len(learning_rates)} learning_rates for {len(checkpoints)} checkpoints: give one each.")
+    return [
+        _resolve_checkpoint(spec, i, None if learning_rates is None else learning_rates[i])
+        for i, spec in enumerate(checkpoints)
+    ]
+
+
+def _resolve_checkpoint(spec: Any, index: int, learning_rate: float | None) -> Checkpoint:
+    """One checkpoint of `resolve_checkpoints`: the learning rate is `learning_rate` if given, else the pair's, else
+    the one logged in the folder's `trainer_state.json`."""
     given_lr = None if learning_rate is None else float(learning_rate)
     if isinstance(spec, tuple):
         if len(spec) != 2:

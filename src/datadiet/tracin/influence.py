@@ -26,7 +26,7 @@ from ..scores.gradients import (
     per_example_gradients,
     select_parameters,
 )
-from .checkpoints import Checkpoint, load_checkpoint, match_keys, resolve_checkpoint
+from .checkpoints import Checkpoint, match_keys, resolve_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +111,7 @@ class TracIn:
     ):
         if isinstance(model, ClassifierWrapper):
             model = model.model
-        if isinstance(checkpoints, (str, os.PathLike)) or (isinstance(checkpoints, tuple) and len(checkpoints) == 2
-                                                           and isinstance(checkpoints[1], (int, float))):  # fmt: skip
-            checkpoints = [checkpoints]
-        if len(checkpoints) == 0:
-            raise ValueError("checkpoints is empty: give at least one checkpoint folder or (state_dict, lr) pair.")
-        if learning_rates is not None and len(learning_rates) != len(checkpoints):
-            raise ValueError(
-                f"{len(learning_rates)} learning_rates for {len(checkpoints)} checkpoints: give one each."
-            )
+        resolved = resolve_checkpoints(checkpoints, learning_rates)
         if batch_size < 1 or chunk_size < 1:
             raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}.")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -136,19 +128,12 @@ class TracIn:
             param.requires_grad_(name in self.parameter_names)
         named = dict(self.model.named_parameters())
         self.num_parameters = sum(named[name].numel() for name in self.parameter_names)
-        self.checkpoints = [self._checkpoint(c, i, learning_rates) for i, c in enumerate(checkpoints)]
+        self.checkpoints = resolved
         # Check every checkpoint fits the model now rather than after an hour of gradients.
         for checkpoint in self.checkpoints:
-            if checkpoint.state_dict is not None:
-                match_keys(checkpoint.state_dict, self.model, checkpoint.source)
+            match_keys(checkpoint.load(), self.model, checkpoint.source)
         logger.info("TracIn over %d checkpoint(s), %s trainable parameters%s.", len(self.checkpoints),
                     f"{self.num_parameters:,}", "" if layers is None else f" in {list(layers)}")  # fmt: skip
-
-    def _checkpoint(self, spec: Any, index: int, learning_rates: Sequence[float] | None) -> Checkpoint:
-        checkpoint = resolve_checkpoint(spec, index, None if learning_rates is None else learning_rates[index])
-        if checkpoint.state_dict is None:
-            match_keys(load_checkpoint(checkpoint.source)[0], self.model, checkpoint.source)
-        return checkpoint
 
     @property
     def learning_rates(self) -> list[float]:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..engine.store import check_or_write_config
 from ..scores.gradients import RandomProjector, select_parameters
 from ..scores.less import PerExampleLoss, adam_update_direction, per_example_loss_gradients
-from .checkpoints import Checkpoint, match_keys, read_adam_state, resolve_checkpoint
+from .checkpoints import Checkpoint, match_keys, read_adam_state, resolve_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +91,12 @@ class LESS:
     with `R` the seeded random projection (the identity when `projection_dim=None`) and gradients over the trainable
     parameters (with peft LoRA: the adapters). This is LESS's own computation (`matching.py`: normalised features, one
     inner product per target example, averaged over the target set, checkpoint weights renormalised to sum to 1, max
-    over target subsets); target gradients are plain SGD gradients there too. Averaging the cosines, rather than
-    taking the cosine with the mean target gradient, gives every target example the same weight whatever its gradient
-    norm (long or badly fitted targets would otherwise dominate the mean); the two differ by the factor `‖μ_{c,s}‖`,
-    which is constant over training rows within one checkpoint and target set. Scores lie in [-1, 1]; renormalising
-    the weights does not change the ranking. Differences from LESS's code: `Γ` follows the paper's equation and
+    over target subsets); target gradients are plain SGD gradients there too. It is not the cosine with the target
+    set's mean gradient summed over checkpoints: averaging the cosines gives every target example the same weight
+    whatever its gradient norm (long or badly fitted targets would otherwise dominate the mean), and equals
+    `‖μ_{c,s}‖` times the cosine with `μ_{c,s}`, the mean of the *normalised* target gradients (a factor constant
+    over training rows within one checkpoint and target set, not across checkpoints). Scores lie in [-1, 1];
+    renormalising the weights does not change the ranking of the learning-rate-weighted sum. Differences from LESS's code: `Γ` follows the paper's equation and
     `torch.optim.AdamW` (bias-corrected moments, ε outside the square root, β and ε read from the checkpoint), where
     their code omits the bias correction (a per-checkpoint factor that the cosine ignores) and adds ε under the root.
 
@@ -159,15 +160,7 @@ class LESS:
     ):
         if not callable(per_example_loss):
             raise ValueError("per_example_loss must be a callable (model, batch) -> per-example losses [B].")
-        if isinstance(checkpoints, (str, os.PathLike)) or (isinstance(checkpoints, tuple) and len(checkpoints) == 2
-                                                           and isinstance(checkpoints[1], (int, float))):  # fmt: skip
-            checkpoints = [checkpoints]
-        if len(checkpoints) == 0:
-            raise ValueError("checkpoints is empty: give at least one Trainer checkpoint folder.")
-        if learning_rates is not None and len(learning_rates) != len(checkpoints):
-            raise ValueError(
-                f"{len(learning_rates)} learning_rates for {len(checkpoints)} checkpoints: give one each."
-            )
+        resolved = resolve_checkpoints(checkpoints, learning_rates)
         if batch_size < 1 or rows_per_shard < 1:
             raise ValueError(f"batch_size and rows_per_shard must be >= 1, got {batch_size} and {rows_per_shard}.")
         if projection_dim is not None and projection_dim < 1:
@@ -186,10 +179,7 @@ class LESS:
             else RandomProjector(self.num_parameters, projection_dim, projection, seed, max_projection_bytes)
         )
         self.output_dir = None if output_dir is None else Path(output_dir)
-        self.checkpoints = [
-            resolve_checkpoint(spec, i, None if learning_rates is None else learning_rates[i])
-            for i, spec in enumerate(checkpoints)
-        ]
+        self.checkpoints = resolved
         total = sum(c.learning_rate for c in self.checkpoints)
         if total <= 0:
             raise ValueError("Every checkpoint has learning rate 0: LESS weighs checkpoints by their learning rates.")

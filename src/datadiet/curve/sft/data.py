@@ -4,38 +4,20 @@ instruction set into a pool, validation rows (for choosing) and test rows (for t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-__all__ = ["SPLIT_FILE", "alpaca_to_prompt_completion", "split_for_selection", "to_prompt_completion", "write_split"]
+__all__ = ["SPLIT_FILE", "split_for_selection", "to_prompt_completion", "write_split"]
 
 SPLIT_FILE = "datadiet_split.json"
 
 
-# TODO: use datadiet.tasks.causal_lm.alpaca_to_prompt_completion (the causal-LM task) once it is on main; this is
-# the same conversational rule, kept here until then so that scores and the curve tokenise rows alike.
-def alpaca_to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
-    """An `instruction` / `input` / `output` (Alpaca) row as TRL's conversational prompt-completion format: the user
-    turn is `instruction`, plus `"\\n\\n" + input` when `input` is non-empty; the assistant turn is `output`.
-
-    Example:
-    ```python
-    >>> from datadiet.curve.sft.data import alpaca_to_prompt_completion
-    >>> alpaca_to_prompt_completion({"instruction": "Add.", "input": "1 2", "output": "3"})
-    {'prompt': [{'role': 'user', 'content': 'Add.\\n\\n1 2'}], 'completion': [{'role': 'assistant', 'content': '3'}]}
-
-    ```
-    """
-    instruction, extra, output = row["instruction"], row.get("input") or "", row["output"]
-    user = f"{instruction}\n\n{extra}" if extra else instruction
-    return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": output}]}
-
-
 def to_prompt_completion(dataset: Dataset) -> Dataset:
     """`dataset` as `prompt` / `completion` rows only (what `SFTTrainer` trains on with a completion-only loss): Alpaca
-    rows converted by `alpaca_to_prompt_completion`, prompt-completion rows kept; every other column (scores, ids)
-    dropped. Rows keep their order.
+    rows converted by `datadiet.tasks.causal_lm.alpaca_to_prompt_completion` (conversational: the user turn is
+    `instruction`, plus `"\\n\\n" + input` when `input` is non-empty; the assistant turn is `output`) as the
+    `causal_lm` task converts them for scoring, so that scores and the curve tokenise rows alike; prompt-completion
+    rows kept; every other column (scores, ids) dropped. Rows keep their order.
 
     Example:
     ```python
@@ -51,8 +33,13 @@ def to_prompt_completion(dataset: Dataset) -> Dataset:
     if {"prompt", "completion"} <= columns:
         return dataset.select_columns(["prompt", "completion"])
     if {"instruction", "output"} <= columns:
+        from ...tasks.causal_lm import alpaca_to_prompt_completion
+
         return dataset.map(
-            alpaca_to_prompt_completion, remove_columns=dataset.column_names, desc="Alpaca rows to prompt/completion"
+            alpaca_to_prompt_completion,
+            fn_kwargs={"conversational": True},
+            remove_columns=dataset.column_names,
+            desc="Alpaca rows to prompt/completion",
         )
     raise ValueError(
         f"The rows have columns {sorted(columns)}: the SFT curve needs `instruction` / `output` (Alpaca, `input` "
