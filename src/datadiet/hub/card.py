@@ -30,8 +30,9 @@ CAUSAL_LM_DEFINITIONS = {
     "ifd": "Instruction-Following Difficulty (Li et al. 2024; Superfiltering): PPL(response | instruction) / "
     "PPL(response alone); above 1, the instruction does not help",
     "grand": "L2 norm of the row's loss gradient over the trainable parameters (with LoRA adapters: the adapters only)",
-    "less": "LESS (Xia et al. 2024): learning-rate-weighted mean cosine between the row's (Adam-normalised, projected) "
-    "gradient and the target rows' gradients, over the warm-up checkpoints",
+    "less": "LESS (Xia et al. 2024): mean over the target rows of the cosine between the row's (Adam-normalised, "
+    "projected) gradient and each target row's gradient, weighted over the warm-up checkpoints by their learning "
+    "rates (weights summing to 1); the maximum over target sets when several are given",
 }
 
 
