@@ -571,3 +571,15 @@ def test_append_run_starts_a_new_line_after_a_line_cut_by_an_interrupt(tmp_path)
     append_run(path, {"seed": 2})
     assert path.read_text().splitlines() == ['{"seed": 0}', '{"seed": 1, "acc', '{"seed": 1}', '{"seed": 2}']
     assert [run["seed"] for run in read_runs(path)] == [0, 1, 2]
+
+
+def test_a_validation_report_says_validation_in_every_table(tmp_path):
+    runs = [
+        {"score": s, "strategy": st, "keep": k, "seed": seed, "accuracy": 0.5 + 0.01 * seed + 0.001 * i}
+        for i, (s, st, k) in enumerate([("full", "full", 1.0), ("random", "random", 0.5), ("el2n", "hardest", 0.5)])
+        for seed in (0, 1, 2)
+    ]
+    write_curve_report(summarize_runs(runs), tmp_path, title="t", evaluated_on="validation")
+    report = (tmp_path / "curve.md").read_text()
+    assert "Validation accuracy (%) of every run" in report.split("## Per seed")[1]
+    assert "Test accuracy" not in report

@@ -42,8 +42,10 @@ def _title(args: CurveArguments, points: list[dict]) -> str:
     # The seeds finished, not the ones asked for this time: a folder may hold points of a 4th seed run on its own.
     counts = sorted({p["n"] for p in points}) or [len(args.seeds)]
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    checkpoint = getattr(args, "model_name_or_path", None)
+    model = f"fine-tuned from {checkpoint}" if checkpoint else args.model_name
     return (
-        f"{Path(args.data_files or args.dataset_name).parent.name or args.dataset_name}: {args.model_name}, "
+        f"{Path(args.data_files or args.dataset_name).parent.name or args.dataset_name}: {model}, "
         f"{budget} at batch {args.batch_size}, {seeds} seeds per point; scores from {len(args.scoring_seeds)} "
         f"proxies after {args.scoring_epochs} epoch(s)"
     )
@@ -166,7 +168,7 @@ def _verdicts(points: list[dict], margin: float = 0.005) -> list[str]:
     return sentences
 
 
-def _per_seed_table(points: list[dict]) -> list[str]:
+def _per_seed_table(points: list[dict], evaluated_on: str = "test") -> list[str]:
     """Every run's accuracy by seed, and each pruned run minus the random subset of its seed and keep fraction (the
     paired difference: a method that wins on every seed is more convincing than its mean alone says)."""
     seeds = sorted({seed for point in points for seed in point.get("seeds", [])})
@@ -175,7 +177,8 @@ def _per_seed_table(points: list[dict]) -> list[str]:
     random = {p["keep"]: p for p in points if p["score"] == "random"}
     lines = ["", "## Per seed", ""]
     lines.append(
-        "Test accuracy (%) of every run; in brackets, minus the random subset of the same seed and keep (pt)."
+        f"{evaluated_on.capitalize()} accuracy (%) of every run; in brackets, minus the random subset of the same "
+        "seed and keep (pt)."
     )
     lines.append("")
     lines.append("| score | strategy | keep | " + " | ".join(f"seed {seed}" for seed in seeds) + " |")
@@ -282,7 +285,7 @@ def write_curve_report(
                 versus += f", full {100 * _on_seeds(full, seeds)['mean']:.2f}" if full else ""
                 name = f"{point['score']} / {point['strategy']}"
                 lines.append(f"- {100 * keep:g}%: {name} {100 * point['mean']:.2f} (n={point['n']}){versus}")
-    lines += _per_seed_table(points)
+    lines += _per_seed_table(points, evaluated_on)
     markdown = output_dir / "curve.md"
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown.write_text("\n".join(lines) + "\n")
