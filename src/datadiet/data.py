@@ -209,8 +209,10 @@ def preprocessor_of(
     ```python
     >>> from datasets import Dataset
     >>> from datadiet.data import preprocessor_of
-    >>> preprocessor_of(Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})).columns
-    ['text', 'label']
+    >>> dataset = Dataset.from_dict({"pixels": [[0.0, 1.0], [1.0, 0.0]], "label": [0, 1]})
+    >>> preprocessor = preprocessor_of(dataset, image_column="pixels")
+    >>> preprocessor.columns, preprocessor.kind
+    (['pixels', 'label'], 'array')
 
     ```
     """

@@ -98,10 +98,10 @@ def plan_scoring(
     >>> import torch
     >>> from datasets import Dataset
     >>> from datadiet.engine.plan import plan_scoring
-    >>> dataset = Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
-    >>> plan = plan_scoring(dataset, torch.nn.Identity(), ["el2n", "loss"])
+    >>> dataset = Dataset.from_dict({"pixels": [[0.0, 1.0], [1.0, 0.0]], "label": [0, 1]})
+    >>> plan = plan_scoring(dataset, torch.nn.Identity(), ["el2n", "loss"], image_column="pixels")
     >>> plan.evaluated, plan.input_column, plan.label_column
-    (['el2n', 'loss'], 'text', 'label')
+    (['el2n', 'loss'], 'pixels', 'label')
 
     ```
     """
