@@ -119,6 +119,43 @@ def test_cli_el2n_on_cifar10_equals_a_direct_computation(cifar10_train, tmp_path
         np.testing.assert_allclose(kept_c, ranked[skip : skip + len(kept_c)], atol=1e-6)
 
 
+def test_a_score_run_detects_builds_and_checks_each_thing_once(tmp_path):
+    """A `datadiet score` run training two proxies detects the columns, builds the preprocessor, checks the input
+    channels and checks the methods once each (calls counted by the interpreter's profiler; nothing replaced)."""
+    import sys
+    import threading
+    from collections import Counter
+
+    from datasets import load_from_disk
+
+    from datadiet.data import Preprocessor, check_input_channels, detect_columns
+    from datadiet.engine.dynamics import split_methods
+
+    watched = {f.__code__: f.__qualname__ for f in (detect_columns, Preprocessor.__init__, check_input_channels)}
+    watched[split_methods.__code__] = "split_methods"
+    calls = Counter()
+
+    def count(frame, event, arg):
+        if event == "call" and frame.f_code in watched:
+            calls[watched[frame.f_code]] += 1
+
+    argv = ["score", "--dataset_name", "sklearn-digits", "--max_rows", "48", "--model_name", "test_resnet"]
+    argv += ["--in_chans", "1", "--seeds", "0", "1", "--train_epochs", "1", "--methods", "el2n", "forgetting"]
+    sys.setprofile(count)
+    threading.setprofile(count)
+    try:
+        code = main([*argv, "--batch_size", "16", "--output_dir", str(tmp_path)])
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    assert code == 0
+    assert calls == dict.fromkeys(watched.values(), 1)
+    scored = load_from_disk(str(tmp_path / "dataset"))
+    assert scored.column_names == ["image", "label", "el2n", "el2n_std", "forgetting", "forgetting_std"]
+    # The classification tasks' names check the classifiers' methods, as `score_dataset` does.
+    assert ScoreArguments("x", task="image_classification", methods=["el2n"]).scoring_methods == (["el2n"], [])
+
+
 def test_cli_reports_bad_input_as_an_error_message(tmp_path, capsys):
     assert (
         main(

@@ -35,6 +35,7 @@ __all__ = [
     "keep_classes",
     "label_names_of",
     "num_classes_of",
+    "preprocessor_of",
     "training_view",
 ]
 
@@ -190,6 +191,45 @@ def detect_label_column(dataset: Dataset, label_column: str | None = None) -> st
             "'label'/'labels'. Pass label_column=... ."
         )
     return candidates[0]
+
+
+def preprocessor_of(
+    dataset: Dataset,
+    preprocessor: Preprocessor | None = None,
+    transform: Callable | None = None,
+    *,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> Preprocessor:
+    """`preprocessor` when given (then no transform or column may be), else one built around `transform` from the
+    columns of `dataset` (`detect_columns`).
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from datadiet.data import preprocessor_of
+    >>> dataset = Dataset.from_dict({"pixels": [[0.0, 1.0], [1.0, 0.0]], "label": [0, 1]})
+    >>> preprocessor = preprocessor_of(dataset, image_column="pixels")
+    >>> preprocessor.columns, preprocessor.kind
+    (['pixels', 'label'], 'array')
+
+    ```
+    """
+    if preprocessor is not None:
+        given = {"transform": transform, "image_column": image_column, "text_column": text_column}
+        given["label_column"] = label_column
+        clashing = [name for name, value in given.items() if value is not None]
+        if clashing:
+            raise ValueError(
+                f"Give either preprocessor= or {clashing}, not both: the preprocessor already holds its transform "
+                "and columns."
+            )
+        return preprocessor
+    input_column, kind, label_column = detect_columns(
+        dataset, image_column=image_column, text_column=text_column, label_column=label_column
+    )
+    return Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
 
 
 def check_input_channels(dataset: Dataset, preprocessor: Preprocessor, in_chans: int | None) -> None:

@@ -8,10 +8,12 @@ from functools import wraps
 
 from .engine.score import score_dataset as _score_dataset
 
-__all__ = ["score_dataset"]
+__all__ = ["fit_proxy", "score_dataset"]
 
 
-def _fit_proxy(model, dataset, **kwargs):
+def fit_proxy(model, dataset, **kwargs):
+    """`datadiet.trainer.proxy.fit_proxy`, the `train_proxy` of `score_dataset` and of the command's scoring plan;
+    imported when a proxy first trains."""
     from .trainer.proxy import fit_proxy  # transformers loads only when a proxy trains
 
     return fit_proxy(model, dataset, **kwargs)
@@ -19,4 +21,4 @@ def _fit_proxy(model, dataset, **kwargs):
 
 @wraps(_score_dataset)
 def score_dataset(*args, train_proxy=None, **kwargs):
-    return _score_dataset(*args, train_proxy=train_proxy or _fit_proxy, **kwargs)
+    return _score_dataset(*args, train_proxy=train_proxy or fit_proxy, **kwargs)

@@ -68,6 +68,7 @@ class ScoreArguments(CausalLMArguments, ModelArguments, DataArguments):
 
     def __post_init__(self):
         check_hub_dataset_reachable(self.dataset_name, self.data_files or None)  # before seconds of engine imports
+        from ..engine.batches import scoring_task
         from ..engine.dynamics import split_methods
 
         check_causal_lm_arguments(self)
@@ -87,10 +88,15 @@ class ScoreArguments(CausalLMArguments, ModelArguments, DataArguments):
         less = causal and "less" in self.methods
         if causal:
             check_causal_lm_score(self, less)
-        # Before any data is read or model built; the same check as `score_dataset`.
+        # Before any data is read or model built; the same check as `score_dataset`, done once: the scoring plan
+        # takes the checked methods as they are.
         methods = [method for method in self.methods if not (less and method == "less")]
+        self.scoring_methods = None
         if methods or not less:
-            split_methods(methods, self.train_epochs, trains=not self.model_weights, task=self.task)
+            trains = not self.model_weights
+            self.scoring_methods = split_methods(
+                methods, self.train_epochs, trains=trains, task=scoring_task(self.task)
+            )
 
 
 def check_causal_lm_score(args: ScoreArguments, less: bool) -> None:
@@ -132,16 +138,11 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
     dataset = load_data(args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=max_rows)
     # torch, transformers' Trainer and peft take seconds to import: after the data, so that a dataset that cannot be
     # read (a typo, an unreachable Hub) is refused at once.
-    from ..data import (
-        Preprocessor,
-        build_image_transform,
-        check_input_channels,
-        detect_columns,
-        keep_classes,
-        label_names_of,
-    )
+    from ..data import Preprocessor, build_image_transform, detect_columns, keep_classes, label_names_of
+    from ..engine.plan import plan_scoring
+    from ..engine.score import score_planned
     from ..model_sources import ModelSource
-    from ..scoring import score_dataset
+    from ..scoring import fit_proxy
 
     input_column, kind, label_column = detect_columns(
         dataset, image_column=args.image_column, label_column=args.label_column
@@ -152,14 +153,11 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
     model_init = ModelSource(args, label_names=label_names_of(dataset, label_column))
     image_size, mean, std = model_init.image_settings()
     transform = build_image_transform(image_size, mean=mean, std=std)
+    # The one preprocessor of the run: the first model's input channels are checked with it before anything trains,
+    # and the proxies train and the loop scores through it.
     preprocessor = Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
-    check_input_channels(dataset, preprocessor, args.in_chans)  # before any model is trained
-
     common = dict(
-        methods=args.methods,
-        transform=transform,
-        image_column=args.image_column,
-        label_column=args.label_column,
+        preprocessor=preprocessor,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         mixed_precision=args.mixed_precision,
@@ -170,17 +168,19 @@ def run_score(args: ScoreArguments, *, command: str | None = None):
 
         model = model_init(args.seeds[0])
         load_model(model, args.model_weights)
-        scored = score_dataset(dataset, model, **common)
+        plan = plan_scoring(dataset, model, args.scoring_methods, **common)
     else:
-        scored = score_dataset(
+        plan = plan_scoring(
             dataset,
+            methods=args.scoring_methods,
             model_init=model_init,
             seeds=args.seeds,
             train_epochs=args.train_epochs,
             training_kwargs={"learning_rate": args.learning_rate},
+            train_proxy=fit_proxy,
             **common,
         )
-    return _save(scored, args, dataset, model_init.provenance(), command or command_line())
+    return _save(score_planned(plan), args, dataset, model_init.provenance(), command or command_line())
 
 
 def _save(scored, args: ScoreArguments, dataset, scoring: dict, command: str):
@@ -206,9 +206,10 @@ def run_causal_lm_score(args: ScoreArguments, *, command: str):
     from accelerate import PartialState
 
     from ..data import load_data
+    from ..engine.plan import plan_scoring
+    from ..engine.score import score_planned
     from ..language_models import add_adapters, load_tokenizer
     from ..model_sources import load_checkpoint
-    from ..scoring import score_dataset
 
     less = "less" in args.methods
     methods = [method for method in args.methods if method != "less"]
@@ -239,10 +240,10 @@ def run_causal_lm_score(args: ScoreArguments, *, command: str):
             adapter_name_or_path=args.adapter_name_or_path,
             seed=args.seeds[0],
         )
-        scored = score_dataset(
+        plan = plan_scoring(
             dataset,
             model,
-            methods,
+            args.scoring_methods,
             task="causal_lm",
             tokenizer=tokenizer,
             max_length=args.max_length,
@@ -251,6 +252,7 @@ def run_causal_lm_score(args: ScoreArguments, *, command: str):
             mixed_precision=args.mixed_precision,
             output_dir=Path(args.output_dir) / "partial",
         )
+        scored = score_planned(plan)
         scoring.update(adapters)
         if hasattr(model, "unload"):  # LESS loads its own adapters from the checkpoints, onto the bare model
             model = model.unload()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -13,16 +14,24 @@ from ..scores import list_scores, validate_methods
 from ..scores.trackers import TRACKED_SCORES, fill_unseen
 from ..validation import closest_names
 
-__all__ = ["TRAINING_DYNAMICS", "dynamics_of", "split_methods"]
+__all__ = ["TRAINING_DYNAMICS", "ScoringMethods", "dynamics_of", "split_methods"]
 
 # Scores only a training run gives (from the training forward passes of every epoch); the others (`loss`, `el2n`,
 # `margin`, `grand`, ...) are taken in eval mode from the model once it is trained.
 TRAINING_DYNAMICS = tuple(name for name in TRACKED_SCORES if name not in list_scores())
 
 
+class ScoringMethods(NamedTuple):
+    """Methods checked by `split_methods`: the eval-mode scores and the training-dynamics scores, in the order given.
+    `plan_scoring` takes them as they are (the command checks its `--methods` once, before any data is read)."""
+
+    evaluated: list[str]
+    dynamics: list[str]
+
+
 def split_methods(
     methods: Sequence[str] | str, train_epochs: float, *, trains: bool = True, task: str | None = None
-) -> tuple[list[str], list[str]]:
+) -> ScoringMethods:
     """`methods` checked and split into (eval-mode scores, training-dynamics scores); a training-dynamics score needs
     proxies that train (`train_epochs` >= 1 and `trains`: models built by `model_init`, not given already trained).
 
@@ -30,7 +39,7 @@ def split_methods(
     ```python
     >>> from datadiet.engine.dynamics import split_methods
     >>> split_methods(["el2n", "forgetting"], train_epochs=2)
-    (['el2n'], ['forgetting'])
+    ScoringMethods(evaluated=['el2n'], dynamics=['forgetting'])
 
     ```
     """
@@ -47,7 +56,7 @@ def split_methods(
             f"{dynamics} come from the proxy models' training (at least one epoch): pass train_epochs >= 1 (e.g. "
             "--train_epochs 1) and no model_weights."
         )
-    return evaluated, dynamics
+    return ScoringMethods(evaluated, dynamics)
 
 
 def _check_names(methods: list[str], task: str | None) -> None:

@@ -25,7 +25,6 @@ __all__ = [
     "dataset_digest",
     "isin_sorted",
     "join_scores",
-    "keyed_ids",
     "load_scores",
     "load_weights",
     "positions_of",
@@ -226,11 +225,6 @@ def positions_of(ids: np.ndarray, keys: np.ndarray | None, num_rows: int, shard_
             "were written for another dataset. Use a new output_dir, or delete this one."
         )
     return positions
-
-
-def keyed_ids(indices: list[np.ndarray], keys: np.ndarray | None) -> list[np.ndarray]:
-    """The ids shards store for batches of row positions: `keys[positions]`, or the positions without keys."""
-    return indices if keys is None else [keys[batch] for batch in indices]
 
 
 def isin_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:

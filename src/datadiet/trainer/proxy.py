@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..data import Preprocessor, check_input_channels, detect_columns, training_view
+from ..data import Preprocessor, check_input_channels, preprocessor_of, training_view
 from ..models import ClassifierWrapper, as_model_inputs, forward_logits, input_channels_of
 from ..validation import check_positive_int
 from .config import DataDietConfig
@@ -113,31 +113,6 @@ class _LabelledProgressCallback(ProgressCallback):
             self.training_bar.set_description(self.description)
 
 
-def _preprocessor_of(
-    dataset: Dataset,
-    preprocessor: Preprocessor | None,
-    transform: Callable | None,
-    image_column: str | None,
-    text_column: str | None,
-    label_column: str | None,
-) -> Preprocessor:
-    """`preprocessor` when given (then no transform or column may be), else one built from the detected columns."""
-    if preprocessor is not None:
-        given = {"transform": transform, "image_column": image_column, "text_column": text_column}
-        given["label_column"] = label_column
-        clashing = [name for name, value in given.items() if value is not None]
-        if clashing:
-            raise ValueError(
-                f"Give either preprocessor= or {clashing}, not both: the preprocessor already holds its transform "
-                "and columns."
-            )
-        return preprocessor
-    input_column, kind, label_column = detect_columns(
-        dataset, image_column=image_column, text_column=text_column, label_column=label_column
-    )
-    return Preprocessor(transform, input_column=input_column, kind=kind, label_column=label_column)
-
-
 def fit(
     model: nn.Module,
     dataset: Dataset,
@@ -189,11 +164,42 @@ def fit(
 
     ```
     """
+    preprocessor = preprocessor_of(
+        dataset, preprocessor, transform, image_column=image_column, text_column=text_column, label_column=label_column
+    )
+    check_input_channels(dataset, preprocessor, input_channels_of(model))
+    return _fit_preprocessed(
+        model,
+        dataset,
+        preprocessor,
+        epochs=epochs,
+        max_steps=max_steps,
+        seed=seed,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        output_dir=output_dir,
+        progress_bar=progress_bar,
+        progress_description=progress_description,
+        **training_kwargs,
+    )
+
+
+def _fit_preprocessed(
+    model: nn.Module,
+    dataset: Dataset,
+    preprocessor: Preprocessor,
+    *,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    batch_size: int = 128,
+    output_dir: str | os.PathLike | None = None,
+    progress_bar: bool = True,
+    **training_kwargs,
+) -> nn.Module:
+    """[`fit`] once its preprocessor is built and the model's input channels checked."""
     if (epochs is None) == (max_steps is None):
         raise ValueError("Give exactly one training budget: epochs=... or max_steps=... .")
     check_positive_int("batch_size", batch_size)
-    preprocessor = _preprocessor_of(dataset, preprocessor, transform, image_column, text_column, label_column)
-    check_input_channels(dataset, preprocessor, input_channels_of(model))
     if max_steps is not None:
         training_kwargs["max_steps"] = int(max_steps)
     training_kwargs.setdefault("disable_tqdm", not progress_bar)
@@ -201,24 +207,23 @@ def fit(
         model,
         training_view(dataset, preprocessor),
         epochs=epochs if epochs is not None else 1,
-        seed=seed,
         batch_size=batch_size,
-        learning_rate=learning_rate,
         output_dir=str(output_dir) if output_dir else None,
-        progress_description=progress_description,
         **training_kwargs,
     )
 
 
 def fit_proxy(
-    model: nn.Module, dataset: Dataset, *, track_scores: Sequence[str] = (), **fit_kwargs
+    model: nn.Module, dataset: Dataset, *, preprocessor: Preprocessor, track_scores: Sequence[str] = (), **fit_kwargs
 ) -> tuple[nn.Module, dict[str, np.ndarray]]:
     """[`fit`] as `score_dataset(..., train_epochs=t)` trains its proxies (its `train_proxy`): the trained model and
     `{score: per-row values}` of the training-dynamics scores `track_scores` (`forgetting`, `aum`, ...) recorded
-    during that training, in the rows' order (NaN for a row never presented)."""
+    during that training, in the rows' order (NaN for a row never presented). `score_dataset` built `preprocessor`
+    and checked the first model's input channels with it, so unlike [`fit`] this does neither again."""
     if not track_scores:
-        return fit(model, dataset, **fit_kwargs), {}
-    model, trainer = fit(model, dataset, track_scores=list(track_scores), return_trainer=True, **fit_kwargs)
+        return _fit_preprocessed(model, dataset, preprocessor, **fit_kwargs), {}
+    fit_kwargs.update(track_scores=list(track_scores), return_trainer=True)
+    model, trainer = _fit_preprocessed(model, dataset, preprocessor, **fit_kwargs)
     scores = trainer.scores
     return model, {name: np.asarray(scores[name]) for name in track_scores}
 
@@ -240,7 +245,9 @@ def evaluate_accuracy(
     from ..metrics import load_metric
 
     check_positive_int("batch_size", batch_size)
-    preprocessor = _preprocessor_of(dataset, preprocessor, transform, image_column, text_column, label_column)
+    preprocessor = preprocessor_of(
+        dataset, preprocessor, transform, image_column=image_column, text_column=text_column, label_column=label_column
+    )
     source = dataset.select_columns(preprocessor.columns).with_format(None)
     metric = load_metric("accuracy")
     was_training = model.training
