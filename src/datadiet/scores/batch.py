@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .causal_lm import IGNORE_INDEX, per_example_mean, per_token_cross_entropy
+from .causal_lm import IGNORE_INDEX, per_example_mean, per_token_cross_entropy, trained_token_scores
+from .lm_head import logits_at_trained_positions
 from .logits import forward_logits, slice_batch
 from .registry import get_score_spec
 
@@ -81,8 +82,15 @@ def check_token_labels(labels: torch.Tensor, vocab_size: int, row_ids: Sequence[
         )
 
 
-def _check_finite(logits: torch.Tensor, row_ids: Sequence[int]) -> None:
-    bad = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten()
+def _check_finite(logits: torch.Tensor, row_ids: Sequence[int], rows: torch.Tensor | None = None) -> None:
+    # A row's sum is finite when all its values are (a sum overflowing float32 is rechecked value by value): one
+    # reduction instead of isfinite's several passes over large logits. `rows` maps logits rows to batch rows.
+    flat = logits.flatten(1)
+    suspect = (~torch.isfinite(flat.sum(dim=-1))).nonzero().flatten()
+    if not len(suspect):
+        return
+    suspect = suspect[(~torch.isfinite(flat[suspect])).any(dim=-1)]
+    bad = (suspect if rows is None else rows.to(suspect.device)[suspect]).unique()
     if len(bad):
         rows = [int(row_ids[i]) for i in bad[:5]]
         raise ValueError(
@@ -190,7 +198,9 @@ def score_causal_lm_batch(
     """Score one batch of a causal LM (already in eval mode) for each method of the `causal_lm` task: one no-grad
     forward shared by `loss`, `perplexity`, `el2n` and `ifd`'s conditioned loss, a second on the response alone for
     `ifd`, the exact per-example gradient norm for `grand`. Labels are checked against the vocabulary (the logits' last
-    dimension), never against a classifier's `num_labels`.
+    dimension), never against a classifier's `num_labels`. The output head and the softmax run at the trained
+    positions only (`datadiet.scores.lm_head`; the full logits when the head cannot be hooked, or when a score
+    registered by the user asks for them), and only the logits used are checked finite.
 
     Args:
         model (`nn.Module`): the causal LM (e.g. `LlamaForCausalLM`, or a peft model around it), in eval mode.
@@ -209,17 +219,24 @@ def score_causal_lm_batch(
     row_ids = range(len(labels)) if row_ids is None else row_ids
     specs = [get_score_spec(method, "causal_lm") for method in ([methods] if isinstance(methods, str) else methods)]
     results: dict[str, torch.Tensor] = {}
-    if any(spec.needs != "gradients" for spec in specs):
-        with (
-            torch.no_grad(),
-            torch.autocast(labels.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
-        ):
+    autocast = {"dtype": autocast_dtype, "enabled": autocast_dtype is not None}
+    # The built-in scores read the logits at the trained positions only; a score registered by the user gets them all.
+    full = any(spec.needs == "logits" and spec.name not in _TOKEN_SCORES for spec in specs)
+    logits = token_values = None
+    if full:
+        with torch.no_grad(), torch.autocast(labels.device.type, **autocast):
             logits = forward_logits(model, inputs).float()
-        _check_finite(logits.flatten(1), row_ids)
+        _check_finite(logits[:, :-1][labels[:, 1:] != IGNORE_INDEX], row_ids, _trained_rows(labels))
         check_token_labels(labels, logits.shape[-1], row_ids)
+    elif any(spec.needs != "gradients" for spec in specs):
+        el2n = any(spec.name == "el2n" for spec in specs)
+        token_values = _trained_token_values(model, inputs, labels, row_ids, autocast, el2n=el2n)
     for spec in sorted(specs, key=lambda spec: spec.needs == "response"):  # `ifd` after `loss`, whose value it reuses
         if spec.needs == "logits":
-            values = spec.fn(logits, labels, return_token_scores=return_token_scores)
+            if token_values is not None:
+                values = _token_score(spec.name, *token_values, return_token_scores)
+            else:
+                values = spec.fn(logits, labels, return_token_scores=return_token_scores)
             if return_token_scores:
                 values, results[f"{spec.name}_tokens"] = values
             results[spec.name] = values
@@ -228,15 +245,12 @@ def score_causal_lm_batch(
                 raise ValueError(f"{spec.name} needs each row's response alone: pass response=(inputs, labels).")
             # The conditioned loss is the `loss` score itself: taken from it when it was computed.
             conditioned = results.get("loss")
-            if conditioned is None:
+            if conditioned is None and token_values is not None:
+                conditioned = per_example_mean(token_values[0], token_values[2])
+            elif conditioned is None:
                 conditioned = per_example_mean(*per_token_cross_entropy(logits, labels))
-            with (
-                torch.no_grad(),
-                torch.autocast(labels.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
-            ):
-                response_logits = forward_logits(model, response[0]).float()
-            alone = per_example_mean(*per_token_cross_entropy(response_logits, response[1]))
-            results[spec.name] = spec.fn(conditioned, alone)
+            nll, _, mask = _trained_token_values(model, response[0], response[1], row_ids, autocast, el2n=False)
+            results[spec.name] = spec.fn(conditioned, per_example_mean(nll, mask))
         elif spec.needs == "gradients":
             check_token_labels(labels, _vocab_size(model, labels), row_ids)
             values = _gradient_score(spec.fn, model, inputs, labels, gradient_chunk_size)
@@ -246,6 +260,42 @@ def score_causal_lm_batch(
         else:
             raise ValueError(f"{spec.name} needs {spec.needs!r}, which a causal LM's batch does not provide.")
     return {name: value.detach().float().cpu() for name, value in results.items()}
+
+
+# The scores computed from the log-softmax at the trained positions (see `_trained_token_values`).
+_TOKEN_SCORES = ("loss", "perplexity", "el2n")
+
+
+def _trained_rows(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
+
+
+def _trained_token_values(model, inputs, labels, row_ids, autocast: dict, *, el2n: bool):
+    """`(nll, el2n, mask)`: the next-token NLL and token EL2N `[B, T-1]` (zero where not trained; EL2N `None` unless
+    asked) and the mask of trained positions, from one no-grad forward whose output head runs at those positions
+    only; the logits used are checked finite and the labels within the vocabulary."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    with torch.no_grad(), torch.autocast(labels.device.type, **autocast):
+        logits = logits_at_trained_positions(model, inputs, mask, packed=True).float()
+    check_token_labels(labels, logits.shape[-1], row_ids)
+    _check_finite(logits, row_ids, _trained_rows(labels))
+    nll, token_el2n = trained_token_scores(logits, labels[:, 1:][mask].to(logits.device), el2n=el2n)
+    mask = mask.to(logits.device)
+
+    def spread(values):
+        return None if values is None else values.new_zeros(mask.shape).masked_scatter_(mask, values)
+
+    return spread(nll), spread(token_el2n), mask
+
+
+def _token_score(name: str, nll: torch.Tensor, token_el2n: torch.Tensor | None, mask: torch.Tensor, tokens: bool):
+    """A built-in score (`loss`, `perplexity`, `el2n`) from the per-token values, as its registered function gives
+    it from the full logits."""
+    per_token = token_el2n if name == "el2n" else nll
+    per_example = per_example_mean(per_token, mask)
+    if name == "perplexity":
+        per_example, per_token = per_example.exp(), per_token.exp()
+    return (per_example, per_token.masked_fill(~mask, float("nan"))) if tokens else per_example
 
 
 def _vocab_size(model: nn.Module, labels: torch.Tensor) -> int:

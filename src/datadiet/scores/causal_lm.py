@@ -24,6 +24,7 @@ __all__ = [
     "per_token_cross_entropy",
     "per_example_mean",
     "per_token_predictions",
+    "trained_token_scores",
 ]
 
 IGNORE_INDEX = -100
@@ -64,6 +65,40 @@ def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple
         logits.float().reshape(-1, logits.shape[-1]), padded.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
     ).reshape(padded.shape)
     return nll[:, :-1], mask
+
+
+def trained_token_scores(
+    logits: torch.Tensor, targets: torch.Tensor, *, el2n: bool = True, chunk_rows: int = 64
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The next-token NLL and token EL2N of logits already taken at the trained positions (`[N, V]` against
+    `targets` `[N]`, e.g. from `datadiet.scores.lm_head.logits_at_trained_positions`), from one log-softmax per row:
+    NLL = −log p_y and EL2N = ‖p − onehot(y)‖₂ = √(Σ_{v≠y} p_v² + (1 − p_y)²), float32 `[N]` each (EL2N `None` unless
+    `el2n`). The sum leaves p_y out instead of subtracting it (√(Σ_v p_v² − 2 p_y + 1) cancels to nothing when p_y is
+    near 1). Rows are processed `chunk_rows` at a time: temporaries small enough for the allocator to reuse.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datadiet.scores.causal_lm import trained_token_scores
+    >>> nll, el2n = trained_token_scores(torch.zeros(1, 2), torch.tensor([0]))
+    >>> round(nll.item(), 4), round(el2n.item(), 4)  # log 2 and ‖(0.5, 0.5) − (1, 0)‖₂
+    (0.6931, 0.7071)
+
+    ```
+    """
+    nll = logits.new_empty(len(targets), dtype=torch.float32)
+    token_el2n = logits.new_empty(len(targets), dtype=torch.float32) if el2n else None
+    targets = targets.long()
+    for start in range(0, len(targets), chunk_rows):
+        part = slice(start, start + chunk_rows)
+        log_probs = logits[part].float().log_softmax(dim=-1)
+        true_log_prob = log_probs.gather(-1, targets[part, None])
+        nll[part] = -true_log_prob.squeeze(-1)
+        if el2n:
+            others = log_probs.exp_().scatter_(-1, targets[part, None], 0.0)
+            miss = torch.expm1(true_log_prob.squeeze(-1))  # p_y − 1, exact near p_y = 1
+            token_el2n[part] = torch.linalg.vector_norm(others, dim=-1).hypot(miss)
+    return nll, token_el2n
 
 
 def per_example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

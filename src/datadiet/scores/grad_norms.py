@@ -27,10 +27,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .causal_lm import per_example_mean, per_token_cross_entropy
+from .causal_lm import IGNORE_INDEX, per_example_mean, per_token_cross_entropy
 from .functional import loss as cross_entropy
+from .lm_head import HeadNotSeparable, logits_at_trained_positions, output_head, trained_slots
 from .logits import slice_batch, unwrap_logits
 from .registry import register_score
 from .tracer import PerExampleGradTracer
@@ -173,6 +175,38 @@ def per_example_grad_norms(
         raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
     constants = {id(t) for t in model.parameters() if id(t) not in seen} | {id(t) for t in model.buffers()}
 
+    # A causal LM's loss reads the logits at the trained positions only: its output head runs there alone (exact, see
+    # `lm_head`); when it cannot be, the full logits are computed and the loss takes the same positions from them.
+    # Packed positions `[1, N]` when the head has no trainable parameter (a LoRA model's), else `[B, K]`, batch first.
+    head_positions = None
+    if task == "causal_lm" and loss_fn is None and isinstance(inputs, dict) and targets.ndim == 2:
+        head = output_head(model)
+        head_positions = "padded" if head is not None and any(id(p) in seen for p in head.parameters()) else "packed"
+    try:
+        sq_norms = _traced_sq_norms(model, inputs, targets, loss_fn, task, params, constants, head_positions)
+    except HeadNotSeparable:
+        sq_norms = _traced_sq_norms(model, inputs, targets, loss_fn, task, params, constants, None)
+    return sq_norms.clamp(min=0).sqrt().to(torch.float32)
+
+
+def _trained_position_losses(logits, targets, mask, packed: bool) -> torch.Tensor:
+    """Each row's mean next-token NLL from the logits at its trained positions (`[N, V]` packed or `[B, K, V]`)."""
+    if packed:
+        nll = F.cross_entropy(logits.float(), targets[:, 1:][mask], reduction="none")
+        per_token = nll.new_zeros(mask.shape).masked_scatter(mask, nll)
+        return per_example_mean(per_token, mask)
+    index, valid = trained_slots(mask)
+    slot_targets = targets[:, 1:].gather(1, index).masked_fill(~valid, IGNORE_INDEX)
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1), slot_targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+    )
+    return per_example_mean(nll.view(slot_targets.shape), valid)
+
+
+def _traced_sq_norms(model, inputs, targets, loss_fn, task, params, constants, head_positions) -> torch.Tensor:
+    """One traced forward and backward: each example's squared gradient norm (float64), model modes, `requires_grad`
+    flags and hooks restored afterwards."""
+    batch_size = targets.shape[0]
     modes = {module: module.training for module in model.modules()}
     flags = [(param, param.requires_grad) for param in params.values()]
     handles = []
@@ -186,15 +220,22 @@ def per_example_grad_norms(
                 handles.append(module.register_forward_pre_hook(tracer.enter_conv1d))
                 handles.append(module.register_forward_hook(tracer.exit_conv1d))
         with torch.enable_grad():
-            with tracer:
-                output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-            logits = unwrap_logits(output)
-            if logits.shape[0] != batch_size:
-                raise ValueError(
-                    f"The model returned logits of shape {tuple(logits.shape)} for {batch_size} examples."
-                )
-            losses = _per_example_losses(logits, targets.to(logits.device), loss_fn, task)
-            sq_norms = tracer.finish(losses.sum())
+            if head_positions:
+                mask = targets[:, 1:] != IGNORE_INDEX
+                packed = head_positions == "packed"
+                with tracer:
+                    logits = logits_at_trained_positions(model, inputs, mask, packed=packed, rerun=False)
+                losses = _trained_position_losses(logits, targets.to(logits.device), mask.to(logits.device), packed)
+            else:
+                with tracer:
+                    output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+                logits = unwrap_logits(output)
+                if logits.shape[0] != batch_size:
+                    raise ValueError(
+                        f"The model returned logits of shape {tuple(logits.shape)} for {batch_size} examples."
+                    )
+                losses = _per_example_losses(logits, targets.to(logits.device), loss_fn, task)
+            return tracer.finish(losses.sum())
     finally:
         for handle in handles:
             handle.remove()
@@ -202,7 +243,6 @@ def per_example_grad_norms(
             param.requires_grad_(flag)
         for module, training in modes.items():
             module.training = training
-    return sq_norms.clamp(min=0).sqrt().to(torch.float32)
 
 
 @register_score("grand", needs="gradients")
