@@ -238,12 +238,19 @@ def write_curve_report(
         )
     )
     lines.append("")
+    which = (
+        "The verdict compares the pruned cell" if cells == 1 else f"Verdicts compare each of the {cells} pruned cells"
+    )
+    multiplicity = (
+        ""
+        if cells == 1
+        else f" No correction for comparing {cells} cells: about 1 in 20 intervals excludes 0 by chance alone, so a "
+        "cell picked as the best of many needs fresh seeds to confirm it."
+    )
     lines.append(
-        f"Verdicts compare each of the {cells} pruned cells (score × strategy × keep) here with random and with the "
-        'full data on the same seeds: paired differences with 95% Student-t intervals. "Beats random" means the '
-        f'interval lies above 0; "matches the full data" means two one-sided tests at 5% put the difference within '
-        f"±{100 * margin:g} pt. No correction for comparing {cells} cells: about 1 in 20 intervals excludes 0 by "
-        "chance alone, so a cell picked as the best of many needs fresh seeds to confirm it."
+        f"{which} (score × strategy × keep) here with random and with the full data on the same seeds: paired "
+        'differences with 95% Student-t intervals. "Beats random" means the interval lies above 0; "matches the full '
+        f'data" means two one-sided tests at 5% put the difference within ±{100 * margin:g} pt.{multiplicity}'
     )
     lines.append("")
     if full is not None:
