@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "recipes" / "bench"
 
@@ -88,10 +89,10 @@ def test_sft_bench_runs_end_to_end_on_a_tiny_llama(sft_bench, tmp_path, one_thre
     output = tmp_path / "sft.json"
     argv = ["--model", "tiny", "--batch_size", "3", "--max_length", "48", "--rounds", "2", "--naive_rounds", "1"]
     result = sft_bench.main([*argv, "--no_memory", "--output", str(output)])
-    assert json.loads(output.read_text())["methods"].keys() == {"train", "grand", "scores", "naive"}
+    assert json.loads(output.read_text())["methods"].keys() == set(sft_bench.METHODS)
     # Every method timed in every round (the naive loop in its first only), ratios to the training step per round.
     seconds = result["raw"]["seconds"]
-    assert [len(seconds[m]) for m in ("train", "grand", "scores")] == [2, 2, 2]
+    assert {len(seconds[m]) for m in sft_bench.METHODS if m != "naive"} == {2}
     assert [t is None for t in seconds["naive"]] == [False, True]
     assert result["methods"]["grand"]["ratio"]["n"] == 2 and result["methods"]["naive"]["ratio"]["n"] == 1
     # The exact norms agree with the bench's own batch-size-1 autograd loop, and are not all zero (B was trained).
@@ -121,3 +122,25 @@ def test_sft_bench_verdicts_per_goal(sft_bench):
     assert {busy["methods"][m]["verdict"] for m in ("grand", "scores")} == {"machine busy: no verdict"}
     few = sft_bench.summarise(timing, memory, load_before=0.2, load_after=2.1, threads=2, rounds=3)
     assert few["methods"]["grand"]["verdict"] == "too few rounds: no verdict"
+
+
+def test_sft_bench_bare_forward_is_the_body_alone(sft_bench, monkeypatch, one_thread):
+    """The `forward` floor runs the decoder stack on the whole batch and stops before the output head: its hidden
+    states are those the full model feeds its head (an independent `output_hidden_states` forward)."""
+    from conftest import ALPACA, require_shared_data
+
+    require_shared_data(ALPACA)
+    monkeypatch.setattr(sft_bench, "ALPACA", ALPACA)
+    args = sft_bench.parse_args(["--model", "tiny", "--batch_size", "2", "--max_length", "32"])
+    state = sft_bench.build(args)
+    hidden = sft_bench.run_forward(state)
+    batch = state["task"].model_inputs(state["batch"])
+    with torch.no_grad():
+        reference = state["model"](**batch, output_hidden_states=True).hidden_states[-1]
+    assert hidden.shape == (2, 32, reference.shape[-1])
+    torch.testing.assert_close(hidden, reference)
+    # The ifd floor: the same body on the batch, then on the responses alone (their trained tokens, as ifd scores them).
+    on_batch, on_responses = sft_bench.run_ifd_floor(state)
+    torch.testing.assert_close(on_batch, reference)
+    trained = [int((row[1:] != -100).sum()) for row in state["batch"]["labels"]]
+    assert on_responses.shape[0] == 2 and on_responses.shape[1] >= max(trained)

@@ -182,28 +182,34 @@ def _warm_up(model: Path, output: Path) -> list[Path]:
     return [output / "checkpoint-1", output / "checkpoint-2"]
 
 
-@pytest.mark.slow
-def test_less_from_the_command_equals_an_autograd_reference(tiny_llama_folder, tmp_path, one_thread):
+@pytest.fixture(scope="module")
+def warmup(tiny_llama_folder, tmp_path_factory) -> list[Path]:
+    require_shared_data(DOLLY / "train-00000-of-00001.parquet")
+    return _warm_up(tiny_llama_folder, tmp_path_factory.mktemp("warmup"))
+
+
+def _less_argv(model: Path, output: Path, checkpoints: list[Path]) -> list[str]:
+    return _score_argv(model, output, "--methods", "loss", "less", "--target_dataset", str(DOLLY),
+                       "--max_target_rows", "3", "--less_checkpoints", *map(str, checkpoints), "--projection_dim", "0",
+                       "--less_adam", "false")  # fmt: skip
+
+
+def _less_reference(model_folder: Path, checkpoints: list[Path], num_rows: int) -> np.ndarray:
+    """LESS without projection or Adam, by hand: each row's and each target's gradient through a per-row autograd
+    loop over the adapters of each checkpoint, their cosines averaged over the 3 targets, weighted by the
+    checkpoints' learning rates read from `trainer_state.json`."""
     import peft
     import transformers
 
-    require_shared_data(DOLLY / "train-00000-of-00001.parquet")
-    checkpoints = _warm_up(tiny_llama_folder, tmp_path / "warmup")
-    argv = _score_argv(tiny_llama_folder, tmp_path / "less", "--methods", "loss", "less", "--target_dataset",
-                       str(DOLLY), "--max_target_rows", "3", "--less_checkpoints", *map(str, checkpoints),
-                       "--projection_dim", "0", "--less_adam", "false")  # fmt: skip
-    assert main(argv) == 0
-    result = load_from_disk(str(tmp_path / "less" / "dataset"))
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_folder)
     targets = load_dataset("parquet", data_files=str(DOLLY / "train-00000-of-00001.parquet"), split="train")
     rates = []
     for folder in checkpoints:
         state = json.loads((folder / "trainer_state.json").read_text())
         rates.append(next(e["learning_rate"] for e in state["log_history"] if e.get("step") == state["global_step"]))
-    expected = np.zeros(len(result))
+    expected = np.zeros(num_rows)
     for folder, rate in zip(checkpoints, rates):
-        base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_folder)
+        base = transformers.AutoModelForCausalLM.from_pretrained(model_folder)
         model = peft.PeftModel.from_pretrained(base, str(folder), is_trainable=True).eval()
         adapters = [p for p in model.parameters() if p.requires_grad]
 
@@ -213,11 +219,38 @@ def test_less_from_the_command_equals_an_autograd_reference(tiny_llama_folder, t
             return torch.nn.functional.normalize(torch.cat([g.reshape(-1) for g in gradients]).double(), dim=0)
 
         target = torch.stack([gradient(r) for r in targets.select(range(3))])
-        for i, row in enumerate(_rows()):
+        for i, row in enumerate(_rows().select(range(num_rows))):
             cosines = target @ gradient(row)
             expected[i] += rate / sum(rates) * cosines.mean().item()
-    np.testing.assert_allclose(result["less"], expected, rtol=1e-4, atol=1e-6)
+    return expected
+
+
+@pytest.mark.slow
+def test_less_from_the_command_equals_an_autograd_reference(tiny_llama_folder, warmup, tmp_path, one_thread):
+    assert main(_less_argv(tiny_llama_folder, tmp_path / "less", warmup)) == 0
+    result = load_from_disk(str(tmp_path / "less" / "dataset"))
+    np.testing.assert_allclose(result["less"], _less_reference(tiny_llama_folder, warmup, 6), rtol=1e-4, atol=1e-6)
     recorded = read_provenance(result)["less"]
     assert (
         recorded["projection_dim"] is None and recorded["adam"] is False and recorded["target_sets"] == {str(DOLLY): 3}
     )
+
+
+@pytest.mark.slow
+def test_less_in_two_processes_equals_the_autograd_reference(tiny_llama_folder, warmup, tmp_path):
+    """`accelerate launch` with two processes: each takes a slice of the target rows and one of the two checkpoints'
+    feature shards; the summed scores equal the per-row autograd reference, and both checkpoints' shards are on disk."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    config = REPO / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
+    run = subprocess.run(
+        [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--main_process_port", port,
+         "-m", "datadiet.cli", *_less_argv(tiny_llama_folder, tmp_path / "two", warmup)],
+        env=_environment(), capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = load_from_disk(str(tmp_path / "two" / "dataset"))
+    np.testing.assert_allclose(result["less"], _less_reference(tiny_llama_folder, warmup, 6), rtol=1e-4, atol=1e-6)
+    shards = sorted(p.parent.name for p in (tmp_path / "two" / "less" / "features").glob("*/*.parquet"))
+    assert shards == ["checkpoint-0", "checkpoint-1"]

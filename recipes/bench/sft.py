@@ -19,6 +19,16 @@ Methods, alternated in one process (`discipline.alternate`):
 - `grand`: `datadiet.per_example_grad_norms(..., task="causal_lm")`, exact, over the LoRA adapters (eval mode).
 - `scores`: the task's `score_batch(model, batch, ["loss", "el2n", "ifd"])` (eval mode, no grad): one forward shared
   by the three and, for `ifd`, a second forward on each row's response alone.
+- `loss_el2n`: `score_batch(model, batch, ["loss", "el2n"])`: the two scores that share one forward (the output head
+  and its softmax at the trained positions only).
+- `loss`: `score_batch(model, batch, ["loss"])` alone.
+- `forward`: the floor under every forward-only score: the transformer body alone on the batch (the base model's
+  decoder stack, eval mode, no grad), no output head, no loss. With frozen base weights a LoRA step is about a
+  forward and a backward through the same body, the backward a little dearer (the activations' gradients, plus the
+  adapters'), so this ratio shows how far below 0.5x any score that reads the model's outputs can go.
+- `ifd_floor`: the floor under `ifd` (Superfiltering's rule needs the response's perplexity with and without its
+  instruction): the body alone on the batch, then on the batch of responses alone (the task's `response_batch`,
+  built once before timing), no heads.
 - `naive`: the per-example gradient norms by a loop of batch size 1 (LESS's way: forward one row, its loss, autograd
   over the LoRA parameters, the norm), in the first `--naive_rounds` rounds. Its norms at the warm-up are the
   independent reference the exact norms are checked against (`max_rel_diff_to_naive`).
@@ -66,14 +76,19 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("DATADIET_SHARED_DATA", REPO.parent / "shared" / "data"))
 ALPACA = SHARED_DATA / "instructions" / "alpaca_9k" / "train-00000-of-00001.parquet"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-METHODS = ("train", "grand", "scores", "naive")
+METHODS = ("train", "grand", "scores", "loss_el2n", "loss", "forward", "ifd_floor", "naive")
 LABELS = {
     "train": "LoRA training step",
     "grand": "exact per-example LoRA grad norms",
     "scores": "forward-only loss + el2n + ifd",
+    "loss_el2n": "forward-only loss + el2n",
+    "loss": "forward-only loss alone",
+    "forward": "bare forward of the body (no head)",
+    "ifd_floor": "bare body forwards ifd needs (row, response)",
     "naive": "naive batch-size-1 grad-norm loop",
 }
-GOALS = {"grand": 1.0, "scores": 0.4}  # issue #24: median ratio to the training step
+# issue #24: median ratio to the training step (`ifd` needs two forwards: see docs/bench.md)
+GOALS = {"grand": 1.0, "scores": 0.4, "loss_el2n": 0.4}
 MIN_ROUNDS = 9
 FORWARD_SCORES = ["loss", "el2n", "ifd"]
 
@@ -165,7 +180,15 @@ def build(args):
         optimizer = torch.optim.AdamW(trainable, lr=2e-5, weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError):  # a torch without the fused CPU AdamW
         optimizer = torch.optim.AdamW(trainable, lr=2e-5, weight_decay=0.0)
-    return {"model": model, "task": task, "batch": batch, "optimizer": optimizer, "rows": indices}
+    responses = task.response_batch(batch)
+    return {
+        "model": model,
+        "task": task,
+        "batch": batch,
+        "responses": responses,
+        "optimizer": optimizer,
+        "rows": indices,
+    }
 
 
 # The methods ---------------------------------------------------------------------------------------------------------
@@ -192,6 +215,34 @@ def run_scores(state):
     return state["task"].score_batch(state["model"], state["batch"], FORWARD_SCORES)
 
 
+def run_loss_el2n(state):
+    state["model"].eval()
+    return state["task"].score_batch(state["model"], state["batch"], ["loss", "el2n"])
+
+
+def run_loss(state):
+    state["model"].eval()
+    return state["task"].score_batch(state["model"], state["batch"], ["loss"])
+
+
+def _body(model):
+    return model.get_base_model().model if hasattr(model, "get_base_model") else model.base_model
+
+
+def run_forward(state):
+    model, task, batch = state["model"], state["task"], state["batch"]
+    model.eval()
+    with torch.no_grad():
+        return _body(model)(**task.model_inputs(batch)).last_hidden_state
+
+
+def run_ifd_floor(state):
+    model, task = state["model"], state["task"]
+    model.eval()
+    with torch.no_grad():
+        return [_body(model)(**task.model_inputs(b)).last_hidden_state for b in (state["batch"], state["responses"])]
+
+
 def run_naive(state):
     """One row at a time: forward, the row's mean next-token loss (written here, not datadiet's), autograd."""
     model, batch = state["model"], state["batch"]
@@ -208,7 +259,16 @@ def run_naive(state):
     return torch.stack(norms)
 
 
-RUNNERS = {"train": run_train, "grand": run_grand, "scores": run_scores, "naive": run_naive}
+RUNNERS = {
+    "train": run_train,
+    "grand": run_grand,
+    "scores": run_scores,
+    "loss_el2n": run_loss_el2n,
+    "loss": run_loss,
+    "forward": run_forward,
+    "ifd_floor": run_ifd_floor,
+    "naive": run_naive,
+}
 
 
 # Timing and memory ---------------------------------------------------------------------------------------------------
@@ -221,7 +281,9 @@ def time_methods(args, state) -> dict:
     RUNNERS["train"](state)
     ours = RUNNERS["grand"](state).double()
     reference = RUNNERS["naive"](state) if "naive" in args.methods else None
-    RUNNERS["scores"](state)
+    for method in ("scores", "loss_el2n", "loss", "forward", "ifd_floor"):
+        if method in args.methods:
+            RUNNERS[method](state)
 
     def runner(method):
         def run():

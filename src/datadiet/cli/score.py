@@ -203,8 +203,6 @@ def _save(scored, args: ScoreArguments, dataset, scoring: dict, command: str):
 def run_causal_lm_score(args: ScoreArguments, *, command: str):
     """Load the checkpoint, its tokenizer and the rows as `ScoreArguments` say, score them, save the scored dataset to
     `<output_dir>/dataset` and return it."""
-    from accelerate import PartialState
-
     from ..data import load_data
     from ..engine.plan import plan_scoring
     from ..engine.score import score_planned
@@ -213,11 +211,6 @@ def run_causal_lm_score(args: ScoreArguments, *, command: str):
 
     less = "less" in args.methods
     methods = [method for method in args.methods if method != "less"]
-    if less and PartialState().num_processes > 1:
-        raise ValueError(
-            "--methods less runs in one process: launch `datadiet score` without accelerate for less (the other "
-            "methods score under several processes)."
-        )
     dataset = load_data(
         args.dataset_name, split=args.split, data_files=args.data_files or None, max_rows=args.max_rows
     )

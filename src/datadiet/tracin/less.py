@@ -118,8 +118,14 @@ class LESS:
             `pad_causal_rows` by default.
         output_dir (`str`, *optional*): where the training rows' features go (`features/checkpoint-<c>/*.parquet`);
             a rerun in the same folder reads the shards already written. Without it nothing is stored.
-        rows_per_shard (`int`, *optional*, defaults to 1024): training rows per feature shard (the memory held).
+        rows_per_shard (`int`, *optional*, defaults to 256): training rows per feature shard (the memory held, and
+            the unit of work resumed and shared between processes).
         device (`str`, *optional*): where to run; the model's device by default.
+        state (`accelerate.PartialState`, *optional*): the processes to share the work with. By default the state of
+            this launch (one process under `python`; under `accelerate launch`, every process started). Each process
+            computes the target gradients of its slice of the target rows and the features of its share of the
+            (checkpoint, shard) pairs; the partial sums are added across processes, so every process returns the
+            one-process scores (up to the order of floating-point sums).
 
     Example:
     ```python
@@ -154,9 +160,10 @@ class LESS:
         batch_size: int = 8,
         collate_fn: Callable[[list[dict]], Any] | None = None,
         output_dir: str | os.PathLike | None = None,
-        rows_per_shard: int = 1024,
+        rows_per_shard: int = 256,
         device: str | torch.device | None = None,
         max_projection_bytes: int = 2 * 2**30,
+        state: Any = None,
     ):
         if not callable(per_example_loss):
             raise ValueError("per_example_loss must be a callable (model, batch) -> per-example losses [B].")
@@ -179,6 +186,11 @@ class LESS:
             else RandomProjector(self.num_parameters, projection_dim, projection, seed, max_projection_bytes)
         )
         self.output_dir = None if output_dir is None else Path(output_dir)
+        if state is None:
+            from ..engine.process import get_process_state
+
+            state = get_process_state()
+        self.state = state
         self.checkpoints = resolved
         total = sum(c.learning_rate for c in self.checkpoints)
         if total <= 0:
@@ -290,16 +302,23 @@ class LESS:
         if self.output_dir is not None:
             config = {**self.metadata, "rows_per_shard": self.rows_per_shard, "train_digest": _digest(train_dataset),
                       "parameter_names": hashlib.sha256("\n".join(self.parameter_names).encode()).hexdigest()}  # fmt: skip
-            check_or_write_config(self.output_dir, config, file_name=LESS_CONFIG_FILE)
+            check_or_write_config(self.output_dir, config, file_name=LESS_CONFIG_FILE, state=self.state)
         scores = np.zeros((num_rows, len(sets)), dtype=np.float64)
+        rank, world = self.state.process_index, self.state.num_processes
+        starts = list(range(0, num_rows, self.rows_per_shard))
+        mine = [(c, start) for c in range(len(self.checkpoints)) for start in starts][rank::world]
+        progress = tqdm(total=sum(min(start + self.rows_per_shard, num_rows) - start for _, start in mine),
+                        desc=f"LESS features ({len(self.checkpoints)} checkpoints)", unit="row",
+                        disable=not self.state.is_local_main_process)  # fmt: skip
         for index, (checkpoint, weight) in enumerate(zip(self.checkpoints, self.weights)):
             self._load(checkpoint)
-            # Targets: plain gradients (LESS computes validation gradients with SGD), normalised, averaged per set.
-            means = torch.stack([self._features(rows, 0, len(rows), None).double().mean(0) for rows in sets.values()])
+            # Targets: plain gradients (LESS computes validation gradients with SGD), normalised, averaged per set;
+            # each process takes a contiguous slice of every set's rows, and the sums are added across processes.
+            sums = torch.stack([self._target_sum(rows, rank, world) for rows in sets.values()])
+            sizes = torch.tensor([len(rows) for rows in sets.values()], dtype=torch.float64)
+            means = self._sum_over_processes(sums) / sizes[:, None]
             adam_state = self._adam_state(checkpoint) if self.adam else None
-            starts = range(0, num_rows, self.rows_per_shard)
-            for start in tqdm(starts, desc=f"LESS, checkpoint {index + 1}/{len(self.checkpoints)}", disable=None,
-                              unit="shard"):  # fmt: skip
+            for start in (start for c, start in mine if c == index):
                 end = min(start + self.rows_per_shard, num_rows)
                 path = self._shard_path(index, start)
                 if path is not None and path.exists():
@@ -311,7 +330,30 @@ class LESS:
                 if len(features) != end - start:
                     raise RuntimeError(f"{path} holds {len(features)} rows, not {end - start}: delete it and rerun.")
                 scores[start:end] += weight * (features.double() @ means.T).numpy()
+                progress.update(end - start)
+        progress.close()
+        scores = self._sum_over_processes(torch.from_numpy(scores)).numpy()
         return {name: scores[:, i] for i, name in enumerate(sets)}
+
+    def _target_sum(self, rows: Any, rank: int, world: int) -> torch.Tensor:
+        """The sum of the unit-norm target features of this process's contiguous slice of `rows` (float64 `[dim]`)."""
+        start, end = len(rows) * rank // world, len(rows) * (rank + 1) // world
+        if start == end:
+            return torch.zeros(self.feature_dim, dtype=torch.float64)
+        return self._features(rows, start, end, None).double().sum(0)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.num_parameters if self.projection_dim is None else self.projection_dim
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.state.num_processes == 1:
+            return tensor
+        import torch.distributed as dist
+
+        total = tensor.to(self.state.device).contiguous()
+        dist.all_reduce(total)
+        return total.cpu()
 
     def scores(self, train_dataset: Any, targets: Any) -> np.ndarray:
         """Each training row's LESS score, the max over target sets (float64 `[num_rows]`, in row order)."""
