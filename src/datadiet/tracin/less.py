@@ -266,8 +266,11 @@ class LESS:
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             yield batch
 
-    def _features(self, rows: Any, start: int, end: int, adam_state: dict | None) -> torch.Tensor:
-        """Unit-norm features `[end - start, dim]` of rows `start:end`: `R Γ(z) / ‖R Γ(z)‖`."""
+    def _features(
+        self, rows: Any, start: int, end: int, adam_state: dict | None, progress: Any = None
+    ) -> torch.Tensor:
+        """Unit-norm features `[end - start, dim]` of rows `start:end`: `R Γ(z) / ‖R Γ(z)‖` (`progress`, a tqdm bar,
+        advanced by each batch's rows)."""
         out = []
         for batch in self._batches(rows, start, end):
             grads = per_example_loss_gradients(
@@ -279,6 +282,8 @@ class LESS:
             grads = grads.detach().float().cpu()
             projected = grads if self.projector is None else self.projector(grads)
             out.append(torch.nn.functional.normalize(projected.double(), dim=1).float())
+            if progress is not None:
+                progress.update(len(projected))
         return torch.cat(out)
 
     def _shard_path(self, index: int, start: int) -> Path | None:
@@ -323,14 +328,14 @@ class LESS:
                 path = self._shard_path(index, start)
                 if path is not None and path.exists():
                     features = _read_features(path)
+                    progress.update(end - start)
                 else:
-                    features = self._features(train_dataset, start, end, adam_state)
+                    features = self._features(train_dataset, start, end, adam_state, progress)
                     if path is not None:
                         _write_features(path, features)
                 if len(features) != end - start:
                     raise RuntimeError(f"{path} holds {len(features)} rows, not {end - start}: delete it and rerun.")
                 scores[start:end] += weight * (features.double() @ means.T).numpy()
-                progress.update(end - start)
         progress.close()
         scores = self._sum_over_processes(torch.from_numpy(scores)).numpy()
         return {name: scores[:, i] for i, name in enumerate(sets)}
