@@ -252,6 +252,29 @@ def test_bad_input(small, tiny_timm):
         score_dataset(small.select([]), model, transform=transform)
 
 
+def test_training_kwargs_are_checked_before_any_proxy_trains(small, tiny_timm):
+    """A key score_dataset sets itself names score_dataset's own argument; a key the training does not take names the
+    closest DataDietConfig field; both before model_init is ever called."""
+    built = []
+
+    def model_init(seed):
+        built.append(seed)
+        return tiny_timm(in_chans=1)
+
+    options = dict(model_init=model_init, train_epochs=1, batch_size=8, transform=build_image_transform(16))
+    with pytest.raises(ValueError, match=r"training_kwargs=\{'seed': \.\.\.\}: .* pass seeds= to score_dataset"):
+        score_dataset(small, methods="el2n", training_kwargs={"seed": 3}, **options)
+    with pytest.raises(ValueError, match="pass image_column= to score_dataset"):
+        score_dataset(small, methods="el2n", training_kwargs={"image_column": "image"}, **options)
+    with pytest.raises(ValueError, match="'learning_rat' is none of them. Did you mean 'learning_rate'"):
+        score_dataset(small, methods="el2n", training_kwargs={"learning_rat": 0.1}, **options)
+    assert built == []
+    scored = score_dataset(
+        small, methods="el2n", training_kwargs={"learning_rate": 0.1, "weight_decay": 0.0}, **options
+    )
+    assert built == [0] and np.isfinite(scored["el2n"]).all()
+
+
 def test_nan_logits_name_the_rows(small, tiny_timm):
     from PIL import Image as PILImage
 

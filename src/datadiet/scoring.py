@@ -19,6 +19,15 @@ def fit_proxy(model, dataset, **kwargs):
     return fit_proxy(model, dataset, **kwargs)
 
 
+def _check_training_kwargs(training_kwargs) -> None:
+    from .trainer.proxy import check_training_kwargs
+
+    check_training_kwargs(training_kwargs)
+
+
+fit_proxy.check_kwargs = _check_training_kwargs  # score_dataset's plan refuses a wrong key before anything trains
+
+
 @wraps(_score_dataset)
 def score_dataset(*args, train_proxy=None, **kwargs):
     return _score_dataset(*args, train_proxy=train_proxy or fit_proxy, **kwargs)

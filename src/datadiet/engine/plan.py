@@ -128,6 +128,8 @@ def plan_scoring(
         raise ValueError(f"train_epochs must be >= 0, got {train_epochs}.")
     if train_epochs > 0 and train_proxy is None:
         raise ValueError("train_epochs > 0 trains proxies: pass train_proxy=..., or call datadiet.score_dataset.")
+    if training_kwargs and hasattr(train_proxy, "check_kwargs"):
+        train_proxy.check_kwargs(training_kwargs)  # the trainer's own refusal, before anything trains
     if mixed_precision not in (None, "no", "bf16"):
         raise ValueError(f"mixed_precision must be None, 'no' or 'bf16', got {mixed_precision!r}.")
     if save_every < 1:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import Preprocessor, check_input_channels, preprocessor_of, training_view
 from ..models import ClassifierWrapper, as_model_inputs, forward_logits, input_channels_of
-from ..validation import check_positive_int
+from ..validation import check_positive_int, closest_names
 from .config import DataDietConfig
 from .trainer import DataDietTrainer
 
@@ -213,6 +214,59 @@ def _fit_preprocessed(
     )
 
 
+# `score_dataset`'s own arguments that its proxies' training takes from it: not `training_kwargs` keys.
+_SET_BY_SCORE_DATASET = {
+    "epochs": "train_epochs=",
+    "max_steps": "train_epochs= (the proxies' budget is in epochs)",
+    "seed": "seeds=",
+    "batch_size": "batch_size=",
+    "output_dir": "output_dir=",
+    "preprocessor": "transform= and the column names",
+    "transform": "transform=",
+    "image_column": "image_column=",
+    "text_column": "text_column=",
+    "label_column": "label_column=",
+    "track_scores": "methods= (the training-dynamics scores)",
+    "return_trainer": "methods= (the training-dynamics scores)",
+    "progress_bar": "nothing: the main process shows the bar",
+    "progress_description": "nothing: score_dataset labels the bar",
+}
+
+
+def check_training_kwargs(training_kwargs: Mapping[str, Any] | None) -> None:
+    """Refuse, before any proxy trains, a `training_kwargs` key that `score_dataset` sets itself (naming its own
+    argument to use instead) or that the proxies' training does not take (with the closest `DataDietConfig` fields).
+
+    Example:
+    ```python
+    >>> from datadiet.trainer.proxy import check_training_kwargs
+    >>> check_training_kwargs({"learning_rate": 0.1, "weight_decay": 5e-4})  # DataDietConfig fields: accepted
+    >>> try:
+    ...     check_training_kwargs({"seed": 3})
+    ... except ValueError as error:
+    ...     print(error)
+    training_kwargs={'seed': ...}: score_dataset sets the proxies' seed itself; pass seeds= to score_dataset instead.
+
+    ```
+    """
+    import dataclasses
+
+    accepted = {field.name for field in dataclasses.fields(DataDietConfig)} | {"learning_rate", "data_collator"}
+    for key in training_kwargs or {}:
+        if key in _SET_BY_SCORE_DATASET:
+            raise ValueError(
+                f"training_kwargs={{{key!r}: ...}}: score_dataset sets the proxies' {key} itself; pass "
+                f"{_SET_BY_SCORE_DATASET[key]} to score_dataset instead."
+            )
+        if key not in accepted:
+            close = closest_names(key, accepted)
+            hint = f" Did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+            raise ValueError(
+                f"training_kwargs={{{key!r}: ...}}: the proxies' training takes DataDietConfig (TrainingArguments) "
+                f"fields and learning_rate, and {key!r} is none of them.{hint}"
+            )
+
+
 def fit_proxy(
     model: nn.Module, dataset: Dataset, *, preprocessor: Preprocessor, track_scores: Sequence[str] = (), **fit_kwargs
 ) -> tuple[nn.Module, dict[str, np.ndarray]]:
@@ -226,6 +280,9 @@ def fit_proxy(
     model, trainer = _fit_preprocessed(model, dataset, preprocessor, **fit_kwargs)
     scores = trainer.scores
     return model, {name: np.asarray(scores[name]) for name in track_scores}
+
+
+fit_proxy.check_kwargs = check_training_kwargs  # what score_dataset's plan calls before any proxy trains
 
 
 @torch.no_grad()
