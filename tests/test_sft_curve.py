@@ -219,6 +219,14 @@ def test_confirm_stage_tests_the_chosen_cell_random_and_full_once_on_fresh_seeds
     )
     assert f"it {words} ({differences.mean():+.4f} nats, 95% CI [{low:+.4f}, {high:+.4f}]" in line
     assert "## OOD loss" in report and "Lower is better" in report
+    # The plots the report shows: test loss and OOD loss per cell, real PNGs beside the report.
+    from PIL import Image
+
+    for name in ("curve.png", "curve_ood.png"):
+        assert f"]({name})" in report
+        with Image.open(curve / "confirm" / name) as image:
+            assert image.format == "PNG" and image.size[0] > 500
+    assert (curve / "curve.png").is_file() and not (curve / "curve_ood.png").exists()  # validation: no OOD rows read
 
 
 def test_an_interrupted_curve_resumes_only_the_missing_run_and_a_changed_budget_is_refused(curve, workspace):

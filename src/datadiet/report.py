@@ -125,10 +125,21 @@ def plot_image_grid(
 _STRATEGY_STYLES = {"hardest": "-", "window": "--", "stratified": ":", "easiest": "-."}
 
 
-def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str | None = None) -> Path:
-    """Write a PNG of test accuracy against the fraction of training data kept: one line per score × strategy (colour
-    = score, line style = strategy), random subsets in black and the full data as a grey band (mean ± std), error
-    bars = std over seeds. `points` are a pruning-curve summary's points (see `datadiet.curve.summarize_runs`).
+def plot_pruning_curve(
+    points: Sequence[dict],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    metric: str = "test accuracy",
+    unit: str = "%",
+    lower_is_better: bool = False,
+) -> Path:
+    """Write a PNG of test accuracy (or another `metric`) against the fraction of training data kept: one line per
+    score × strategy (colour = score, line style = strategy), random subsets in black and the full data as a grey band
+    (mean ± std), error bars = std over seeds. `points` are a pruning-curve summary's points (see
+    `datadiet.curve.summarize_runs`). With `unit="%"` the means (fractions) are drawn as percentages; any other unit
+    (e.g. `"nats"` for a held-out loss) draws them as they are. With a single keep fraction, one row per cell, the
+    best at the top (the lowest when `lower_is_better`).
 
     Example:
     ```python
@@ -144,8 +155,10 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
     """
     plt = _pyplot()
     full = next((p for p in points if p["score"] == "full"), None)
+    scale = 100.0 if unit == "%" else 1.0
+    label = f"{metric} ({unit})"
     if len({p["keep"] for p in points if p["score"] != "full"}) == 1:
-        return _plot_one_fraction(plt, points, full, Path(path), title)
+        return _plot_one_fraction(plt, points, full, Path(path), title, unit=unit, label=label, lower=lower_is_better)
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     lines: dict[tuple[str, str], list[dict]] = {}
     for point in points:
@@ -156,8 +169,8 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
     for (score, strategy), group in sorted(lines.items()):
         group = sorted(group, key=lambda p: p["keep"])
         keeps = [100 * p["keep"] for p in group]
-        means = [100 * p["mean"] for p in group]
-        stds = [100 * (p["std"] or 0.0) for p in group]  # no bar for one seed (std None)
+        means = [scale * p["mean"] for p in group]
+        stds = [scale * (p["std"] or 0.0) for p in group]  # no bar for one seed (std None)
         if score == "random":
             style = {"color": "black", "linestyle": "-", "linewidth": 2.2, "marker": "s", "label": "random"}
         else:
@@ -169,18 +182,20 @@ def plot_pruning_curve(points: Sequence[dict], path: str | Path, *, title: str |
             }
         ax.errorbar(keeps, means, yerr=stds, capsize=3, markersize=4, **style)
     if full is not None:
-        low, high = 100 * (full["mean"] - (full["std"] or 0.0)), 100 * (full["mean"] + (full["std"] or 0.0))
+        low, high = scale * (full["mean"] - (full["std"] or 0.0)), scale * (full["mean"] + (full["std"] or 0.0))
         ax.axhspan(low, high, color="grey", alpha=0.25)
-        ax.axhline(100 * full["mean"], color="grey", linewidth=1.5, label=f"full data {100 * full['mean']:.1f}%")
+        ax.axhline(scale * full["mean"], color="grey", linewidth=1.5, label=f"full data {_value(full, scale, unit)}")
     ax.set_xlabel("training data kept (%)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(label + ("; lower is better" if lower_is_better else ""))
     ax.grid(alpha=0.3)
     return _save_figure(plt, fig, ax, Path(path), title, legend_columns=2)
 
 
-def _save_figure(plt, fig, ax, path: Path, title: str | None, *, legend_columns: int = 1) -> Path:
+def _save_figure(
+    plt, fig, ax, path: Path, title: str | None, *, legend_columns: int = 1, legend_location: str = "lower right"
+) -> Path:
     if ax.get_legend_handles_labels()[0]:  # an empty curve (no finished run yet) has nothing to label
-        ax.legend(fontsize=7, ncol=legend_columns, loc="lower right")
+        ax.legend(fontsize=7, ncol=legend_columns, loc=legend_location)
     if title:
         ax.set_title(textwrap.fill(title, 90), fontsize=9)  # a long title would run off the figure
     fig.tight_layout()
@@ -190,45 +205,63 @@ def _save_figure(plt, fig, ax, path: Path, title: str | None, *, legend_columns:
     return path
 
 
-def _plot_one_fraction(plt, points: Sequence[dict], full: dict | None, path: Path, title: str | None) -> Path:
+def _value(point: dict, scale: float, unit: str) -> str:
+    return f"{scale * point['mean']:.1f}%" if unit == "%" else f"{point['mean']:.4f} {unit}"
+
+
+def _plot_one_fraction(
+    plt,
+    points: Sequence[dict],
+    full: dict | None,
+    path: Path,
+    title: str | None,
+    *,
+    unit: str,
+    label: str,
+    lower: bool,
+) -> Path:
     # With a single keep fraction a curve has no x extent (every method stacks on one x): draw one row per
     # score x strategy instead, best at the top, with random (black) and the full data (grey band) as references.
-    rows = sorted((p for p in points if p["score"] != "full"), key=lambda p: p["mean"])
+    rows = sorted((p for p in points if p["score"] != "full"), key=lambda p: p["mean"], reverse=lower)
     keep = rows[0]["keep"]
     fig, ax = plt.subplots(figsize=(8.5, 1.6 + 0.42 * len(rows)))
+    scale, digits = (100.0, 2) if unit == "%" else (1.0, 4)
     for y, point in enumerate(rows):
         colour = "black" if point["score"] == "random" else "tab:blue"
         ax.errorbar(
-            100 * point["mean"],
+            scale * point["mean"],
             y,
-            xerr=100 * (point["std"] or 0.0),
+            xerr=scale * (point["std"] or 0.0),
             fmt="s" if colour == "black" else "o",
             color=colour,
             capsize=3,
             markersize=5,
         )
         ax.annotate(
-            f"{100 * point['mean']:.2f}",
-            (100 * point["mean"], y),
+            f"{scale * point['mean']:.{digits}f}",
+            (scale * point["mean"], y),
             xytext=(6, 4),
             textcoords="offset points",
             fontsize=7,
         )
     random = next((p for p in rows if p["score"] == "random"), None)
     if random is not None:
-        ax.axvline(100 * random["mean"], color="black", linewidth=1, linestyle="--", label="random")
+        ax.axvline(scale * random["mean"], color="black", linewidth=1, linestyle="--", label="random")
     if full is not None:
-        low, high = 100 * (full["mean"] - (full["std"] or 0.0)), 100 * (full["mean"] + (full["std"] or 0.0))
+        low, high = scale * (full["mean"] - (full["std"] or 0.0)), scale * (full["mean"] + (full["std"] or 0.0))
         ax.axvspan(low, high, color="grey", alpha=0.25)
-        ax.axvline(100 * full["mean"], color="grey", linewidth=1.5, label=f"full data {100 * full['mean']:.1f}%")
+        ax.axvline(scale * full["mean"], color="grey", linewidth=1.5, label=f"full data {_value(full, scale, unit)}")
     ax.set_yticks(
         range(len(rows)),
         [f"{p['score']} / {p['strategy']}" if p["score"] != "random" else "random" for p in rows],
         fontsize=8,
     )
-    ax.set_xlabel(f"test accuracy (%), keeping {100 * keep:g}% of the training data (mean ± std over seeds)")
+    better = "; lower is better" if lower else ""
+    ax.set_xlabel(
+        textwrap.fill(f"{label}, keeping {100 * keep:g}% of the training data (mean ± std over seeds{better})", 90)
+    )
     ax.grid(alpha=0.3, axis="x")
-    return _save_figure(plt, fig, ax, path, title)
+    return _save_figure(plt, fig, ax, path, title, legend_location="best")
 
 
 def plot_data_map(

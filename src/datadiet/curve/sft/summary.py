@@ -65,9 +65,22 @@ def write_sft_summary(args: SFTCurveArguments, output_dir: Path, *, evaluated_on
     titles = {"eval_loss": "Validation loss" if evaluated_on == "validation" else "Test loss", "ood_loss": "OOD loss"}
     for field, values_key in _SETS.items():
         if summary[field]:
-            lines += ["", f"## {titles[field]}", ""] + _section(summary[field], values_key, args.equivalence_margin)
+            image = _plot(summary[field], output_dir / _IMAGES[field], titles[field], _title(args, summary[field]))
+            lines += ["", f"## {titles[field]}", "", f"![{titles[field]} per cell]({image.name})", ""]
+            lines += _section(summary[field], values_key, args.equivalence_margin)
     (output_dir / "curve.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+_IMAGES = {"eval_loss": "curve.png", "ood_loss": "curve_ood.png"}
+
+
+def _plot(points: list[dict], path: Path, what: str, title: str) -> Path:
+    """The held-out loss of every cell (mean ± sample std), the lowest at the top, random and the full pool marked."""
+    from ...report import plot_pruning_curve
+
+    metric = f"{what.lower()}, completion tokens"
+    return plot_pruning_curve(points, path, title=title, metric=metric, unit="nats", lower_is_better=True)
 
 
 def _baselines(summary: dict) -> set:
