@@ -45,6 +45,13 @@ TINY_SFT = {
     "prune": [],
     "push": [],
     "python": ["--max_train_rows", "8", "--max_length", "96", "--per_device_train_batch_size", "4"],
+    "split": ["--pool_rows", "8", "--validation_rows", "4", "--test_rows", "4"],
+    # The study's curve (recipes/sft/study.yaml): one score at one end, one seed per stage, 2 steps, 4 held-out rows.
+    "report": [
+        *("--scores", "ifd", "--strategies", "hardest", "--keep_fractions", "0.5", "--seeds", "1"),
+        *("--confirm_seeds", "2", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "96"),
+        *("--max_eval_rows", "4", "--eval_batch_size", "4", "--num_threads", "1"),
+    ],
 }
 SFT_ROWS = 8
 # Configs that need GPUs: on a machine without one, their commands are parsed (launcher and datadiet flags), not run.
@@ -53,8 +60,13 @@ GPU_CONFIGS = {"single_gpu.yaml", "multi_gpu.yaml", "fsdp.yaml"}
 
 def readme_commands(readme: Path) -> list[str]:
     """The commands of the fenced `bash` blocks of `readme`, in order: continuation lines joined, comments dropped."""
+    return readme_commands_in(readme.read_text())
+
+
+def readme_commands_in(text: str) -> list[str]:
+    """The commands of the fenced `bash` blocks of a README's `text` (see `readme_commands`)."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", readme.read_text(), flags=re.S | re.M):
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
         for line in block.replace("\\\n", " ").splitlines():
             if shlex.split(line, comments=True):
                 commands.append(line.strip())
@@ -155,8 +167,9 @@ CASES = [(r, None) for r in READMES if r.parent.name != "sft"] + [
 ]
 
 
-def _tiny(recipe: str, subcommand: str, arguments: list[str]) -> list[str]:
-    """The flags appended to a README command of `recipe` (sizes and budgets only)."""
+def _tiny(recipe: str, subcommand: str, arguments: list[str], variables: dict[str, str]) -> list[str]:
+    """The flags appended to a README command of `recipe` (sizes and budgets only; and the SFT study's model, which
+    study.yaml names by its place in the repository's own .venv, is the one this test runs with)."""
     if recipe != "sft":
         tiny = TINY[subcommand]
         if "--epochs" in arguments:  # a budget in epochs stays one (max_steps with epochs is refused)
@@ -166,6 +179,9 @@ def _tiny(recipe: str, subcommand: str, arguments: list[str]) -> list[str]:
     tiny += ["--max_target_rows", "2"] if "--target_dataset" in arguments else []
     tiny += ["--max_eval_rows", "4"] if "--eval_dataset_name" in arguments else []
     tiny += ["--max_steps", "2"] if "--max_steps" in arguments else []
+    if subcommand == "report":
+        model = variables["SMOLLM2"]
+        tiny += ["--model_name_or_path", model, *([] if model.endswith(".gguf") else ["--gguf_file", ""])]
     return tiny
 
 
@@ -208,7 +224,7 @@ def test_every_readme_command_runs(readme, model, tmp_path, monkeypatch, request
             variables[assigned[0]] = overrides.get(assigned[0], assigned[1])
             continue
         launcher, arguments, subcommand = _split(command)
-        arguments = [*arguments, *_tiny(readme.parent.name, subcommand, arguments)]
+        arguments = [*arguments, *_tiny(readme.parent.name, subcommand, arguments, variables)]
         if launcher and any(Path(t).name in GPU_CONFIGS for t in launcher) and not has_gpu:
             _check_gpu_command(launcher, arguments)
             continue  # parsed, not run: nothing to read back
@@ -256,5 +272,39 @@ def _check_output(subcommand: str, arguments: list[str], rows: int) -> None:
     elif subcommand == "train":
         results = json.loads((output / "results.json").read_text())
         assert results["test_rows"] == 32 and 0.0 <= results["accuracy_mean"] <= 1.0
+    elif subcommand == "split":
+        parts = {name: load_from_disk(str(output / name)) for name in ("pool", "validation", "test")}
+        assert [len(part) for part in parts.values()] == [8, 4, 4]
+        rows = [{tuple(sorted(row.items())) for row in part} for part in parts.values()]
+        assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2]), "split parts share rows"
+    elif subcommand == "report" and arguments[1] == "sft-curve":
+        # The validation stage (the ifd cell, random and full on seed 1), the choice made on validation rows, and
+        # the confirm stage (the chosen cell, random and full on seed 2) tested on the test and OOD rows.
+        validation = [json.loads(line) for line in (output / "runs.jsonl").read_text().splitlines()]
+        assert sorted(r["score"] for r in validation) == ["full", "ifd", "random"]
+        assert {r["evaluated_on"] for r in validation} == {"validation"}
+        assert json.loads((output / "selection.json").read_text())["evaluated_on"] == "validation"
+        confirm = [json.loads(line) for line in (output / "confirm" / "runs.jsonl").read_text().splitlines()]
+        assert len(confirm) == 3 and all(r["seed"] == 2 and r["ood_loss"] > 0 and r["eval_loss"] > 0 for r in confirm)
+        assert (output / "curve.md").exists() and (output / "confirm" / "curve.md").exists()
     elif subcommand == "report":
         assert (output / "curve.md").exists() and (output / "runs.jsonl").read_text().count("\n") >= 3
+
+
+def test_the_sft_readme_gives_the_commands_study_yaml_registered():
+    """recipes/sft/README.md's study section runs the very commands that study.yaml's comments fixed before the
+    study's first run (the README's are the ones tested above)."""
+    registered, command = [], ""
+    for line in (REPO / "recipes" / "sft" / "study.yaml").read_text().splitlines():
+        if not line.startswith("#   ") or line.startswith("#   #"):
+            continue
+        command += " " + line[4:].strip()
+        if not command.endswith("\\"):
+            registered.append(re.sub(r"\s+\(.*\)$", "", command.strip()))
+            command = ""
+        else:
+            command = command[:-1]
+    readme = (REPO / "recipes" / "sft" / "README.md").read_text()
+    study = readme_commands_in(readme[readme.index("## 5. The pre-registered study") :])
+    tokens = [shlex.split(c) for c in registered if c.split()[0] in ("datadiet", "python")]
+    assert len(tokens) == 5 and tokens == [shlex.split(c) for c in study]

@@ -35,7 +35,12 @@ def load_causal_lm(model_name_or_path: str, gguf_file: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_name_or_path)
-    if gguf_file is None and path.suffix == ".gguf":
+    if path.suffix == ".gguf":
+        if gguf_file and gguf_file != path.name:
+            raise ValueError(
+                f"--model_name_or_path names the GGUF file {path.name} and --gguf_file names {gguf_file}: name the "
+                "file once (its path, or its folder and --gguf_file)."
+            )
         path, gguf_file = path.parent, path.name
     if not path.exists():
         raise ValueError(f"No model at {path}: pass --model_name_or_path with a causal LM folder or a .gguf file.")
