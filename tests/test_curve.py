@@ -305,6 +305,34 @@ def test_a_run_claimed_by_another_live_process_is_left_to_it(curve):
     assert _lines(path)[-1]["accuracy"] == last["accuracy"]
 
 
+def test_a_process_waits_for_the_grid_runs_others_hold_before_choosing(tmp_path, caplog):
+    """A process sharing a curve folder goes on to the choice only once the whole grid is finished: it retries (and
+    so takes over a dead process's claim) until the runs others hold are in runs.jsonl; a run tested on the test
+    split does not count for the validation grid."""
+    from datadiet.curve.store import append_run, run_until_finished
+
+    runs = [("el2n", "hardest", 0.5, 1), ("random", "random", 0.5, 1)]
+    path = tmp_path / "runs.jsonl"
+
+    def record(run, evaluated_on="validation"):
+        return dict(zip(("score", "strategy", "keep", "seed"), run), evaluated_on=evaluated_on)
+
+    calls = []
+
+    def run_remaining():  # this process's share; the other process's run lands on the third look
+        calls.append(len(calls))
+        if len(calls) == 1:
+            append_run(path, record(runs[0]))
+            append_run(path, record(runs[1], evaluated_on="test"))
+        elif len(calls) == 3:
+            append_run(path, record(runs[1]))
+
+    with caplog.at_level("INFO", logger="datadiet.curve.store"):
+        run_until_finished(run_remaining, path, runs, "validation", poll_seconds=0)
+    assert len(calls) == 3
+    assert caplog.text.count("Waiting for 1 runs") == 2
+
+
 def test_report_with_only_full_data_runs_says_so_instead_of_an_empty_table(tmp_path):
     runs = [{"score": "full", "strategy": "full", "keep": 1.0, "seed": s, "accuracy": 0.84} for s in (0, 1)]
     markdown, image = write_curve_report(summarize_runs(runs), tmp_path)

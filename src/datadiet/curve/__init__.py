@@ -20,7 +20,17 @@ import torch
 
 from .arguments import CurveArguments, check_steps, strategy_options
 from .selection import choose_cells, read_selection
-from .store import append_run, check_config, claim_run, config_digest, evaluated_on, planned_runs, read_runs, run_key
+from .store import (
+    append_run,
+    check_config,
+    claim_run,
+    config_digest,
+    evaluated_on,
+    planned_runs,
+    read_runs,
+    run_key,
+    run_until_finished,
+)
 from .summary import summarize_runs, write_curve_report, write_summary
 from .training import (
     CurveData,
@@ -119,15 +129,14 @@ def run_curve(args: CurveArguments) -> dict:
         # Which rows were held out (positions in the training split), for anyone checking the protocol.
         (output_dir / "validation_rows.json").write_text(json.dumps(data.validation_rows.tolist()))
     scores = proxy_scores(args, data, output_dir)
-    _run_all(args, data, scores, output_dir, planned_runs(args), protocol)
-    summary = write_summary(args, output_dir, runs_path, evaluated_on=protocol)
     if not args.validation_fraction:
-        return summary
-    finished = {run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in read_runs(runs_path, protocol)}
-    missing = [run for run in planned_runs(args) if run_key(*run) not in finished]
-    if missing:
-        logger.info("%d runs of the grid are not finished (another process?): no selection yet.", len(missing))
-        return summary
+        _run_all(args, data, scores, output_dir, planned_runs(args), protocol)
+        return write_summary(args, output_dir, runs_path, evaluated_on=protocol)
+    run_until_finished(
+        lambda: _run_all(args, data, scores, output_dir, planned_runs(args), protocol),
+        runs_path, planned_runs(args), protocol,
+    )  # fmt: skip
+    summary = write_summary(args, output_dir, runs_path, evaluated_on=protocol)
     selection = choose_cells(args, summary["points"], len(data.validation_rows))
     (output_dir / "selection.json").write_text(json.dumps(selection, indent=2))
     for cell in selection["chosen"]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from .arguments import CurveArguments
@@ -24,6 +25,7 @@ __all__ = [
     "read_runs",
     "result_config",
     "run_key",
+    "run_until_finished",
 ]
 
 # How a curve turns its seed integers into random streams (see `training.stream_seed`). Folders made before this key
@@ -173,6 +175,24 @@ def claim_run(output_dir: Path, runs_path: Path, run) -> bool:
             handle.write(str(os.getpid()))
         return True
     return False
+
+
+def run_until_finished(run_remaining, runs_path: Path, runs: list, protocol: str | None = None, *, poll_seconds=60.0):
+    """Call `run_remaining()` (which trains the runs of `runs` this process can claim) until every run of `runs` is in
+    `runs_path`. Runs that other processes sharing the folder hold are waited for, and a claim whose process has died
+    is taken over at the next call; so every process started on a folder goes on to the choice made from the whole
+    grid (and to the confirm stage), however the runs fell between them."""
+    while True:
+        run_remaining()
+        finished = {run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in read_runs(runs_path, protocol)}
+        missing = [run for run in runs if run_key(*run) not in finished]
+        if not missing:
+            return
+        logger.info(
+            "Waiting for %d runs that other processes sharing %s are running (checked every %g s): the choice needs "
+            "the whole grid.", len(missing), runs_path.parent, poll_seconds,
+        )  # fmt: skip
+        time.sleep(poll_seconds)
 
 
 def check_config(

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import SEED_SCHEME, append_run, check_result_config, claim_run, planned_runs, read_runs, run_key
+from ..store import (
+    SEED_SCHEME,
+    append_run,
+    check_result_config,
+    claim_run,
+    planned_runs,
+    read_runs,
+    run_key,
+    run_until_finished,
+)
 from ..training import stream_seed
 from .arguments import SFTCurveArguments
 from .data import SPLIT_FILE, split_for_selection, to_prompt_completion
@@ -121,12 +130,11 @@ def run_sft_curve(args: SFTCurveArguments) -> dict:
     logger.info("Loading %s ...", args.gguf_file or args.model_name_or_path)
     model, tokenizer = load_causal_lm(args.model_name_or_path, args.gguf_file)
     eval_sets = {"validation": to_prompt_completion(validation)}
-    _run_all(args, pool, model, tokenizer, eval_sets, output_dir, planned_runs(args), "validation")
+    run_until_finished(
+        lambda: _run_all(args, pool, model, tokenizer, eval_sets, output_dir, planned_runs(args), "validation"),
+        output_dir / "runs.jsonl", planned_runs(args), "validation",
+    )  # fmt: skip
     summary = write_sft_summary(args, output_dir, evaluated_on="validation", confirmation=False)
-    finished = {run_key(r["score"], r["strategy"], r["keep"], r["seed"]) for r in read_runs(output_dir / "runs.jsonl")}
-    if any(run_key(*run) not in finished for run in planned_runs(args)):
-        logger.info("Some runs of the grid are not finished (another process?): no selection yet.")
-        return summary
     split = {"validation_rows": len(validation)}
     record = Path(args.dataset_name).parent / SPLIT_FILE
     if record.exists():
