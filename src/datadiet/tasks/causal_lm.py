@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from ..scores.batch import check_token_labels, score_causal_lm_batch
-from ..scores.causal_lm import IGNORE_INDEX, per_example_mean, per_token_cross_entropy
+from ..scores.causal_lm import IGNORE_INDEX, per_example_mean, per_token_cross_entropy, per_token_predictions
+from ..scores.logits import unwrap_logits
+from ..scores.trackers import sequence_training_quantities
 from .registry import register_task
 
 __all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "CausalLMTask", "alpaca_to_prompt_completion"]
@@ -276,8 +278,15 @@ class CausalLMTask:
         return batch["labels"][:, 1:] != IGNORE_INDEX
 
     @staticmethod
-    def per_token_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_token_losses(
+        logits: torch.Tensor, batch: dict[str, torch.Tensor], *, label_smoothing: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token NLL `[B, T-1]` (logits at t, label at t + 1; zero where not trained) and the loss mask."""
+        if label_smoothing:
+            raise ValueError(
+                f"label_smoothing={label_smoothing} is not supported for a causal LM (its loss is each row's mean "
+                "token NLL): set label_smoothing_factor=0."
+            )
         return per_token_cross_entropy(logits, batch["labels"].to(logits.device))
 
     @staticmethod
@@ -288,6 +297,43 @@ class CausalLMTask:
     def per_example_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each row's loss, as `SFTTrainer` computes it for the row alone."""
         return self.per_example(*self.per_token_losses(logits, batch))
+
+    @staticmethod
+    def check_outputs(logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """A causal LM's training forward: logits `[B, T, V]` and token labels `[B, T]`."""
+        if logits.ndim != 3 or labels is None or labels.ndim != 2:
+            raise ValueError(
+                "A causal LM is tracked from logits [batch, tokens, vocabulary] and labels [batch, tokens]; got logits "
+                f"{tuple(logits.shape)} and labels {None if labels is None else tuple(labels.shape)}. For a "
+                "classifier, pass task='classification'."
+            )
+
+    @staticmethod
+    def tracked_quantities(output, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The per-row quantities recorded while training (see
+        [`~datadiet.scores.trackers.sequence_training_quantities`]) over each row's trained tokens: from the logits
+        `[B, T, V]` and labels `[B, T]` of a training forward, or from TRL's fused LM head output (`log_probs`,
+        `label_mask`, `is_top1`: no logits, so no EL2N or margin).
+
+        Example:
+        ```python
+        >>> import torch
+        >>> from datadiet.tasks import CausalLMTask
+        >>> q = CausalLMTask.tracked_quantities(torch.zeros(1, 3, 4), torch.tensor([[-100, 1, 2]]))
+        >>> round(q["loss"].item(), 4), q["probability"].item()
+        (1.3863, 0.25)
+
+        ```
+        """
+        log_probs, label_mask = _field(output, "log_probs"), _field(output, "label_mask")
+        if log_probs is not None and label_mask is not None:
+            return sequence_training_quantities(-log_probs.detach(), label_mask, _field(output, "is_top1"))
+        logits = unwrap_logits(output)
+        CausalLMTask.check_outputs(logits, labels)
+        values = per_token_predictions(logits, labels)
+        return sequence_training_quantities(
+            values["nll"], values["mask"], values["correct"], el2n=values["el2n"], margin=values["margin"]
+        )
 
     @staticmethod
     def check_labels(labels: torch.Tensor, vocab_size: int, row_ids: Sequence[int] | None = None) -> None:
@@ -385,3 +431,10 @@ class CausalLMTask:
             f"{hashlib.sha256((tokenizer.chat_template or '').encode()).hexdigest()[:16]}:{self.max_length}:{self.completion_only_loss}:"
             f"{self.assistant_only_loss}:{self.padding_side}:{self.eos_token}"
         )
+
+
+def _field(output, name: str):
+    """`output[name]` of a dict output, `output.name` of an output object (`None` when absent)."""
+    if isinstance(output, dict):
+        return output.get(name)
+    return getattr(output, name, None)

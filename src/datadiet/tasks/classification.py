@@ -12,6 +12,8 @@ from torch import nn
 
 from ..scores.batch import check_class_labels, score_batch
 from ..scores.functional import loss as cross_entropy
+from ..scores.logits import unwrap_logits
+from ..scores.trackers import training_quantities
 
 __all__ = ["ClassificationTask", "Preprocessor"]
 
@@ -148,17 +150,43 @@ class ClassificationTask:
         inputs, labels = self.preprocessor()(rows)
         return {"inputs": inputs, "labels": labels}
 
-    def loss_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+    # Outputs -> per-example quantities (no columns or transform needed: the trainer calls these on the class) ---
+
+    @staticmethod
+    def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
         """Every example has one trained position: `[B, 1]` of True."""
-        return torch.ones(len(batch["labels"]), 1, dtype=torch.bool)
+        return torch.ones(len(batch["labels"]), 1, dtype=torch.bool, device=batch["labels"].device)
 
-    def per_token_losses(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cross-entropy of each example's class, `[B, 1]`, and its mask."""
-        return cross_entropy(logits, batch["labels"].to(logits.device))[:, None], self.loss_mask(batch)
+    @staticmethod
+    def per_token_losses(
+        logits: torch.Tensor, batch: dict[str, Any], *, label_smoothing: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-entropy of each example's class, `[B, 1]` (with `label_smoothing`, as `Trainer` smooths), and its
+        mask."""
+        labels = batch["labels"].to(logits.device)
+        losses = cross_entropy(logits, labels, label_smoothing=label_smoothing)[:, None]
+        return losses, ClassificationTask.loss_mask({"labels": labels})
 
-    def per_example(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def per_example(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`[B, 1]` -> `[B]`."""
         return values[:, 0]
+
+    @staticmethod
+    def check_outputs(logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """A single-label classifier's training forward: logits `[B, C]`, integer labels `[B]`."""
+        if logits.ndim != 2 or labels.ndim != 1 or labels.is_floating_point():
+            raise ValueError(
+                "DataDietTrainer tracks single-label classifiers (or causal LMs, task='causal_lm'): logits of shape "
+                f"[batch, classes] and integer labels of shape [batch]; got logits {tuple(logits.shape)} and labels "
+                f"{tuple(labels.shape)} ({labels.dtype})."
+            )
+
+    @staticmethod
+    def tracked_quantities(output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-example quantities recorded while training (see [`~datadiet.scores.training_quantities`]) from a
+        training forward's output (logits `[B, C]`, or an output object holding them) and labels `[B]`."""
+        return training_quantities(unwrap_logits(output), labels)
 
     def per_example_losses(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return cross_entropy(logits, batch["labels"].to(logits.device))

@@ -20,7 +20,7 @@ from ..scores.trackers import (
     TrainingDynamics,
 )
 from .batch_indices import record_batch_indices
-from .causal_lm import NEEDS_LOGITS, TokenReference, check_rows_separable, output_quantities, resolve_task, source_rows
+from .causal_lm import NEEDS_LOGITS, TokenReference, check_rows_separable, resolve_task, source_rows, task_class
 from .checkpoint import checkpoint_folder, dynamics_from_history, load_checkpoint_state, save_checkpoint_state
 from .row_check import RowCheck, collator_name, dataset_labels
 from .views import DEFAULT_ROW_ID_COLUMN
@@ -197,7 +197,7 @@ class ScoreCallback(TrainerCallback):
             return
         if not torch.is_tensor(row_ids):
             row_ids = torch.as_tensor(row_ids)
-        values = output_quantities(output, labels, self._task or "classification")
+        values = task_class(self._task or "classification").tracked_quantities(output, labels)
         if (
             self._task == "causal_lm"
             and not torch.is_tensor(output)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 
 from ..models import is_causal_lm
-from ..scores.causal_lm import per_token_predictions
-from ..scores.logits import unwrap_logits
-from ..scores.trackers import sequence_training_quantities, training_quantities
+from ..tasks.causal_lm import CausalLMTask
+from ..tasks.classification import ClassificationTask
 from .views import RowIdDataset, TransformedView
 
 logger = logging.getLogger(__name__)
@@ -22,9 +20,9 @@ __all__ = [
     "TASKS",
     "TokenReference",
     "check_rows_separable",
-    "output_quantities",
     "resolve_task",
     "source_rows",
+    "task_class",
 ]
 
 # What `task=` accepts: a causal LM (per-row means over the trained tokens) or a classifier (one label per row); the
@@ -222,43 +220,16 @@ class TokenReference:
         return None
 
 
-def output_quantities(output, labels: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
-    """The tracked per-row quantities of one training forward: a classifier's from its logits `[B, C]` and labels
-    `[B]` (see [`~datadiet.scores.training_quantities`]); a causal LM's over its trained tokens (see
-    [`~datadiet.scores.trackers.sequence_training_quantities`]), from its logits `[B, T, V]` and labels `[B, T]`, or
-    from TRL's fused LM head output (`log_probs`, `label_mask`, `is_top1`: no logits, so no EL2N or margin).
+def task_class(task: str) -> type:
+    """The task class (see `datadiet.tasks`) whose static methods turn a training forward into per-example losses
+    and tracked quantities, for a [`resolve_task`] name: `CausalLMTask` or `ClassificationTask`.
 
     Example:
     ```python
-    >>> import torch
-    >>> from datadiet.trainer.causal_lm import output_quantities
-    >>> q = output_quantities(torch.zeros(1, 3, 4), torch.tensor([[-100, 1, 2]]), "causal_lm")
-    >>> round(q["loss"].item(), 4), q["probability"].item()
-    (1.3863, 0.25)
+    >>> from datadiet.trainer.causal_lm import task_class
+    >>> task_class("causal_lm").name, task_class("classification").name
+    ('causal_lm', 'classification')
 
     ```
     """
-    if task != "causal_lm":
-        return training_quantities(unwrap_logits(output), labels)
-    log_probs = _field(output, "log_probs")
-    label_mask = _field(output, "label_mask")
-    if log_probs is not None and label_mask is not None:
-        is_top1 = _field(output, "is_top1")
-        return sequence_training_quantities(-log_probs.detach(), label_mask, is_top1)
-    logits = unwrap_logits(output)
-    if logits.ndim != 3 or labels is None or labels.ndim != 2:
-        raise ValueError(
-            "A causal LM is tracked from logits [batch, tokens, vocabulary] and labels [batch, tokens]; got logits "
-            f"{tuple(logits.shape)} and labels {None if labels is None else tuple(labels.shape)}. For a classifier, "
-            "pass task='classification'."
-        )
-    values = per_token_predictions(logits, labels)
-    return sequence_training_quantities(
-        values["nll"], values["mask"], values["correct"], el2n=values["el2n"], margin=values["margin"]
-    )
-
-
-def _field(output, name: str):
-    if isinstance(output, dict):
-        return output.get(name)
-    return getattr(output, name, None)
+    return CausalLMTask if task == "causal_lm" else ClassificationTask

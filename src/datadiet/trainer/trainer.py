@@ -14,11 +14,9 @@ from transformers.trainer_utils import has_length
 
 from ..engine.process import get_process_state
 from ..models import ClassifierWrapper
-from ..scores.functional import loss as cross_entropy
 from ..scores.logits import unwrap_logits
-from ..tasks.causal_lm import CausalLMTask
 from .callback import ScoreCallback, add_score_columns
-from .causal_lm import resolve_task
+from .causal_lm import resolve_task, task_class
 from .checkpoint import checkpoint_folder, load_trainer_state, save_trainer_state, write_final_scores
 from .config import DataDietConfig
 from .dynamic import DynamicPruning, DynamicPruningSampler, EpochProgressScheduler, resume_position
@@ -163,6 +161,8 @@ class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
         self.model_accepts_loss_kwargs = False
         self.scoring_dataset = scoring_dataset
         self.task = resolve_task(args.task, self.model)
+        # The task's losses, output checks and trained-item counts (static: no tokenizer or columns needed here).
+        self._task_class = task_class(self.task)
         if self.task == "causal_lm" and args.score_epochs:
             raise ValueError(
                 "score_epochs runs classification scoring passes; for a causal LM score the rows after training with "
@@ -244,9 +244,10 @@ class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
         if num_items_in_batch is None and batch_samples and label_name in batch_samples[0]:
             # The examples of the whole accumulated batch (all processes), so that `compute_loss` can divide the
             # summed loss by it: gradient accumulation then equals one large batch.
-            # A causal LM's targets are the labels after the shift (transformers counts them so too).
-            shift = 1 if self.task == "causal_lm" else 0
-            num_items_in_batch = sum(int(batch[label_name][..., shift:].ne(-100).sum()) for batch in batch_samples)
+            # The task's trained items: examples, or a causal LM's target tokens after the shift (as transformers
+            # counts them).
+            loss_mask = self._task_class.loss_mask
+            num_items_in_batch = sum(int(loss_mask({"labels": batch[label_name]}).sum()) for batch in batch_samples)
             num_items_in_batch = torch.tensor(num_items_in_batch, device=device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
@@ -266,13 +267,7 @@ class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
             )
         outputs = model(**inputs)
         logits = unwrap_logits(outputs)
-        causal_lm = self.task == "causal_lm"
-        if not causal_lm and (logits.ndim != 2 or labels.ndim != 1 or labels.is_floating_point()):
-            raise ValueError(
-                "DataDietTrainer tracks single-label classifiers (or causal LMs, task='causal_lm'): logits of shape "
-                f"[batch, classes] and integer labels of shape [batch]; got logits {tuple(logits.shape)} and labels "
-                f"{tuple(labels.shape)} ({labels.dtype})."
-            )
+        self._task_class.check_outputs(logits, labels)
         training = model.training
         row_ids = None
         if training:
@@ -285,19 +280,18 @@ class DataDietTrainer(TimmCheckpoints, DynamicPruning, Trainer):
         if self.compute_loss_func is not None:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         else:
-            if causal_lm:
-                # The model's own causal-LM loss: every trained token's NLL (the task's one cross-entropy), averaged
-                # over the trained tokens.
-                per_item, mask = CausalLMTask.per_token_losses(logits, {"labels": labels})
-            else:
-                per_item, mask = cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing_factor), None
+            # The task's one cross-entropy per trained item, [B, items] (a classifier's one class per example, a
+            # causal LM's trained tokens) and its mask; summed over the trained items and divided by their number.
+            per_item, mask = self._task_class.per_token_losses(
+                logits, {"labels": labels}, label_smoothing=self.args.label_smoothing_factor
+            )
             if training and self._pruning_weights is not None and row_ids is not None:
                 # InfoBatch (Qin et al. 2024, eq. 3): kept easy examples count 1 / (1 - ratio) times, so that the
                 # expected gradient over the random skipping equals the full-data gradient.
                 weights = self._pruning_weights[row_ids.to(self._pruning_weights.device)].to(per_item.device)
-                per_item = per_item * (weights[:, None] if causal_lm else weights)
+                per_item = per_item * weights[:, None]
             if num_items_in_batch is None:
-                loss = per_item.mean() if mask is None else per_item.sum() / mask.sum().clamp(min=1)
+                loss = per_item.sum() / mask.sum().clamp(min=1)
             else:
                 loss = per_item.sum() / num_items_in_batch
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
