@@ -130,13 +130,16 @@ def check_positive_int(name: str, value: int) -> int:
 
 
 def closest_names(name: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
-    """The candidates closest to a misspelt `name` (difflib), best first; compared case-insensitively.
+    """The candidates closest to a misspelt `name` (difflib), best first; compared case-insensitively. Only those
+    nearly as close as the best are kept (a suggestion far behind it is noise).
 
     Example:
     ```python
     >>> from datadiet.validation import closest_names
     >>> closest_names("sklearn-digit", ["sklearn-digits", "mnist"])
     ['sklearn-digits']
+    >>> closest_names("learning_rat", ["learning_rate", "dynamic_pruning_ratio", "lr_scheduler_type"])
+    ['learning_rate']
 
     ```
     """
@@ -144,4 +147,5 @@ def closest_names(name: str, candidates: Iterable[str], n: int = 3, cutoff: floa
     for candidate in candidates:
         by_lower.setdefault(candidate.lower(), candidate)
     matches = difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=cutoff)
-    return [by_lower[match] for match in matches]
+    similarity = [difflib.SequenceMatcher(None, name.lower(), match).ratio() for match in matches]
+    return [by_lower[match] for match, value in zip(matches, similarity) if value >= similarity[0] - 0.15]
