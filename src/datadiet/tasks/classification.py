@@ -189,7 +189,8 @@ class ClassificationTask:
         return training_quantities(unwrap_logits(output), labels)
 
     def per_example_losses(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return cross_entropy(logits, batch["labels"].to(logits.device))
+        """Each example's cross-entropy `[B]`."""
+        return self.per_example(*self.per_token_losses(logits, batch))
 
     def check_labels(self, labels: torch.Tensor, num_classes: int, row_ids: Sequence[int] | None = None) -> None:
         check_class_labels(labels, num_classes, range(len(labels)) if row_ids is None else row_ids)
