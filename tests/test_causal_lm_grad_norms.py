@@ -127,3 +127,21 @@ def test_token_level_logits_without_a_task_are_refused():
     inputs, labels = padded(rows(), "right")
     with pytest.raises(ValueError, match="task='causal_lm'"):
         per_example_grad_norms(model, inputs, labels)
+
+
+def test_trained_token_nll_has_cross_entropys_values_and_gradient():
+    from datadiet.scores.causal_lm import trained_token_nll
+
+    torch.manual_seed(0)
+    logits = (torch.randn(70, 11, dtype=torch.float64) * 4).requires_grad_(True)  # 70 rows: two chunks of 64
+    targets = torch.randint(0, 11, (70,))
+    targets[::5] = -100
+    weights = torch.rand(70, dtype=torch.float64)
+    ours = trained_token_nll(logits, targets)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), logits)
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="none", ignore_index=-100)
+    (reference_grad,) = torch.autograd.grad((reference * weights).sum(), logits)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)  # float32 inside
+    assert grad[::5].abs().sum() == 0

@@ -27,10 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .causal_lm import IGNORE_INDEX, per_example_mean, per_token_cross_entropy
+from .causal_lm import IGNORE_INDEX, per_example_mean, per_token_cross_entropy, trained_token_nll
 from .functional import loss as cross_entropy
 from .lm_head import HeadNotSeparable, logits_at_trained_positions, output_head, trained_slots
 from .logits import slice_batch, unwrap_logits
@@ -192,14 +191,12 @@ def per_example_grad_norms(
 def _trained_position_losses(logits, targets, mask, packed: bool) -> torch.Tensor:
     """Each row's mean next-token NLL from the logits at its trained positions (`[N, V]` packed or `[B, K, V]`)."""
     if packed:
-        nll = F.cross_entropy(logits.float(), targets[:, 1:][mask], reduction="none")
+        nll = trained_token_nll(logits, targets[:, 1:][mask])
         per_token = nll.new_zeros(mask.shape).masked_scatter(mask, nll)
         return per_example_mean(per_token, mask)
     index, valid = trained_slots(mask)
     slot_targets = targets[:, 1:].gather(1, index).masked_fill(~valid, IGNORE_INDEX)
-    nll = F.cross_entropy(
-        logits.float().flatten(0, 1), slot_targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
-    )
+    nll = trained_token_nll(logits.flatten(0, 1), slot_targets.flatten())
     return per_example_mean(nll.view(slot_targets.shape), valid)
 
 
