@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 
 from ..data import Preprocessor, preprocessor_of
+from ..models import weights_fingerprint
 from ..validation import check_positive_int
 from .batches import TaskBatches, rows_digest, scoring_task, task_batches
 from .dynamics import ScoringMethods, split_methods
@@ -61,6 +63,12 @@ class ScoringPlan:
     @property
     def methods(self) -> list[str]:
         return [*self.evaluated, *self.dynamics]
+
+    @cached_property
+    def model_sha256(self) -> str | None:
+        """The sha256 of the given model's weights (`None` with `model_init`), hashed once per run: the run folder's
+        configuration and the provenance both record it, and the model given is never trained in place."""
+        return weights_fingerprint(self.model) if self.model is not None else None
 
 
 def plan_scoring(

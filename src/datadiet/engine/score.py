@@ -170,8 +170,10 @@ def score_planned(plan: ScoringPlan) -> Dataset:
     return _aggregate(plan, per_seed, model, state)
 
 
-def _model_identity(model: nn.Module) -> str:
-    return f"{type(model).__module__}.{type(model).__qualname__}:{weights_fingerprint(model)}"
+def _model_identity(plan: ScoringPlan, model: nn.Module) -> str:
+    # The first seed's model: the model given (or its copy, before any training), else `model_init`'s fresh one.
+    digest = plan.model_sha256 if plan.model_init is None else weights_fingerprint(model)
+    return f"{type(model).__module__}.{type(model).__qualname__}:{digest}"
 
 
 def _proxy_for_seed(plan: ScoringPlan, seed: int, position: int, state) -> tuple[nn.Module, dict[str, np.ndarray]]:
@@ -191,7 +193,7 @@ def _proxy_for_seed(plan: ScoringPlan, seed: int, position: int, state) -> tuple
         check_input_channels(plan.dataset, plan.preprocessor, input_channels_of(model))
     if first and plan.config is not None:
         # Hashes every weight: only where a run folder needs it.
-        check_or_write_config(plan.output_dir, {**plan.config, "model": _model_identity(model)}, state=state)
+        check_or_write_config(plan.output_dir, {**plan.config, "model": _model_identity(plan, model)}, state=state)
     if plan.train_epochs <= 0:
         return model, {}
     seed_dir = plan.output_dir / f"seed-{seed}" if plan.output_dir is not None else None
@@ -244,7 +246,7 @@ def _aggregate(plan: ScoringPlan, per_seed: list[dict[str, np.ndarray]], last_mo
         "mixed_precision": plan.mixed_precision,
         "num_processes": state.num_processes,
         "model_init": plan.model_init is not None,  # fresh models per seed, or the one model given
-        "weights_sha256": weights_fingerprint(plan.model) if plan.model is not None else None,
+        "weights_sha256": plan.model_sha256,
         "training": plan.training_kwargs or None,
         "preprocessing": plan.preprocessor.fingerprint(),
     }
