@@ -145,3 +145,25 @@ def test_trained_token_nll_has_cross_entropys_values_and_gradient():
     torch.testing.assert_close(ours.double(), reference, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)  # float32 inside
     assert grad[::5].abs().sum() == 0
+
+
+def test_trained_token_nll_keeps_its_precision_where_the_model_is_confident():
+    # Rows whose target holds nearly all the probability (a fine-tuned model's usual case): the loss and its gradient
+    # are tiny, and float32 must still give them to a relative 1e-5 of a float64 reference.
+    from datadiet.scores.causal_lm import trained_token_nll
+
+    torch.manual_seed(0)
+    logits = torch.randn(40, 5000, dtype=torch.float64) * 2 + 5
+    targets = torch.randint(0, 5000, (40,))
+    logits[torch.arange(40), targets] += 20  # p_y from 0.997 to 1 − 1e-10: float64 holds the rest exactly enough
+    logits = logits.float().double()  # the same float32 logits for both: only the computation's error is compared
+    weights = torch.rand(40, dtype=torch.float64)
+    reference = logits.clone().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(reference, targets, reduction="none")
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), reference)
+    ours = logits.float().requires_grad_(True)
+    values = trained_token_nll(ours, targets)
+    (grad,) = torch.autograd.grad((values * weights.float()).sum(), ours)
+    assert expected.max() < 1e-2  # the regime of the test: every row confident (F.cross_entropy in float32 is 18% off)
+    assert ((values.double() - expected).abs() / expected).max() < 1e-5
+    assert ((grad.double() - expected_grad).norm(dim=1) / expected_grad.norm(dim=1)).max() < 1e-5
