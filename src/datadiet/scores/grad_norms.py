@@ -29,11 +29,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .causal_lm import IGNORE_INDEX, per_example_mean, per_token_cross_entropy, trained_token_nll
-from .functional import loss as cross_entropy
+from .causal_lm import IGNORE_INDEX, per_example_mean, trained_token_nll
 from .lm_head import HeadNotSeparable, logits_at_trained_positions, output_head, trained_slots
 from .logits import slice_batch, unwrap_logits
-from .registry import register_score
+from .registry import get_score, get_score_spec, register_score
 from .tracer import PerExampleGradTracer
 
 __all__ = ["per_example_grad_norms", "grand", "causal_lm_grand"]
@@ -42,20 +41,17 @@ __all__ = ["per_example_grad_norms", "grand", "causal_lm_grand"]
 def _per_example_losses(
     logits: torch.Tensor, targets: torch.Tensor, loss_fn: Callable | None, task: str | None
 ) -> torch.Tensor:
-    """Each example's own loss, shape `[B]`, whatever the reduction of `loss_fn`."""
+    """Each example's own loss, shape `[B]`, whatever the reduction of `loss_fn`; without `loss_fn`, the `loss` score
+    registered for `task` (a classifier's cross-entropy, a causal LM's mean next-token NLL over the trained tokens)."""
     B = targets.shape[0]
     if loss_fn is None:
-        if task == "causal_lm":
-            # The next-token loss over the row's trained tokens, as transformers / SFTTrainer compute it for the row
-            # alone: logits at t predict labels at t + 1.
-            return per_example_mean(*per_token_cross_entropy(logits, targets))
-        if logits.ndim == 2 and targets.ndim == 1:
-            return cross_entropy(logits, targets)
-        raise ValueError(
-            f"Token-level logits {tuple(logits.shape)} with targets {tuple(targets.shape)}: say how targets align with "
-            "the logits. For a causal language model pass task='causal_lm' (targets are the input ids with untrained "
-            "positions set to -100, shifted by one here), or pass loss_fn= returning one loss per example."
-        )
+        if task is None and not (logits.ndim == 2 and targets.ndim == 1):
+            raise ValueError(
+                f"Token-level logits {tuple(logits.shape)} with targets {tuple(targets.shape)}: say how targets align "
+                "with the logits. For a causal language model pass task='causal_lm' (targets are the input ids with "
+                "untrained positions set to -100, shifted by one here), or pass loss_fn= returning one loss per example."
+            )
+        return get_score("loss", task)(logits, targets)
     losses = loss_fn(logits, targets)
     if not isinstance(losses, torch.Tensor):
         raise ValueError(f"loss_fn must return a tensor, got {type(losses).__name__}.")
@@ -103,9 +99,11 @@ def per_example_grad_norms(
             evaluated on each example alone, so each norm is that of the example's own loss whatever the reduction.
             Defaults to cross-entropy.
         chunk_size: if set, the batch is processed in pieces of at most this many examples, to bound memory.
-        task: `"causal_lm"` for a causal language model: each row's loss is the mean over its trained tokens of the
-            next-token NLL (logits at t against targets at t + 1), the loss `SFTTrainer` trains the row on alone.
-            Token-level logits without it (and without `loss_fn`) are refused: how targets align is not guessed.
+        task: the task whose registered `loss` score (`get_score("loss", task)`) is each example's loss; `None` for
+            classifiers (cross-entropy). `"causal_lm"` for a causal language model: each row's loss is the mean over
+            its trained tokens of the next-token NLL (logits at t against targets at t + 1), the loss `SFTTrainer`
+            trains the row on alone; its output head then runs at the trained positions only. Token-level logits
+            without a task (and without `loss_fn`) are refused: how targets align is not guessed.
 
     Returns:
         `torch.Tensor` of shape `[B]` (float32): each example's gradient norm.
@@ -146,8 +144,8 @@ def per_example_grad_norms(
         raise ValueError(f"inputs must be a tensor or a dict of tensors, got {type(inputs).__name__}.")
     if torch.is_inference_mode_enabled():
         raise ValueError("per_example_grad_norms needs autograd: call it outside torch.inference_mode().")
-    if task not in (None, "causal_lm"):
-        raise ValueError(f"task={task!r} is not supported here: pass task='causal_lm' or leave it None (classifiers).")
+    if task is not None:
+        get_score_spec("loss", task)  # the task's registered per-example loss; an unknown task is refused by name
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}.")
     if chunk_size is not None and chunk_size < batch_size:
