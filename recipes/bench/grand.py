@@ -272,7 +272,7 @@ def main() -> None:
     if args.profile:
         from grand_profile import profile
 
-        profile(args.profile, build, rounds=max(3, min(args.rounds, 5)))
+        profile(args.profile, CONFIGS[args.profile], build, rounds=max(3, min(args.rounds, 5)))
         return
 
     threads = torch.get_num_threads()

@@ -128,11 +128,11 @@ def _weight_shapes(record, a, g, B):
     return choice, description, rules
 
 
-def profile(config_name: str, build, rounds: int = 3) -> None:
-    from grand import CONFIGS
-
-    model, inputs, labels = build(CONFIGS[config_name])
-    print(f"## Profile of {config_name} ({CONFIGS[config_name]}), {torch.get_num_threads()} threads\n")
+def profile(config_name: str, config: dict, build, rounds: int = 3) -> None:
+    """Where the time of `per_example_grad_norms` goes on the configuration `config` (named `config_name`), whose
+    model and batch `build(config)` makes."""
+    model, inputs, labels = build(config)
+    print(f"## Profile of {config_name} ({config}), {torch.get_num_threads()} threads\n")
 
     # 1. The plain forward+backward by layer kind.
     _plain(model, inputs, labels)
