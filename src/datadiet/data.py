@@ -13,9 +13,9 @@ from datasets import ClassLabel, Dataset, Image, Value
 from torch import nn
 
 from .loading import BUILT_IN_DATASETS, load_data, load_digits_dataset
-from .models import as_model_inputs, model_name_of, num_labels_of, weights_fingerprint
+from .models import model_name_of, weights_fingerprint
 from .provenance import describe_source, record_provenance, register_provenance_finder
-from .scores.batch import score_batch, validate_methods
+from .scores.batch import validate_methods
 from .tasks import get_task
 from .tasks.classification import Preprocessor
 
@@ -315,7 +315,9 @@ class ScoreTransform:
         self._recognised: dict[str, bool] = {}  # dataset fingerprint -> whether its score columns are this model's
         register_provenance_finder(self._provenance_of)
 
-    def _preprocess(self, batch: dict[str, list]) -> tuple[Any, torch.Tensor]:
+    def _classifier_task(self):
+        """The `image_classification` / `text_classification` task of this transform's columns (its preprocessor
+        built once)."""
         if self._preprocessor is None:
             input_column = self.image_column or self.text_column
             if input_column is None or self.label_column is None:
@@ -327,7 +329,8 @@ class ScoreTransform:
             self._preprocessor = Preprocessor(
                 self.transform, input_column=input_column, kind=kind, label_column=self.label_column
             )
-        return self._preprocessor(batch)
+        name = "text_classification" if self._preprocessor.kind == "text" else "image_classification"
+        return get_task(name, preprocessor=self._preprocessor)
 
     @classmethod
     def for_dataset(cls, dataset: Dataset, model: nn.Module, methods: str | Sequence[str] = "el2n", **kwargs):
@@ -389,39 +392,25 @@ class ScoreTransform:
         return {"scoring": {**self.provenance, "route": "Dataset.map"}, "source": source}
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        if self.task is not None:
-            return self._score_task(batch)
-        if self._preprocessor is None and (self.label_column is None or not (self.image_column or self.text_column)):
+        if (
+            self.task is None
+            and self._preprocessor is None
+            and (self.label_column is None or not (self.image_column or self.text_column))
+        ):
             # Detect the columns from the batch itself: images are PIL objects, text are strings.
             self._detect_from_batch(batch)
-        inputs, labels = self._preprocess(batch)
+        # Every task the same way: its columns, its collate, its score_batch.
+        task = self.task if self.task is not None else self._classifier_task()
+        names = task.columns_of(task.detect_format(list(batch))) if self.task is not None else task.columns
         was_training = self.model.training
         self.model.eval()
         try:
-            scores = score_batch(
-                self.model,
-                as_model_inputs(self.model, inputs),
-                labels,
-                self.methods,
-                input_tensor=inputs if isinstance(inputs, torch.Tensor) else None,
-                num_classes=num_labels_of(self.model),
-                autocast_dtype=self.autocast_dtype,
-            )
+            collated = task.collate({name: batch[name] for name in names if name in batch})
+            scores = task.score_batch(self.model, collated, self.methods, autocast_dtype=self.autocast_dtype)
         finally:
             self.model.train(was_training)
         # float32 arrays: Arrow columns of float32 (Python floats would make them float64).
         return {name: values.detach().float().cpu().numpy() for name, values in scores.items()}
-
-    def _score_task(self, batch: dict[str, list]) -> dict[str, np.ndarray]:
-        names = self.task.columns_of(self.task.detect_format(list(batch)))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            collated = self.task.collate({name: batch[name] for name in names if name in batch})
-            scores = self.task.score_batch(self.model, collated, self.methods, autocast_dtype=self.autocast_dtype)
-        finally:
-            self.model.train(was_training)
-        return {name: values.float().numpy() for name, values in scores.items()}
 
     def _detect_from_batch(self, batch: dict[str, list]) -> None:
         for name, values in batch.items():

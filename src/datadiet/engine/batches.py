@@ -1,5 +1,5 @@
-"""Rows to scored batches for the engine: a classifier's `Preprocessor` output through `score_batch`, or a task's
-(`causal_lm`) collated batch through the task's own `score_batch`; the digest and provenance of a task's rows."""
+"""Rows to scored batches for the engine, the same way for every task: the task's `collate` (a classifier's through its
+`Preprocessor`), then the task's own `score_batch`; the digest and provenance of a task's rows."""
 
 from __future__ import annotations
 
@@ -11,14 +11,11 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from ..models import as_model_inputs, num_labels_of
-from ..scores.batch import score_batch
-
 __all__ = [
     "TaskBatches",
-    "preprocess",
+    "classifier_batches",
     "rows_digest",
-    "score_preprocessed",
+    "score_collated",
     "scoring_task",
     "task_batches",
     "task_provenance",
@@ -27,29 +24,33 @@ __all__ = [
 
 
 def to_device(inputs: torch.Tensor | dict, device: torch.device) -> torch.Tensor | dict:
+    """A tensor, or a (nested) dict of tensors, on `device`."""
     if isinstance(inputs, dict):
-        return {key: value.to(device) for key, value in inputs.items()}
-    return inputs.to(device)
+        return {key: to_device(value, device) for key, value in inputs.items()}
+    return inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
 
 
 class TaskBatches:
-    """A task's rows -> batch step in the place of a classifier's `Preprocessor`: reads `columns`, returns `(batch,
-    None)` (the labels live in the batch), names the dataset's rows in its refusals."""
+    """The engine's rows -> batch step: a task object's `collate` on the columns `columns`, the row ids passed along
+    so that its refusals name the dataset's rows."""
 
     def __init__(self, task, columns: list[str]):
         self.task, self.columns = task, columns
 
-    def __call__(self, rows: dict[str, list], row_ids: Sequence[int] | None = None) -> tuple[dict, None]:
-        return self.task.collate(rows, row_ids=row_ids), None
+    def __call__(self, rows: dict[str, list], row_ids: Sequence[int]) -> dict[str, Any]:
+        return self.task.collate(rows, row_ids=[int(i) for i in row_ids])
 
     def fingerprint(self) -> str:
         return f"{self.task.fingerprint()}:{self.columns}"
 
 
-def preprocess(preprocessor, rows: dict[str, list], row_ids) -> tuple:
-    if isinstance(preprocessor, TaskBatches):
-        return preprocessor(rows, row_ids=[int(i) for i in row_ids])
-    return preprocessor(rows)
+def classifier_batches(preprocessor) -> TaskBatches:
+    """A classifier's batches: the `image_classification` or `text_classification` task around its `Preprocessor`
+    (columns detected once, by the plan)."""
+    from ..tasks import get_task
+
+    name = "text_classification" if preprocessor.kind == "text" else "image_classification"
+    return TaskBatches(get_task(name, preprocessor=preprocessor), preprocessor.columns)
 
 
 def rows_digest(dataset: Dataset, columns: list[str]) -> str:
@@ -65,35 +66,20 @@ def rows_digest(dataset: Dataset, columns: list[str]) -> str:
     return hashlib.sha256(f"{len(dataset)}:{columns}".encode() + sink.getvalue().to_pybytes()).hexdigest()
 
 
-def score_preprocessed(
+def score_collated(
     model: nn.Module,
+    task,
     methods: Sequence[str],
-    inputs: torch.Tensor | dict[str, torch.Tensor],
-    labels: torch.Tensor,
+    batch: dict[str, Any],
     device: torch.device,
     *,
     row_ids: Sequence[int] | None = None,
     autocast_dtype: torch.dtype | None = None,
-    task=None,
 ) -> dict[str, np.ndarray]:
-    """`score_batch` on preprocessed `inputs` (moved to `device` and adapted to the model here), as float32 numpy
-    arrays of shape `[B]`; with `task`, the task's own `score_batch` on its batch (`labels` is then `None`)."""
-    if task is not None:
-        batch = to_device(inputs, device)
-        scores = task.score_batch(model, batch, methods, row_ids=row_ids, autocast_dtype=autocast_dtype)
-        return {name: value.numpy() for name, value in scores.items()}
-    inputs, labels = to_device(inputs, device), labels.to(device)
-    scores = score_batch(
-        model,
-        as_model_inputs(model, inputs),
-        labels,
-        methods,
-        input_tensor=inputs if isinstance(inputs, torch.Tensor) else None,
-        row_ids=row_ids,
-        num_classes=num_labels_of(model),
-        autocast_dtype=autocast_dtype,
-    )
-    return {name: value.numpy() for name, value in scores.items()}
+    """The task's `score_batch` on a collated `batch` (moved to `device` here), as float32 numpy arrays of shape
+    `[B]`."""
+    scores = task.score_batch(model, to_device(batch, device), methods, row_ids=row_ids, autocast_dtype=autocast_dtype)
+    return {name: value.float().numpy() for name, value in scores.items()}
 
 
 def scoring_task(task: str | None) -> str | None:

@@ -12,7 +12,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import preprocess, score_preprocessed
+from .batches import score_collated
 from .plan import ScoringPlan
 from .prefetch import prefetch
 from .store import isin_sorted, positions_of, prepare_shard_dir, read_shards, write_shard
@@ -21,9 +21,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["score_rows", "score_stream"]
 
-# What the loop consumes: (rows read, their row ids to score, inputs, labels); a batch whose rows were all scored by
-# an earlier run comes with no ids (and no inputs), so that the progress still counts its rows.
-Batch = tuple[int, np.ndarray, object, object]
+# What the loop consumes: (rows read, their row ids to score, the task's collated batch); a batch whose rows were all
+# scored by an earlier run comes with no ids (and no batch), so that the progress still counts its rows.
+Batch = tuple[int, np.ndarray, object]
 
 
 def _score_batches(
@@ -40,7 +40,7 @@ def _score_batches(
     """Score each batch with `model` in eval mode and write the scores, keyed by row id, to a shard of this process
     every `plan.save_every` batches (what a crash can lose). Returns the rows read, the rows scored and, with `keep`,
     the scores of every batch in order (a stream keeps none: memory holds one batch and the unwritten ones)."""
-    task = getattr(plan.preprocessor, "task", None)
+    task = plan.batches.task
     model.to(state.device)
     was_training = model.training
     model.eval()
@@ -60,21 +60,20 @@ def _score_batches(
     progress = tqdm(total=total, desc=description, disable=not state.is_local_main_process, unit="row")
     try:
         with closing(batches):
-            for read, ids, inputs, labels in batches:
+            for read, ids, batch in batches:
                 read_rows += read
                 progress.update(read)
                 if not len(ids):
                     continue
                 pending_values.append(
-                    score_preprocessed(
+                    score_collated(
                         model,
+                        task,
                         plan.evaluated,
-                        inputs,
-                        labels,
+                        batch,
                         state.device,
                         row_ids=ids,
                         autocast_dtype=plan.autocast_dtype,
-                        task=task,
                     )
                 )
                 pending_ids.append(ids)
@@ -120,7 +119,7 @@ def score_rows(
         rows = plan.rows
         rows = rows[int(indices[0]) : int(indices[-1]) + 1] if _contiguous(indices) else rows[indices.tolist()]
         ids = indices if keys is None else keys[indices]
-        return len(indices), ids, *preprocess(plan.preprocessor, rows, ids)
+        return len(indices), ids, plan.batches(rows, ids)
 
     # The next batches are read and decoded in a background thread while the model scores this one.
     positions = [todo[start : start + plan.batch_size] for start in range(0, len(todo), plan.batch_size)]
@@ -160,7 +159,7 @@ def score_stream(model: nn.Module, plan: ScoringPlan, *, shard_dir: Path, state,
     prepare_shard_dir(shard_dir, state)
     if len(done):
         logger.info("Resuming from %s: %d rows already scored are skipped.", shard_dir, len(done))
-    columns = list(dict.fromkeys([row_id_column, *plan.preprocessor.columns]))
+    columns = list(dict.fromkeys([row_id_column, *plan.batches.columns]))
     # Each process reads a disjoint part of the stream (whole shards when their number divides evenly, else every
     # `world`-th row), so no row reaches two processes and nothing is padded.
     local = split_dataset_by_node(plan.dataset, rank=rank, world_size=world) if world > 1 else plan.dataset
@@ -172,11 +171,11 @@ def score_stream(model: nn.Module, plan: ScoringPlan, *, shard_dir: Path, state,
         ids = np.asarray(batch[row_id_column], dtype=np.int64)
         todo = ~isin_sorted(ids, done)
         if not todo.any():
-            return len(ids), ids[:0], None, None
+            return len(ids), ids[:0], None
         if not todo.all():
             keep = np.flatnonzero(todo)
             batch = {name: [values[i] for i in keep] for name, values in batch.items()}
-        return len(ids), ids[todo], *preprocess(plan.preprocessor, batch, ids[todo])
+        return len(ids), ids[todo], plan.batches(batch, ids[todo])
 
     # The stream is read and the next batches decoded in a background thread while the model scores this one.
     loaded = prefetch(load, local.iter(batch_size=plan.batch_size))

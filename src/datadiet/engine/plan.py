@@ -19,7 +19,7 @@ from torch import nn
 from ..data import Preprocessor, preprocessor_of
 from ..models import weights_fingerprint
 from ..validation import check_positive_int
-from .batches import TaskBatches, rows_digest, scoring_task, task_batches
+from .batches import TaskBatches, classifier_batches, rows_digest, scoring_task, task_batches
 from .dynamics import ScoringMethods, split_methods
 from .store import check_stream_arguments, dataset_digest, row_keys, stream_digest
 
@@ -32,8 +32,10 @@ ProxyTrainer = Callable[..., tuple[nn.Module, Mapping[str, Any]]]  # see score_d
 class ScoringPlan:
     """What a `score_dataset` run does, checked: built by [`plan_scoring`], read by the proxies, the loop and the
     aggregation. `rows` is a `Dataset`'s view the loop reads (the preprocessor's columns, unformatted; `None` for a
-    stream); `config` is what `output_dir` records and a resumed run must not change (its `"model"` is filled
-    in from the first seed's model)."""
+    stream); `preprocessor` is what the rows are preprocessed with (a classifier's `Preprocessor`, which proxies train
+    with, or a task's batches), `batches` the loop's rows -> batch step through the task (the same for every task);
+    `config` is what `output_dir` records and a resumed run must not change (its `"model"` is filled in from the first
+    seed's model)."""
 
     dataset: Dataset | IterableDataset
     rows: Dataset | None
@@ -47,6 +49,7 @@ class ScoringPlan:
     streaming: bool
     task: str | None
     preprocessor: Preprocessor | TaskBatches
+    batches: TaskBatches
     input_column: str | list[str]
     label_column: str | None
     keys: np.ndarray | None
@@ -146,11 +149,12 @@ def plan_scoring(
     if task is not None:
         if preprocessor is not None:
             raise ValueError(f"preprocessor= is a classifier's; task={task!r} builds its own batches: drop it.")
-        preprocessor = task_batches(dataset, task, tokenizer or transform, max_length, train_epochs)
+        preprocessor = batches = task_batches(dataset, task, tokenizer or transform, max_length, train_epochs)
         input_column, label_column = preprocessor.columns, None
     else:
         columns = {"image_column": image_column, "text_column": text_column, "label_column": label_column}
         preprocessor = preprocessor_of(dataset, preprocessor, transform, **columns)
+        batches = classifier_batches(preprocessor)
         input_column, label_column = preprocessor.input_column, preprocessor.label_column
     new_columns = [name for method in [*evaluated, *dynamics] for name in (method, f"{method}_std")]
     clashing = [name for name in new_columns if name in dataset.column_names]
@@ -192,6 +196,7 @@ def plan_scoring(
         streaming=streaming,
         task=task,
         preprocessor=preprocessor,
+        batches=batches,
         input_column=input_column,
         label_column=label_column,
         keys=keys,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models import as_model_inputs, num_labels_of
 from ..scores.batch import check_class_labels, score_batch
 from ..scores.functional import loss as cross_entropy
 from ..scores.logits import unwrap_logits
@@ -118,6 +119,8 @@ class ClassificationTask:
         input_column (`str`): the image / array / text column.
         label_column (`str`): the class-id column.
         max_length (`int`, *optional*): truncation length for tokenizers.
+        preprocessor (`Preprocessor`, *optional*): a preprocessor already built (columns detected), used as it is
+            instead of the four arguments above.
     """
 
     name = "classification"
@@ -130,25 +133,47 @@ class ClassificationTask:
         input_column: str | None = None,
         label_column: str | None = None,
         max_length: int | None = None,
+        preprocessor: Preprocessor | None = None,
     ):
+        if preprocessor is not None:
+            transform, input_column, label_column = (
+                preprocessor.transform,
+                preprocessor.input_column,
+                preprocessor.label_column,
+            )
+            max_length = preprocessor.max_length
         self.transform = transform
         self.input_column, self.label_column, self.max_length = input_column, label_column, max_length
+        self._preprocessor = preprocessor
 
     def preprocessor(self) -> Preprocessor:
-        if self.input_column is None or self.label_column is None:
-            raise ValueError(f"The {self.name} task needs its columns: pass input_column= and label_column=.")
-        return Preprocessor(
-            self.transform,
-            input_column=self.input_column,
-            kind=self.kind,
-            label_column=self.label_column,
-            max_length=self.max_length,
-        )
+        """The `Preprocessor` of this task's columns and transform, built once."""
+        if self._preprocessor is None:
+            if self.input_column is None or self.label_column is None:
+                raise ValueError(f"The {self.name} task needs its columns: pass input_column= and label_column=.")
+            self._preprocessor = Preprocessor(
+                self.transform,
+                input_column=self.input_column,
+                kind=self.kind,
+                label_column=self.label_column,
+                max_length=self.max_length,
+            )
+        return self._preprocessor
 
-    def collate(self, rows: dict[str, list]) -> dict[str, Any]:
-        """Rows (a `dict` of column lists) -> `{"inputs": tensor or dict of tensors, "labels": [B]}`."""
+    @property
+    def columns(self) -> list[str]:
+        """The columns a batch is built from: the input and the label column."""
+        return self.preprocessor().columns
+
+    def collate(self, rows: dict[str, list], row_ids: Sequence[int] | None = None) -> dict[str, Any]:
+        """Rows (a `dict` of column lists) -> `{"inputs": tensor or dict of tensors, "labels": [B]}` (`row_ids` is
+        taken for the tasks' common signature; a classifier's rows are checked when scored)."""
         inputs, labels = self.preprocessor()(rows)
         return {"inputs": inputs, "labels": labels}
+
+    def fingerprint(self) -> str:
+        """The preprocessing's fingerprint (`Preprocessor.fingerprint`), for caches and resumable runs."""
+        return self.preprocessor().fingerprint()
 
     # Outputs -> per-example quantities (no columns or transform needed: the trainer calls these on the class) ---
 
@@ -205,15 +230,17 @@ class ClassificationTask:
         num_classes: int | None = None,
         autocast_dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`datadiet.scores.score_batch` on a collated batch (inputs already adapted to the model)."""
+        """`datadiet.scores.score_batch` on a collated batch (on the model's device): the inputs adapted to the model
+        (`pixel_values=` for a transformers image model), the labels checked against `num_classes` (by default the
+        model's own number of labels)."""
         inputs = batch["inputs"]
         return score_batch(
             model,
-            inputs,
+            as_model_inputs(model, inputs),
             batch["labels"],
             methods,
             input_tensor=inputs if isinstance(inputs, torch.Tensor) else None,
             row_ids=row_ids,
-            num_classes=num_classes,
+            num_classes=num_labels_of(model) if num_classes is None else num_classes,
             autocast_dtype=autocast_dtype,
         )
