@@ -141,9 +141,9 @@ def test_trained_token_nll_has_cross_entropys_values_and_gradient():
     (grad,) = torch.autograd.grad((ours * weights).sum(), logits)
     reference = torch.nn.functional.cross_entropy(logits, targets, reduction="none", ignore_index=-100)
     (reference_grad,) = torch.autograd.grad((reference * weights).sum(), logits)
-    assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours.double(), reference, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)  # float32 inside
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-12)
     assert grad[::5].abs().sum() == 0
 
 

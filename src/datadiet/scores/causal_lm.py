@@ -142,9 +142,9 @@ class _TrainedTokenNLL(torch.autograd.Function):
 
 def trained_token_nll(logits: torch.Tensor, targets: torch.Tensor, *, chunk_rows: int = 64) -> torch.Tensor:
     """The next-token NLL `−log softmax(logits)[targets]` of logits already taken at the trained positions (`[N, V]`
-    against `targets` `[N]`; a target of `-100` gives 0 and no gradient), in float32, differentiable. The values and
-    gradient of `F.cross_entropy(logits, targets, reduction="none", ignore_index=-100)`, with less memory traffic and
-    more precision:
+    against `targets` `[N]`; a target of `-100` gives 0 and no gradient), in float32 (float64 for float64 logits),
+    differentiable. The values and gradient of `F.cross_entropy(logits, targets, reduction="none", ignore_index=-100)`,
+    with less memory traffic and more precision:
 
     - the forward keeps two numbers per row (the largest logit and the log of the others' mass) instead of the
       `[N, V]` log-probabilities; the backward writes the gradient (softmax − onehot, scaled per row) in one pass
@@ -172,7 +172,8 @@ def trained_token_nll(logits: torch.Tensor, targets: torch.Tensor, *, chunk_rows
             f"trained_token_nll takes logits [N, V] and targets [N]; got {tuple(logits.shape)} and "
             f"{tuple(targets.shape)}."
         )
-    return _TrainedTokenNLL.apply(logits.float(), targets.long(), chunk_rows)
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # float32 at least
+    return _TrainedTokenNLL.apply(logits, targets.long(), chunk_rows)
 
 
 def per_example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
