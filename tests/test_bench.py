@@ -111,6 +111,23 @@ def test_sft_bench_runs_end_to_end_on_a_tiny_llama(sft_bench, tmp_path, one_thre
     assert memory["peak_rss_mb"] >= memory["rss_before_mb"] > 0
 
 
+def test_sft_precision_compares_both_float32_norms_with_a_float64_loop(sft_bench, tmp_path, one_thread, monkeypatch):
+    from conftest import ALPACA, require_shared_data
+
+    require_shared_data(ALPACA)
+    monkeypatch.setattr(sft_bench, "ALPACA", ALPACA)
+    monkeypatch.setitem(sys.modules, "sft", sft_bench)  # the module sft_precision imports, ALPACA set
+    spec = importlib.util.spec_from_file_location("sft_precision", BENCH / "sft_precision.py")
+    precision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(precision)
+    output = tmp_path / "precision.json"
+    result = precision.main(["--model", "tiny", "--batch_size", "3", "--max_length", "48", "--output", str(output)])
+    diffs = json.loads(output.read_text())["max_rel_diff"]
+    assert diffs == result["max_rel_diff"] and len(diffs) == 4
+    assert diffs["exact norms (float64) vs reference"] < 1e-6  # the same quantity, both in float64
+    assert diffs["exact norms (float32) vs reference"] < 1e-4
+
+
 def test_sft_bench_verdicts_per_goal(sft_bench):
     timing = {"seconds": {"train": [1.0] * 9, "grand": [0.9] * 9, "scores": [0.5] * 9}}
     memory = {"train": {"peak_rss_mb": 1000.0}, "grand": {"peak_rss_mb": 1100.0}, "scores": {"peak_rss_mb": 900.0}}
