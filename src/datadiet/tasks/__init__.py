@@ -19,7 +19,11 @@ A task object has:
 - `fingerprint() -> str`: what the batches depend on, for caches and resumable runs.
 
 A new task is one module here, decorated with `@register_task("name")`, and its scores registered with
-`@register_score(name, task="name")` in `datadiet.scores`.
+`@register_score(name, task="name")` in `datadiet.scores` (its `loss` score is also what `per_example_grad_norms`
+differentiates). What still names `"causal_lm"` outside this folder, and would need the new task's case: the trainer's
+task resolution and per-token tracking (`datadiet.trainer.causal_lm`, `callback`), `score_dataset`'s batches
+(`datadiet.engine.batches.task_batches`) and methods (`engine.dynamics`), the card's metadata (`datadiet.hub.card`)
+and the command's tokenizer loading (`datadiet.cli.score`).
 """
 
 from . import causal_lm, image_classification, text_classification
