@@ -167,3 +167,9 @@ def test_trained_token_nll_keeps_its_precision_where_the_model_is_confident():
     assert expected.max() < 1e-2  # the regime of the test: every row confident (F.cross_entropy in float32 is 18% off)
     assert ((values.double() - expected).abs() / expected).max() < 1e-5
     assert ((grad.double() - expected_grad).norm(dim=1) / expected_grad.norm(dim=1)).max() < 1e-5
+
+
+def test_a_task_without_a_registered_loss_is_refused_saying_what_to_pass():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"task='image_classification' has no registered per-example loss.*task=None"):
+        per_example_grad_norms(model, torch.randn(2, 3), torch.tensor([0, 1]), task="image_classification")

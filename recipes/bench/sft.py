@@ -243,20 +243,24 @@ def run_ifd_floor(state):
         return [_body(model)(**task.model_inputs(b)).last_hidden_state for b in (state["batch"], state["responses"])]
 
 
-def run_naive(state):
-    """One row at a time: forward, the row's mean next-token loss (written here, not datadiet's), autograd."""
-    model, batch = state["model"], state["batch"]
-    model.eval()
+def naive_norms(model, batch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One row at a time: forward, the row's mean next-token loss in `dtype` (written here, not datadiet's),
+    autograd over the trainable parameters, the norm."""
     params = [p for p in model.parameters() if p.requires_grad]
     norms = []
     for i in range(batch["input_ids"].shape[0]):
         logits = model(
             input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]
         ).logits
-        loss = F.cross_entropy(logits[0, :-1].float(), batch["labels"][i, 1:], ignore_index=-100)
+        loss = F.cross_entropy(logits[0, :-1].to(dtype), batch["labels"][i, 1:], ignore_index=-100)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         norms.append(torch.sqrt(sum(g.double().square().sum() for g in grads if g is not None)))
     return torch.stack(norms)
+
+
+def run_naive(state):
+    state["model"].eval()
+    return naive_norms(state["model"], state["batch"])
 
 
 RUNNERS = {

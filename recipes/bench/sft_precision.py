@@ -19,21 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sft  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-
-def naive(model, batch, dtype) -> torch.Tensor:
-    """Per row: forward, the mean next-token loss in `dtype` (written here with F.cross_entropy), autograd."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    norms = []
-    for i in range(batch["input_ids"].shape[0]):
-        logits = model(
-            input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]
-        ).logits
-        loss = F.cross_entropy(logits[0, :-1].to(dtype), batch["labels"][i, 1:], ignore_index=-100)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        norms.append(torch.sqrt(sum(g.double().square().sum() for g in grads if g is not None)))
-    return torch.stack(norms)
 
 
 def main(argv=None) -> dict:
@@ -46,9 +31,9 @@ def main(argv=None) -> dict:
     model, batch = state["model"], state["batch"]
     model.eval()
     ours32 = sft.RUNNERS["grand"](state).double()
-    naive32 = naive(model, batch, torch.float32)
+    naive32 = sft.naive_norms(model, batch, torch.float32)
     model.double()
-    reference = naive(model, batch, torch.float64)
+    reference = sft.naive_norms(model, batch, torch.float64)
     ours64 = sft.RUNNERS["grand"](state).double()
     result = {
         "rows": state["rows"],

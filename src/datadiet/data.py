@@ -401,7 +401,7 @@ class ScoreTransform:
             self._detect_from_batch(batch)
         # Every task the same way: its columns, its collate, its score_batch.
         task = self.task if self.task is not None else self._classifier_task()
-        names = task.columns_of(task.detect_format(list(batch))) if self.task is not None else task.columns
+        names = task.columns_in(list(batch))
         was_training = self.model.training
         self.model.eval()
         try:

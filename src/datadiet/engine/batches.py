@@ -107,8 +107,7 @@ def task_batches(dataset, task: str, tokenizer, max_length: int | None, train_ep
         )
     built = get_task(task, tokenizer=tokenizer, max_length=max_length)
     names = list(dataset.features) if dataset.features is not None else list(dataset.column_names or [])
-    columns = [name for name in built.columns_of(built.detect_format(names)) if name in names]
-    return TaskBatches(built, columns)
+    return TaskBatches(built, built.columns_in(names))
 
 
 def task_provenance(task) -> dict[str, Any]:

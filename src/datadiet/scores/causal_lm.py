@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layer_rules import as_float
 from .registry import register_score
 
 __all__ = [
@@ -172,8 +173,7 @@ def trained_token_nll(logits: torch.Tensor, targets: torch.Tensor, *, chunk_rows
             f"trained_token_nll takes logits [N, V] and targets [N]; got {tuple(logits.shape)} and "
             f"{tuple(targets.shape)}."
         )
-    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # float32 at least
-    return _TrainedTokenNLL.apply(logits, targets.long(), chunk_rows)
+    return _TrainedTokenNLL.apply(as_float(logits), targets.long(), chunk_rows)
 
 
 def per_example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,13 @@ def per_example_grad_norms(
     if torch.is_inference_mode_enabled():
         raise ValueError("per_example_grad_norms needs autograd: call it outside torch.inference_mode().")
     if task is not None:
-        get_score_spec("loss", task)  # the task's registered per-example loss; an unknown task is refused by name
+        try:
+            get_score_spec("loss", task)  # the task's registered per-example loss
+        except ValueError as error:
+            raise ValueError(
+                f"task={task!r} has no registered per-example loss ({error}) Leave task=None for classifiers, or pass "
+                "task='causal_lm' for a causal language model."
+            ) from None
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}.")
     if chunk_size is not None and chunk_size < batch_size:

@@ -158,6 +158,10 @@ class CausalLMTask:
             "columns with dataset.rename_column(...)."
         )
 
+    def columns_in(self, names: Sequence[str]) -> list[str]:
+        """The columns among `names` (a dataset's or a batch's) that this task reads: those of the detected format."""
+        return [name for name in self.columns_of(self.detect_format(names)) if name in names]
+
     @staticmethod
     def columns_of(format_name: str) -> list[str]:
         """The columns a format reads."""

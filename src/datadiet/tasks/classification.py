@@ -165,6 +165,10 @@ class ClassificationTask:
         """The columns a batch is built from: the input and the label column."""
         return self.preprocessor().columns
 
+    def columns_in(self, names: Sequence[str]) -> list[str]:
+        """The columns this task reads (its input and label columns, whatever `names` holds)."""
+        return self.columns
+
     def collate(self, rows: dict[str, list], row_ids: Sequence[int] | None = None) -> dict[str, Any]:
         """Rows (a `dict` of column lists) -> `{"inputs": tensor or dict of tensors, "labels": [B]}` (`row_ids` is
         taken for the tasks' common signature; a classifier's rows are checked when scored)."""
